@@ -1,0 +1,299 @@
+"""Model registry, checkpoint loading and checkpoint resolution.
+
+``sam_model_registry[name](checkpoint=path)`` builds a model and loads a plain ``state_dict``
+saved by TinySAM, MobileSAM or segment-anything. ``load_model()`` additionally finds the
+checkpoint when none is given: ``TINYSAM_CHECKPOINT``, then the user cache, then a download of
+the published weights.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .io import DownloadError, download_file
+from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TinyViT, TwoWayTransformer
+
+PROMPT_EMBED_DIM = 256
+IMAGE_SIZE = 1024
+VIT_PATCH_SIZE = 16
+
+# SAM ViT teachers: embed dim, depth, heads, global-attention blocks.
+VIT_CONFIGS = {
+    "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
+    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
+    "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
+}
+VIT_T_CONFIG = dict(
+    embed_dims=(64, 128, 160, 320),
+    depths=(2, 2, 6, 2),
+    num_heads=(2, 4, 5, 10),
+    window_sizes=(7, 7, 14, 7),
+)
+MODEL_TYPES = ("vit_t", "vit_b", "vit_l", "vit_h")
+
+# Published weights per model type: TinySAM for vit_t, Meta's SAM for the teachers.
+WEIGHT_URLS = {
+    "vit_t": "https://github.com/xinghaochen/TinySAM/releases/download/3.0/tinysam_42.3.pth",
+    "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+    "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+    "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+}
+CHECKPOINT_ENV = "TINYSAM_CHECKPOINT"
+CACHE_ENV = "TINYSAM_CACHE_DIR"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or made for another model."""
+
+
+def _sam(image_encoder: nn.Module) -> Sam:
+    grid = IMAGE_SIZE // VIT_PATCH_SIZE
+    sam = Sam(
+        image_encoder=image_encoder,
+        prompt_encoder=PromptEncoder(
+            embed_dim=PROMPT_EMBED_DIM,
+            image_embedding_size=(grid, grid),
+            input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=2, embedding_dim=PROMPT_EMBED_DIM, mlp_dim=2048, num_heads=8
+            ),
+            transformer_dim=PROMPT_EMBED_DIM,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+    )
+    return sam.eval()
+
+
+def build_image_encoder(model_type: str) -> nn.Module:
+    """The image encoder alone, untrained, for a registry name."""
+    if model_type == "vit_t":
+        return TinyViT(img_size=IMAGE_SIZE, **VIT_T_CONFIG)
+    if model_type not in VIT_CONFIGS:
+        raise ValueError(f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+    return ImageEncoderViT(
+        img_size=IMAGE_SIZE,
+        patch_size=VIT_PATCH_SIZE,
+        mlp_ratio=4,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        qkv_bias=True,
+        use_rel_pos=True,
+        window_size=14,
+        out_chans=PROMPT_EMBED_DIM,
+        **VIT_CONFIGS[model_type],
+    )
+
+
+def build_sam_model(model_type: str, checkpoint: str | os.PathLike | None = None) -> Sam:
+    """Build ``model_type`` in eval mode; load ``checkpoint`` strictly if given."""
+    sam = _sam(build_image_encoder(model_type))
+    if checkpoint is not None:
+        state_dict = read_state_dict(checkpoint)
+        load_into(sam, state_dict, model_type, source=str(checkpoint))
+    return sam
+
+
+def build_sam_vit_t(checkpoint: str | os.PathLike | None = None) -> Sam:
+    return build_sam_model("vit_t", checkpoint)
+
+
+def build_sam_vit_b(checkpoint: str | os.PathLike | None = None) -> Sam:
+    return build_sam_model("vit_b", checkpoint)
+
+
+def build_sam_vit_l(checkpoint: str | os.PathLike | None = None) -> Sam:
+    return build_sam_model("vit_l", checkpoint)
+
+
+def build_sam_vit_h(checkpoint: str | os.PathLike | None = None) -> Sam:
+    return build_sam_model("vit_h", checkpoint)
+
+
+build_sam = build_sam_vit_h
+
+sam_model_registry = {
+    "default": build_sam_vit_h,
+    "vit_h": build_sam_vit_h,
+    "vit_l": build_sam_vit_l,
+    "vit_b": build_sam_vit_b,
+    "vit_t": build_sam_vit_t,
+}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file safely (``weights_only``) and return its plain state dict.
+
+    Accepts a bare state dict, or one wrapped under ``model``/``state_dict`` (training
+    checkpoints), with an optional DDP ``module.`` prefix.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint is not a file: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"checkpoint {path} holds objects other than tensors and will not be unpickled; "
+            "re-save it as a plain state_dict"
+        ) from err
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as err:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a PyTorch file ({type(err).__name__}); "
+            "download it again"
+        ) from err
+    for wrapper in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise CheckpointError(f"checkpoint {path} is not a state_dict of tensors")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    return obj
+
+
+def detect_model_type(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The registry name a state dict was saved from, or None if it is none of ours."""
+    tiny = state_dict.get("image_encoder.patch_embed.seq.0.c.weight")
+    if tiny is not None:
+        return "vit_t"
+    proj = state_dict.get("image_encoder.patch_embed.proj.weight")
+    if proj is not None:
+        by_width = {cfg["embed_dim"]: name for name, cfg in VIT_CONFIGS.items()}
+        return by_width.get(proj.shape[0])
+    return None
+
+
+def describe_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
+    """A short guess at what an unknown checkpoint is, for error messages."""
+    keys = list(state_dict)
+    if any(k.startswith("memory_attention.") for k in keys):
+        return "a SAM 2 checkpoint"
+    if keys and not any(k.startswith(("image_encoder.", "mask_decoder.")) for k in keys):
+        if "patch_embed.proj.weight" in state_dict or "patch_embed.seq.0.c.weight" in state_dict:
+            return "an image encoder alone (keys lack the 'image_encoder.' prefix)"
+    sample = ", ".join(keys[:3]) if keys else "no keys"
+    return f"an unknown model (keys: {sample}, ...)"
+
+
+def load_into(sam: Sam, state_dict: dict[str, torch.Tensor], model_type: str, source: str) -> None:
+    """Load strictly, turning a mismatch into one line that says what the checkpoint is."""
+    found = detect_model_type(state_dict)
+    if found is None:
+        raise CheckpointError(
+            f"checkpoint {source} is not a SAM/TinySAM model: it looks like "
+            f"{describe_state_dict(state_dict)}"
+        )
+    if found != model_type:
+        raise CheckpointError(
+            f"checkpoint {source} is a {found} model, not {model_type}; "
+            f"use --model {found} (sam_model_registry['{found}'])"
+        )
+    expected = sam.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [
+        k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
+        raise CheckpointError(
+            f"checkpoint {source} does not match the {model_type} architecture: {'; '.join(parts)}"
+        )
+    sam.load_state_dict(state_dict, strict=True)
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def cache_dir() -> Path:
+    """Where downloaded weights live: $TINYSAM_CACHE_DIR, else $XDG_CACHE_HOME/tinysam."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tinysam"
+
+
+def cached_checkpoint_path(model_type: str) -> Path:
+    return cache_dir() / WEIGHT_URLS[model_type].rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    path: Path
+    source: str  # "argument", "environment", "cache" or "download"
+
+
+def resolve_checkpoint(
+    model_type: str = "vit_t",
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    download: bool = True,
+    progress: bool = True,
+) -> ResolvedCheckpoint:
+    """Find the checkpoint to use: the argument, ``TINYSAM_CHECKPOINT`` (vit_t), the cache,
+    or a download of the published file into the cache."""
+    if model_type not in WEIGHT_URLS:
+        raise ValueError(f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+    if checkpoint is not None:
+        return ResolvedCheckpoint(Path(checkpoint), "argument")
+    if model_type == "vit_t" and os.environ.get(CHECKPOINT_ENV):
+        return ResolvedCheckpoint(Path(os.environ[CHECKPOINT_ENV]).expanduser(), "environment")
+    cached = cached_checkpoint_path(model_type)
+    if cached.is_file():
+        return ResolvedCheckpoint(cached, "cache")
+    url = WEIGHT_URLS[model_type]
+    hint = f"download {url} yourself and put it at {cached}, or pass --checkpoint PATH"
+    if model_type == "vit_t":
+        hint += f" or set {CHECKPOINT_ENV}"
+    if not download:
+        raise CheckpointError(f"no {model_type} checkpoint found; {hint}")
+    try:
+        download_file(url, cached, progress=progress)
+    except DownloadError as err:
+        raise CheckpointError(f"{err}; {hint}") from err
+    return ResolvedCheckpoint(cached, "download")
+
+
+def load_model(
+    model_type: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    download: bool = True,
+    progress: bool = True,
+) -> tuple[Sam, ResolvedCheckpoint]:
+    """Resolve, read and load a checkpoint; the model type defaults to what the file holds."""
+    resolved = resolve_checkpoint(model_type or "vit_t", checkpoint, download=download, progress=progress)
+    state_dict = read_state_dict(resolved.path)
+    if model_type is None:
+        model_type = detect_model_type(state_dict)
+        if model_type is None:
+            raise CheckpointError(
+                f"checkpoint {resolved.path} is not a SAM/TinySAM model: it looks like "
+                f"{describe_state_dict(state_dict)}"
+            )
+    sam = _sam(build_image_encoder(model_type))
+    load_into(sam, state_dict, model_type, source=str(resolved.path))
+    return sam.to(device), resolved
