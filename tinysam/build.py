@@ -98,10 +98,12 @@ def build_image_encoder(model_type: str) -> nn.Module:
 
 def build_sam_model(model_type: str, checkpoint: str | os.PathLike | None = None) -> Sam:
     """Build ``model_type`` in eval mode; load ``checkpoint`` strictly if given."""
+    if checkpoint is None:
+        return _sam(build_image_encoder(model_type))
+    state_dict = read_state_dict(checkpoint)
+    check_model_type(state_dict, model_type, source=str(checkpoint))
     sam = _sam(build_image_encoder(model_type))
-    if checkpoint is not None:
-        state_dict = read_state_dict(checkpoint)
-        load_into(sam, state_dict, model_type, source=str(checkpoint))
+    load_into(sam, state_dict, model_type, source=str(checkpoint))
     return sam
 
 
@@ -194,19 +196,27 @@ def describe_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
     return f"an unknown model (keys: {sample}, ...)"
 
 
-def load_into(sam: Sam, state_dict: dict[str, torch.Tensor], model_type: str, source: str) -> None:
-    """Load strictly, turning a mismatch into one line that says what the checkpoint is."""
+def check_model_type(
+    state_dict: dict[str, torch.Tensor], model_type: str | None, source: str
+) -> str:
+    """The checkpoint's model type; one clear error if it is unknown or not ``model_type``."""
     found = detect_model_type(state_dict)
     if found is None:
         raise CheckpointError(
             f"checkpoint {source} is not a SAM/TinySAM model: it looks like "
             f"{describe_state_dict(state_dict)}"
         )
-    if found != model_type:
+    if model_type is not None and found != model_type:
         raise CheckpointError(
             f"checkpoint {source} is a {found} model, not {model_type}; "
             f"use --model {found} (sam_model_registry['{found}'])"
         )
+    return found
+
+
+def load_into(sam: Sam, state_dict: dict[str, torch.Tensor], model_type: str, source: str) -> None:
+    """Load strictly, turning a mismatch into one line naming the offending keys."""
+    check_model_type(state_dict, model_type, source)
     expected = sam.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -264,15 +274,15 @@ def resolve_checkpoint(
     if cached.is_file():
         return ResolvedCheckpoint(cached, "cache")
     url = WEIGHT_URLS[model_type]
-    hint = f"download {url} yourself and put it at {cached}, or pass --checkpoint PATH"
-    if model_type == "vit_t":
-        hint += f" or set {CHECKPOINT_ENV}"
+    others = "pass --checkpoint PATH" + (f", or set {CHECKPOINT_ENV}" if model_type == "vit_t" else "")
     if not download:
-        raise CheckpointError(f"no {model_type} checkpoint found; {hint}")
+        raise CheckpointError(
+            f"no {model_type} checkpoint found; download {url} and save it as {cached}, or {others}"
+        )
     try:
         download_file(url, cached, progress=progress)
     except DownloadError as err:
-        raise CheckpointError(f"{err}; {hint}") from err
+        raise CheckpointError(f"{err}; save that file as {cached} by hand, or {others}") from err
     return ResolvedCheckpoint(cached, "download")
 
 
@@ -287,13 +297,7 @@ def load_model(
     """Resolve, read and load a checkpoint; the model type defaults to what the file holds."""
     resolved = resolve_checkpoint(model_type or "vit_t", checkpoint, download=download, progress=progress)
     state_dict = read_state_dict(resolved.path)
-    if model_type is None:
-        model_type = detect_model_type(state_dict)
-        if model_type is None:
-            raise CheckpointError(
-                f"checkpoint {resolved.path} is not a SAM/TinySAM model: it looks like "
-                f"{describe_state_dict(state_dict)}"
-            )
+    model_type = check_model_type(state_dict, model_type, str(resolved.path))
     sam = _sam(build_image_encoder(model_type))
     load_into(sam, state_dict, model_type, source=str(resolved.path))
     return sam.to(device), resolved

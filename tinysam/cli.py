@@ -1,0 +1,239 @@
+"""The ``tinysam`` command.
+
+Every failure a user can cause (a bad argument, a missing or wrong checkpoint, an unreadable
+image, a full disk) ends with exit status 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + error
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _numbers(text: str, what: str, counts: Sequence[int]) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in counts or not all(np.isfinite(values)):
+        raise argparse.ArgumentTypeError(f"{what} must be {_FORMATS[what]}, got {text!r}")
+    return values
+
+
+_FORMATS = {"point": "X,Y or X,Y,LABEL", "box": "X0,Y0,X1,Y1"}
+
+
+def _point(text: str) -> list[float]:
+    values = _numbers(text, "point", (2, 3))
+    return values if len(values) == 3 else [*values, 1.0]
+
+
+def _box(text: str) -> list[float]:
+    return _numbers(text, "box", (4,))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="tinysam",
+        description="TinySAM: promptable segmentation that runs fast on a CPU.",
+    )
+    parser.add_argument("--version", action="version", version=f"tinysam {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    seg = sub.add_parser(
+        "segment",
+        help="segment an object in an image from points and/or a box",
+        description=(
+            "Segment an object from point and box prompts. Writes the best mask as a PNG "
+            "(white = object), optionally an overlay to look at, and prints one JSON line."
+        ),
+        epilog="example: tinysam segment photo.jpg --point 365,225 --out mask.png --overlay overlay.png",
+    )
+    seg.add_argument("image", type=Path, help="input image (any format Pillow reads)")
+    seg.add_argument(
+        "--point",
+        type=_point,
+        action="append",
+        default=[],
+        metavar="X,Y[,LABEL]",
+        help="a point in image pixels; LABEL 1 = object (default), 0 = background. Repeatable.",
+    )
+    seg.add_argument("--box", type=_box, metavar="X0,Y0,X1,Y1", help="a box around the object")
+    seg.add_argument("--out", type=Path, required=True, help="where to write the mask PNG")
+    seg.add_argument("--overlay", type=Path, help="also write the image with the mask drawn on it")
+    seg.add_argument(
+        "--single-mask",
+        action="store_true",
+        help="ask for one mask instead of three candidates (better for unambiguous prompts)",
+    )
+    seg.add_argument(
+        "--all-masks",
+        action="store_true",
+        help="write every candidate mask, as OUT with a _0, _1, _2 suffix",
+    )
+    _add_model_args(seg)
+
+    info = sub.add_parser(
+        "info",
+        help="show the model, its size and where its checkpoint came from",
+        description="Show the model type, parameter count and where the checkpoint came from.",
+    )
+    _add_model_args(info)
+    return parser
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="checkpoint file (default: $TINYSAM_CHECKPOINT, then the cache, then download)",
+    )
+    parser.add_argument(
+        "--model",
+        choices=("vit_t", "vit_b", "vit_l", "vit_h"),
+        help="model type (default: read from the checkpoint; vit_t when downloading)",
+    )
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+
+
+def _load(args: argparse.Namespace):
+    import torch
+
+    from .build import load_model
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    return load_model(args.model, args.checkpoint, progress=sys.stderr.isatty())
+
+
+def _suffixed(path: Path, index: int) -> Path:
+    return path.with_name(f"{path.stem}_{index}{path.suffix or '.png'}")
+
+
+def run_segment(args: argparse.Namespace) -> dict:
+    from .io import load_image, save_png
+    from .predictor import SamPredictor
+    from .visualize import draw_overlay
+
+    if not args.point and args.box is None:
+        raise UsageError("give at least one --point or a --box")
+    image = load_image(args.image)
+    h, w = image.shape[:2]
+    for x, y, _ in args.point:
+        if not (0 <= x < w and 0 <= y < h):
+            raise UsageError(f"point {x:g},{y:g} is outside the {w}x{h} image (X,Y order)")
+    sam, _ = _load(args)
+    predictor = SamPredictor(sam)
+    predictor.set_image(image)
+    coords = np.array([p[:2] for p in args.point]) if args.point else None
+    labels = np.array([p[2] for p in args.point]) if args.point else None
+    box = np.array(args.box) if args.box is not None else None
+    masks, scores, _ = predictor.predict(
+        coords, labels, box, multimask_output=not args.single_mask
+    )
+    best = int(np.argmax(scores))
+    if args.all_masks:
+        written = [_suffixed(args.out, i) for i in range(len(masks))]
+        for mask, path in zip(masks, written):
+            save_png(mask, path)
+    else:
+        written = [args.out]
+        save_png(masks[best], args.out)
+    result = {
+        "image": str(args.image),
+        "size": [h, w],
+        "scores": [round(float(s), 6) for s in scores],
+        "best": best,
+        "area": [int(m.sum()) for m in masks],
+        "masks": [str(p) for p in written],
+    }
+    if args.overlay is not None:
+        save_png(draw_overlay(image, masks[best], coords, labels, box), args.overlay)
+        result["overlay"] = str(args.overlay)
+    return result
+
+
+def run_info(args: argparse.Namespace) -> dict:
+    from .build import detect_model_type
+
+    sam, resolved = _load(args)
+    model_type = detect_model_type(sam.state_dict())
+
+    def count(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    return {
+        "model": model_type,
+        "parameters": count(sam),
+        "image_encoder_parameters": count(sam.image_encoder),
+        "prompt_encoder_parameters": count(sam.prompt_encoder),
+        "mask_decoder_parameters": count(sam.mask_decoder),
+        "checkpoint": str(resolved.path),
+        "checkpoint_source": resolved.source,
+    }
+
+
+def _print_info(info: dict) -> None:
+    sources = {
+        "argument": "--checkpoint",
+        "environment": "$TINYSAM_CHECKPOINT",
+        "cache": "the user cache",
+        "download": "downloaded just now",
+    }
+    print(f"model:       {info['model']}")
+    print(
+        f"parameters:  {info['parameters'] / 1e6:.2f} M "
+        f"(image encoder {info['image_encoder_parameters'] / 1e6:.2f} M, "
+        f"prompt encoder {info['prompt_encoder_parameters'] / 1e3:.1f} K, "
+        f"mask decoder {info['mask_decoder_parameters'] / 1e6:.2f} M)"
+    )
+    print(f"checkpoint:  {info['checkpoint']} (from {sources[info['checkpoint_source']]})")
+
+
+def _one_line(err: Exception) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        text = err.strerror if err.filename is None else f"{err.strerror}: {err.filename}"
+    else:
+        text = str(err) or type(err).__name__
+    return text.splitlines()[0]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "segment":
+            print(json.dumps(run_segment(args)))
+        elif args.command == "info":
+            _print_info(run_info(args))
+    except KeyboardInterrupt:
+        print("tinysam: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, ValueError, OSError) as err:
+        message = _one_line(err)
+        print(f"tinysam {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
