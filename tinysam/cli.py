@@ -219,7 +219,10 @@ def _one_line(err: Exception) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .perf import tune_allocator
+
     args = build_parser().parse_args(argv)
+    tune_allocator()
     try:
         if args.command == "segment":
             print(json.dumps(run_segment(args)))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d
+from .common import GELU, LayerNorm2d
 
 
 class ConvBN(nn.Sequential):
@@ -178,7 +178,7 @@ class Mlp(nn.Module):
         self.norm = nn.LayerNorm(in_features)
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.fc2 = nn.Linear(hidden_features, in_features)
-        self.act = nn.GELU()
+        self.act = GELU()
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -233,8 +233,9 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         qkv = self.qkv(self.norm(x)).view(b, n, self.num_heads, -1)
         q, k, v = qkv.permute(0, 2, 1, 3).split([self.key_dim, self.key_dim, self.d], dim=3)
-        bias = self.attention_biases[:, self.attention_bias_idxs]
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
+        attn = (q @ k.transpose(-2, -1)).mul_(self.key_dim**-0.5).add_(bias)
+        x = attn.softmax(dim=-1) @ v
         return self.proj(x.transpose(1, 2).reshape(b, n, self.dh))
 
 
@@ -366,7 +367,7 @@ class TinyViT(nn.Module):
         self.img_size = img_size
         self.depths = list(depths)
         self.layer_lr_decay = layer_lr_decay  # kept for the reference signature; unused here
-        activation = nn.GELU
+        activation = GELU
         self.patch_embed = PatchEmbed(in_chans, embed_dims[0], img_size, activation)
         base = self.patch_embed.patches_resolution[0]
         num_layers = len(depths)
@@ -407,12 +408,14 @@ class TinyViT(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
+        # Channels-last makes the convolutions ~2x faster on CPU and turns the NCHW <-> token
+        # reshapes between stages into views.
+        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
         for layer in self.layers:
             x = layer(x)
         b, _, c = x.shape
         s = self.embedding_size
-        return self.neck(x.view(b, s, s, c).permute(0, 3, 1, 2))
+        return self.neck(x.view(b, s, s, c).permute(0, 3, 1, 2)).contiguous()
 
 
 def _init_weights(m: nn.Module) -> None:
