@@ -4,9 +4,10 @@ per-token hypernetworks turn an upscaled image embedding into mask logits."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .common import MLP, LayerNorm2d
+from .common import GELU, MLP, LayerNorm2d
 
 
 class MaskDecoder(nn.Module):
@@ -16,7 +17,7 @@ class MaskDecoder(nn.Module):
         transformer_dim: int,
         transformer: nn.Module,
         num_multimask_outputs: int = 3,
-        activation: type[nn.Module] = nn.GELU,
+        activation: type[nn.Module] = GELU,
         iou_head_depth: int = 3,
         iou_head_hidden_dim: int = 256,
     ) -> None:
@@ -90,12 +91,41 @@ class MaskDecoder(nn.Module):
         hs, src = self.transformer(src, image_pe, tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
-
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,
         )
-        b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
-        return masks, self.iou_prediction_head(iou_token_out)
+        blocks = self._upscaled_blocks(src.view(b, h, w, c))  # B x 2h x 2w x 2 x 2 x C/8
+        # Dot each upscaled pixel with the hypernetwork weights before interleaving the 2x2
+        # blocks, so the reorder moves num_mask_tokens channels instead of C/8.
+        masks = blocks.reshape(b, -1, blocks.shape[-1]) @ hyper_in.transpose(1, 2)
+        masks = masks.view(b, 2 * h, 2 * w, 2, 2, -1).permute(0, 5, 1, 3, 2, 4)
+        return masks.reshape(b, -1, 4 * h, 4 * w), self.iou_prediction_head(iou_token_out)
+
+    def _upscaled_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """``output_upscaling`` on a channels-last BxhxwxC map, as B x 2h x 2w x 2 x 2 x C/8.
+
+        Same weights and result as the Sequential on NCHW, where element [b, i, j, di, dj]
+        is output pixel (2i+di, 2j+dj). Each 2x2 stride-2 transposed convolution becomes one
+        matrix product and the LayerNorm a fused one: several times faster on a CPU.
+        """
+        up1, norm, act1, up2, act2 = self.output_upscaling
+        x = _conv_transpose_2x2(x, up1)
+        x = x.permute(0, 1, 3, 2, 4, 5).reshape(x.shape[0], 2 * x.shape[1], 2 * x.shape[2], -1)
+        x = act1(F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
+        return act2(_conv_transpose_2x2(x, up2))
+
+
+def _conv_transpose_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
+    """A kernel-2, stride-2 transposed convolution on channels-last BxHxWxC input.
+
+    The 2x2 output patches do not overlap, so it is one matrix product:
+    out[i, j, di, dj] = x[i, j] @ W[:, :, di, dj] + bias, returned as B x H x W x 2 x 2 x C_out
+    (pixel (2i+di, 2j+dj) of the usual output).
+    """
+    b, h, w, c_in = x.shape
+    c_out = conv.out_channels
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(c_in, 4 * c_out)  # columns: di, dj, c_out
+    flat = x.reshape(-1, c_in)
+    y = flat @ weight if conv.bias is None else torch.addmm(conv.bias.repeat(4), flat, weight)
+    return y.view(b, h, w, 2, 2, c_out)
