@@ -186,8 +186,9 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(x))
 
 
-def relative_offset_index(resolution: tuple[int, int]) -> torch.Tensor:
-    """Index of the |dy|, |dx| offset between every pair of positions in a window.
+def relative_offset_index(resolution: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    """Index of the |dy|, |dx| offset between every pair of positions in a window, and the
+    number of distinct offsets.
 
     Offsets are numbered in order of first appearance, which fixes the column order of the
     ``attention_biases`` table stored in checkpoints.
@@ -199,7 +200,7 @@ def relative_offset_index(resolution: tuple[int, int]) -> torch.Tensor:
         for p2 in points:
             offset = (abs(p1[0] - p2[0]), abs(p1[1] - p2[1]))
             idxs.append(offsets.setdefault(offset, len(offsets)))
-    return torch.tensor(idxs, dtype=torch.long).view(len(points), len(points))
+    return torch.tensor(idxs, dtype=torch.long).view(len(points), len(points)), len(offsets)
 
 
 class Attention(nn.Module):
@@ -225,8 +226,8 @@ class Attention(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, self.dh + 2 * key_dim * num_heads)
         self.proj = nn.Linear(self.dh, dim)
-        idxs = relative_offset_index(resolution)
-        self.attention_biases = nn.Parameter(torch.zeros(num_heads, int(idxs.max()) + 1))
+        idxs, num_offsets = relative_offset_index(resolution)
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, num_offsets))
         self.register_buffer("attention_bias_idxs", idxs, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -371,7 +372,8 @@ class TinyViT(nn.Module):
         self.patch_embed = PatchEmbed(in_chans, embed_dims[0], img_size, activation)
         base = self.patch_embed.patches_resolution[0]
         num_layers = len(depths)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        total = sum(depths)
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear decay
 
         self.layers = nn.ModuleList()
         resolution = base

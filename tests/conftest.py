@@ -1,0 +1,73 @@
+"""Shared fixtures: the golden reference data and a predictor loaded with its checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = Path(os.environ.get("TINYSAM_GOLDEN", REPO.parent / "shared" / "golden"))
+
+
+def pytest_configure(config):
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def golden() -> Path:
+    if not GOLDEN.is_dir():
+        pytest.fail(f"golden reference data not found at {GOLDEN}; set TINYSAM_GOLDEN")
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def vit_t_checkpoint(golden) -> Path:
+    return golden / "vit_t_seed0_checkpoint.pth"
+
+
+@pytest.fixture(scope="session")
+def vit_t_meta(golden) -> dict:
+    return json.loads((golden / "vit_t_seed0_meta.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def vit_t_outputs(golden):
+    return np.load(golden / "vit_t_seed0_outputs.npz")
+
+
+@pytest.fixture(scope="session")
+def golden_image(golden, vit_t_meta) -> np.ndarray:
+    from tinysam.io import load_image
+
+    return load_image(golden / "images" / vit_t_meta["image"])
+
+
+@pytest.fixture(scope="session")
+def vit_t_model(vit_t_checkpoint):
+    from tinysam import sam_model_registry
+
+    return sam_model_registry["vit_t"](checkpoint=vit_t_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def predictor(vit_t_model, golden_image):
+    """A predictor with the golden image already set (the encoder runs once per session)."""
+    from tinysam import SamPredictor
+
+    p = SamPredictor(vit_t_model)
+    p.set_image(golden_image)
+    return p
+
+
+def unpack_masks(packed: np.ndarray, width: int) -> np.ndarray:
+    return np.unpackbits(packed, axis=-1)[..., :width].astype(bool)
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)

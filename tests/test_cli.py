@@ -1,0 +1,160 @@
+"""The `tinysam` command: outputs a person can use, one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import mask_iou, unpack_masks
+from tinysam.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "assets" / "picture1.jpg"
+
+
+def _run(capsys, *argv):
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_error_line(err: str, command: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"tinysam {command}: error: ")
+    return lines[0]
+
+
+def test_segment_writes_best_mask_overlay_and_json(capsys, tmp_path, vit_t_checkpoint, vit_t_outputs):
+    out, overlay = tmp_path / "mask.png", tmp_path / "overlay.png"
+    code, stdout, _ = _run(
+        capsys, "segment", SAMPLE, "--point", "365,225", "--checkpoint", vit_t_checkpoint,
+        "--out", out, "--overlay", overlay,
+    )
+    assert code == 0
+    result = json.loads(stdout.strip())
+    assert len(result["scores"]) == 3
+    assert result["best"] == int(np.argmax(result["scores"]))
+    assert np.allclose(result["scores"], vit_t_outputs["p0_scores"], atol=1e-4)
+
+    mask = np.asarray(Image.open(out))
+    assert mask.shape == (770, 769) and set(np.unique(mask)) <= {0, 255}
+    expected = unpack_masks(vit_t_outputs["p0_masks"], 769)[result["best"]]
+    assert mask_iou(mask == 255, expected) >= 0.999
+    assert result["area"][result["best"]] == int((mask == 255).sum())
+
+    picture = np.asarray(Image.open(overlay))
+    original = np.asarray(Image.open(SAMPLE).convert("RGB"))
+    assert picture.shape == (770, 769, 3)
+    changed = np.any(picture != original, axis=-1)
+    assert changed[mask == 255].mean() > 0.9  # the mask is tinted
+    assert tuple(picture[225, 365]) == (0, 200, 0)  # the positive click is drawn
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.png", "overlay.png"]
+
+
+def test_segment_all_masks_and_single_mask(capsys, tmp_path, vit_t_checkpoint):
+    out = tmp_path / "m.png"
+    code, stdout, _ = _run(
+        capsys, "segment", SAMPLE, "--box", "150,100,600,650", "--point", "365,225,1",
+        "--checkpoint", vit_t_checkpoint, "--out", out, "--all-masks",
+    )
+    assert code == 0
+    assert json.loads(stdout)["masks"] == [str(tmp_path / f"m_{i}.png") for i in range(3)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m_0.png", "m_1.png", "m_2.png"]
+
+    code, stdout, _ = _run(
+        capsys, "segment", SAMPLE, "--point", "365,225", "--point", "100,600,0",
+        "--checkpoint", vit_t_checkpoint, "--out", out, "--single-mask",
+    )
+    assert code == 0
+    result = json.loads(stdout)
+    assert len(result["scores"]) == 1 and result["best"] == 0 and out.is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["segment", "missing.jpg", "--point", "1,2", "--out", "m.png"], "image not found: missing.jpg"),
+        (["segment", SAMPLE, "--point", "1;2", "--out", "m.png"], "point must be X,Y or X,Y,LABEL"),
+        (["segment", SAMPLE, "--point", "1,2,3,4", "--out", "m.png"], "point must be X,Y or X,Y,LABEL"),
+        (["segment", SAMPLE, "--point", "nan,2", "--out", "m.png"], "point must be"),
+        (["segment", SAMPLE, "--box", "1,2,3", "--out", "m.png"], "box must be X0,Y0,X1,Y1"),
+        (["segment", SAMPLE, "--out", "m.png"], "give at least one --point or a --box"),
+        (["segment", SAMPLE, "--point", "900,10", "--out", "m.png"], "outside the 769x770 image"),
+        (["segment", SAMPLE, "--point", "10,10"], "--out"),
+        (["segment", SAMPLE, "--point", "10,10,7", "--out", "m.png"], "point_labels must be in"),
+        (["segment", SAMPLE, "--box", "600,100,150,650", "--out", "m.png"], "x0 <= x1"),
+    ],
+)
+def test_usage_errors(capsys, tmp_path, vit_t_checkpoint, args, message):
+    os.chdir(tmp_path)
+    code, _, err = _run(capsys, *args, "--checkpoint", vit_t_checkpoint)
+    assert code == 2
+    assert message in _one_error_line(err, "segment")
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_bad_checkpoints(capsys, tmp_path, golden):
+    corrupt = tmp_path / "bad.pth"
+    corrupt.write_bytes(b"\x00" * 100)
+    for checkpoint, message in [
+        (corrupt, "is corrupt or not a PyTorch file"),
+        (golden / "vit_small_seed3_encoder.pth", "image encoder alone"),
+        (tmp_path / "absent.pth", "checkpoint not found"),
+    ]:
+        code, _, err = _run(
+            capsys, "segment", SAMPLE, "--point", "1,1", "--checkpoint", checkpoint,
+            "--out", tmp_path / "m.png",
+        )
+        assert code == 2 and message in _one_error_line(err, "segment")
+
+
+def test_wrong_model_flag(capsys, tmp_path, vit_t_checkpoint):
+    code, _, err = _run(capsys, "info", "--checkpoint", vit_t_checkpoint, "--model", "vit_b")
+    assert code == 2
+    assert "is a vit_t model, not vit_b; use --model vit_t" in _one_error_line(err, "info")
+
+
+def test_full_disk_is_one_line(capsys, tmp_path, vit_t_checkpoint, monkeypatch):
+    def no_space(self, fp, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", no_space)
+    out = tmp_path / "m.png"
+    code, _, err = _run(
+        capsys, "segment", SAMPLE, "--point", "365,225", "--checkpoint", vit_t_checkpoint, "--out", out
+    )
+    assert code == 2
+    assert "disk full while writing" in _one_error_line(err, "segment")
+    assert list(tmp_path.iterdir()) == []  # no partial file left behind
+
+
+def test_info_reports_source(capsys, monkeypatch, vit_t_checkpoint):
+    monkeypatch.setenv("TINYSAM_CHECKPOINT", str(vit_t_checkpoint))
+    code, out, _ = _run(capsys, "info")
+    assert code == 0
+    assert "model:       vit_t" in out
+    assert "parameters:  10.13 M" in out
+    assert f"{vit_t_checkpoint} (from $TINYSAM_CHECKPOINT)" in out
+
+
+def test_help_and_console_script(tmp_path):
+    """The installed entry point runs, and --help explains the prompts."""
+    exe = Path(sys.executable).with_name("tinysam")
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "tinysam.cli"]
+    done = subprocess.run([*command, "segment", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    assert "X,Y[,LABEL]" in done.stdout and "--overlay" in done.stdout
+    bad = subprocess.run([*command, "frobnicate"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
