@@ -92,7 +92,9 @@ def test_wrong_shape_is_named(tmp_path, vit_t_checkpoint):
     state["mask_decoder.iou_token.weight"] = torch.zeros(1, 128)
     path = tmp_path / "reshaped.pth"
     torch.save(state, path)
-    with pytest.raises(CheckpointError, match=r"wrong shape \(e.g. mask_decoder.iou_token.weight\)"):
+    with pytest.raises(
+        CheckpointError, match=r"wrong shape \(e.g. mask_decoder.iou_token.weight\)"
+    ):
         build_sam_vit_t(path)
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import mask_iou, unpack_masks
 from PIL import Image
 
-from conftest import mask_iou, unpack_masks
 from tinysam.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,11 +36,22 @@ def _one_error_line(err: str, command: str) -> str:
     return lines[0]
 
 
-def test_segment_writes_best_mask_overlay_and_json(capsys, tmp_path, vit_t_checkpoint, vit_t_outputs):
+def test_segment_writes_best_mask_overlay_and_json(
+    capsys, tmp_path, vit_t_checkpoint, vit_t_outputs
+):
     out, overlay = tmp_path / "mask.png", tmp_path / "overlay.png"
     code, stdout, _ = _run(
-        capsys, "segment", SAMPLE, "--point", "365,225", "--checkpoint", vit_t_checkpoint,
-        "--out", out, "--overlay", overlay,
+        capsys,
+        "segment",
+        SAMPLE,
+        "--point",
+        "365,225",
+        "--checkpoint",
+        vit_t_checkpoint,
+        "--out",
+        out,
+        "--overlay",
+        overlay,
     )
     assert code == 0
     result = json.loads(stdout.strip())
@@ -66,16 +77,36 @@ def test_segment_writes_best_mask_overlay_and_json(capsys, tmp_path, vit_t_check
 def test_segment_all_masks_and_single_mask(capsys, tmp_path, vit_t_checkpoint):
     out = tmp_path / "m.png"
     code, stdout, _ = _run(
-        capsys, "segment", SAMPLE, "--box", "150,100,600,650", "--point", "365,225,1",
-        "--checkpoint", vit_t_checkpoint, "--out", out, "--all-masks",
+        capsys,
+        "segment",
+        SAMPLE,
+        "--box",
+        "150,100,600,650",
+        "--point",
+        "365,225,1",
+        "--checkpoint",
+        vit_t_checkpoint,
+        "--out",
+        out,
+        "--all-masks",
     )
     assert code == 0
     assert json.loads(stdout)["masks"] == [str(tmp_path / f"m_{i}.png") for i in range(3)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m_0.png", "m_1.png", "m_2.png"]
 
     code, stdout, _ = _run(
-        capsys, "segment", SAMPLE, "--point", "365,225", "--point", "100,600,0",
-        "--checkpoint", vit_t_checkpoint, "--out", out, "--single-mask",
+        capsys,
+        "segment",
+        SAMPLE,
+        "--point",
+        "365,225",
+        "--point",
+        "100,600,0",
+        "--checkpoint",
+        vit_t_checkpoint,
+        "--out",
+        out,
+        "--single-mask",
     )
     assert code == 0
     result = json.loads(stdout)
@@ -85,9 +116,15 @@ def test_segment_all_masks_and_single_mask(capsys, tmp_path, vit_t_checkpoint):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["segment", "missing.jpg", "--point", "1,2", "--out", "m.png"], "image not found: missing.jpg"),
+        (
+            ["segment", "missing.jpg", "--point", "1,2", "--out", "m.png"],
+            "image not found: missing.jpg",
+        ),
         (["segment", SAMPLE, "--point", "1;2", "--out", "m.png"], "point must be X,Y or X,Y,LABEL"),
-        (["segment", SAMPLE, "--point", "1,2,3,4", "--out", "m.png"], "point must be X,Y or X,Y,LABEL"),
+        (
+            ["segment", SAMPLE, "--point", "1,2,3,4", "--out", "m.png"],
+            "point must be X,Y or X,Y,LABEL",
+        ),
         (["segment", SAMPLE, "--point", "nan,2", "--out", "m.png"], "point must be"),
         (["segment", SAMPLE, "--box", "1,2,3", "--out", "m.png"], "box must be X0,Y0,X1,Y1"),
         (["segment", SAMPLE, "--out", "m.png"], "give at least one --point or a --box"),
@@ -114,8 +151,15 @@ def test_bad_checkpoints(capsys, tmp_path, golden):
         (tmp_path / "absent.pth", "checkpoint not found"),
     ]:
         code, _, err = _run(
-            capsys, "segment", SAMPLE, "--point", "1,1", "--checkpoint", checkpoint,
-            "--out", tmp_path / "m.png",
+            capsys,
+            "segment",
+            SAMPLE,
+            "--point",
+            "1,1",
+            "--checkpoint",
+            checkpoint,
+            "--out",
+            tmp_path / "m.png",
         )
         assert code == 2 and message in _one_error_line(err, "segment")
 
@@ -133,7 +177,15 @@ def test_full_disk_is_one_line(capsys, tmp_path, vit_t_checkpoint, monkeypatch):
     monkeypatch.setattr(Image.Image, "save", no_space)
     out = tmp_path / "m.png"
     code, _, err = _run(
-        capsys, "segment", SAMPLE, "--point", "365,225", "--checkpoint", vit_t_checkpoint, "--out", out
+        capsys,
+        "segment",
+        SAMPLE,
+        "--point",
+        "365,225",
+        "--checkpoint",
+        vit_t_checkpoint,
+        "--out",
+        out,
     )
     assert code == 2
     assert "disk full while writing" in _one_error_line(err, "segment")
@@ -153,7 +205,9 @@ def test_help_and_console_script(tmp_path):
     """The installed entry point runs, and --help explains the prompts."""
     exe = Path(sys.executable).with_name("tinysam")
     command = [str(exe)] if exe.exists() else [sys.executable, "-m", "tinysam.cli"]
-    done = subprocess.run([*command, "segment", "--help"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [*command, "segment", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0
     assert "X,Y[,LABEL]" in done.stdout and "--overlay" in done.stdout
     bad = subprocess.run([*command, "frobnicate"], capture_output=True, text=True, timeout=120)

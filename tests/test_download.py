@@ -126,7 +126,9 @@ def test_explicit_argument_wins(isolated, monkeypatch, vit_t_checkpoint, tmp_pat
 
 
 def test_offline_says_where_to_put_the_file(isolated, monkeypatch):
-    monkeypatch.setitem(build.WEIGHT_URLS, "vit_t", f"http://127.0.0.1:{_closed_port()}/tinysam_42.3.pth")
+    monkeypatch.setitem(
+        build.WEIGHT_URLS, "vit_t", f"http://127.0.0.1:{_closed_port()}/tinysam_42.3.pth"
+    )
     with pytest.raises(CheckpointError) as info:
         resolve_checkpoint("vit_t", progress=False)
     message = str(info.value)

@@ -7,8 +7,8 @@ from functools import partial
 
 import numpy as np
 import torch
-
 from conftest import mask_iou, unpack_masks
+
 from tinysam.modeling import ImageEncoderViT
 from tinysam.transforms import ResizeLongestSide
 
@@ -90,8 +90,14 @@ def test_sam_forward_matches_predictor(vit_t_model, predictor, golden_image, vit
     }
     (out,) = vit_t_model([record], multimask_output=True)
     assert out["masks"].dtype == torch.bool
-    assert np.abs(out["iou_predictions"].numpy() - vit_t_outputs["batch_iou_predictions"]).max() < SCORE_TOL
-    assert np.abs(out["low_res_logits"].numpy() - vit_t_outputs["batch_low_res_logits"]).max() < LOGIT_TOL
+    assert (
+        np.abs(out["iou_predictions"].numpy() - vit_t_outputs["batch_iou_predictions"]).max()
+        < SCORE_TOL
+    )
+    assert (
+        np.abs(out["low_res_logits"].numpy() - vit_t_outputs["batch_low_res_logits"]).max()
+        < LOGIT_TOL
+    )
 
 
 def test_single_mask_output_is_the_first_token(predictor):
@@ -101,9 +107,13 @@ def test_single_mask_output_is_the_first_token(predictor):
     assert masks.shape[0] == 1 and scores.shape == (1,) and low_res.shape == (1, 256, 256)
 
     model = predictor.model
-    coords = torch.as_tensor(predictor.transform.apply_coords(point["point_coords"], predictor.original_size))
+    coords = torch.as_tensor(
+        predictor.transform.apply_coords(point["point_coords"], predictor.original_size)
+    )
     with torch.no_grad():
-        sparse, dense = model.prompt_encoder((coords[None].float(), torch.tensor([[1]])), None, None)
+        sparse, dense = model.prompt_encoder(
+            (coords[None].float(), torch.tensor([[1]])), None, None
+        )
         all_masks, all_iou = model.mask_decoder.predict_masks(
             predictor.features, model.prompt_encoder.get_dense_pe(), sparse, dense
         )
@@ -117,7 +127,9 @@ def test_single_mask_output_is_the_first_token(predictor):
 def test_vit_small_encoder(golden):
     meta = json.loads((golden / "vit_small_seed3_meta.json").read_text())
     assert meta["norm_layer"] == "LayerNorm(eps=1e-6)"
-    encoder = ImageEncoderViT(norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), **meta["config"]).eval()
+    encoder = ImageEncoderViT(
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), **meta["config"]
+    ).eval()
     state = torch.load(golden / "vit_small_seed3_encoder.pth", weights_only=True)
     encoder.load_state_dict(state, strict=True)
 

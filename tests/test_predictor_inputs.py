@@ -85,13 +85,31 @@ def test_bgr_end_to_end(vit_t_model, golden_image, predictor):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(point_coords=np.array([365.0, 225.0]), point_labels=LABEL), "point_coords must have shape Nx2"),
-        (dict(point_coords=np.zeros((1, 3)), point_labels=LABEL), "point_coords must have shape Nx2"),
+        (
+            dict(point_coords=np.array([365.0, 225.0]), point_labels=LABEL),
+            "point_coords must have shape Nx2",
+        ),
+        (
+            dict(point_coords=np.zeros((1, 3)), point_labels=LABEL),
+            "point_coords must have shape Nx2",
+        ),
         (dict(point_coords=np.zeros((0, 2)), point_labels=np.zeros(0)), "N >= 1"),
-        (dict(point_coords=np.array([[np.nan, 1.0]]), point_labels=LABEL), "point_coords contains NaN"),
-        (dict(point_coords=np.array([[np.inf, 1.0]]), point_labels=LABEL), "point_coords contains NaN or infinite"),
-        (dict(point_coords=POINT, point_labels=np.array([1, 0])), r"point_labels must have shape \(1,\)"),
-        (dict(point_coords=POINT, point_labels=np.array([5])), r"point_labels must be in \{-1, 0, 1, 2, 3\}"),
+        (
+            dict(point_coords=np.array([[np.nan, 1.0]]), point_labels=LABEL),
+            "point_coords contains NaN",
+        ),
+        (
+            dict(point_coords=np.array([[np.inf, 1.0]]), point_labels=LABEL),
+            "point_coords contains NaN or infinite",
+        ),
+        (
+            dict(point_coords=POINT, point_labels=np.array([1, 0])),
+            r"point_labels must have shape \(1,\)",
+        ),
+        (
+            dict(point_coords=POINT, point_labels=np.array([5])),
+            r"point_labels must be in \{-1, 0, 1, 2, 3\}",
+        ),
         (dict(point_coords=POINT, point_labels=np.array([0.5])), "point_labels must be in"),
         (dict(point_coords=POINT, point_labels=np.array([np.nan])), "point_labels contains NaN"),
         (dict(point_coords=POINT), "point_labels must be given with point_coords"),
@@ -102,8 +120,14 @@ def test_bgr_end_to_end(vit_t_model, golden_image, predictor):
         (dict(box=np.array([300.0, 100.0, 200.0, 400.0])), "x0 <= x1 and y0 <= y1"),
         (dict(box=np.array([100.0, 300.0, 200.0, 200.0])), "x0 <= x1 and y0 <= y1"),
         (dict(box=np.array([100.0, np.nan, 200.0, 200.0])), "box contains NaN"),
-        (dict(point_coords=POINT, point_labels=LABEL, mask_input=np.zeros((1, 64, 64))), "mask_input must have shape 1x256x256"),
-        (dict(point_coords=POINT, point_labels=LABEL, mask_input=np.full((1, 256, 256), np.nan)), "mask_input contains NaN"),
+        (
+            dict(point_coords=POINT, point_labels=LABEL, mask_input=np.zeros((1, 64, 64))),
+            "mask_input must have shape 1x256x256",
+        ),
+        (
+            dict(point_coords=POINT, point_labels=LABEL, mask_input=np.full((1, 256, 256), np.nan)),
+            "mask_input contains NaN",
+        ),
     ],
 )
 def test_bad_prompts(predictor, kwargs, message):
@@ -158,7 +182,9 @@ def test_reset_image(vit_t_model, predictor):
     "shape", [(3, 1024, 1024), (1, 1, 1024, 1024), (1, 3, 512, 512), (2, 3, 1024, 1024)]
 )
 def test_set_torch_image_shape(vit_t_model, shape):
-    with pytest.raises(ValueError, match="transformed_image must be 1x3xHxW with longest side 1024"):
+    with pytest.raises(
+        ValueError, match="transformed_image must be 1x3xHxW with longest side 1024"
+    ):
         SamPredictor(vit_t_model).set_torch_image(torch.zeros(shape), (10, 10))
 
 

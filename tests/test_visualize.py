@@ -10,7 +10,10 @@ def test_overlay_tints_outlines_and_marks_prompts():
     mask = np.zeros((200, 300), dtype=bool)
     mask[50:150, 100:200] = True
     out = draw_overlay(
-        image, mask, np.array([[120.0, 60.0], [20.0, 180.0]]), np.array([1, 0]),
+        image,
+        mask,
+        np.array([[120.0, 60.0], [20.0, 180.0]]),
+        np.array([1, 0]),
         box=np.array([90, 40, 210, 160]),
     )
     assert out.shape == image.shape and out.dtype == np.uint8

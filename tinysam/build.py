@@ -81,7 +81,9 @@ def build_image_encoder(model_type: str) -> nn.Module:
     if model_type == "vit_t":
         return TinyViT(img_size=IMAGE_SIZE, **VIT_T_CONFIG)
     if model_type not in VIT_CONFIGS:
-        raise ValueError(f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+        raise ValueError(
+            f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}"
+        )
     return ImageEncoderViT(
         img_size=IMAGE_SIZE,
         patch_size=VIT_PATCH_SIZE,
@@ -228,7 +230,11 @@ def load_into(sam: Sam, state_dict: dict[str, torch.Tensor], model_type: str, so
     ]
     if missing or unexpected or wrong_shape:
         parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape", wrong_shape),
+        ):
             if keys:
                 parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
         raise CheckpointError(
@@ -268,7 +274,9 @@ def resolve_checkpoint(
     """Find the checkpoint to use: the argument, ``TINYSAM_CHECKPOINT`` (vit_t), the cache,
     or a download of the published file into the cache."""
     if model_type not in WEIGHT_URLS:
-        raise ValueError(f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+        raise ValueError(
+            f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}"
+        )
     if checkpoint is not None:
         return ResolvedCheckpoint(Path(checkpoint), "argument")
     if model_type == "vit_t" and os.environ.get(CHECKPOINT_ENV):
@@ -277,7 +285,9 @@ def resolve_checkpoint(
     if cached.is_file():
         return ResolvedCheckpoint(cached, "cache")
     url = WEIGHT_URLS[model_type]
-    others = "pass --checkpoint PATH" + (f", or set {CHECKPOINT_ENV}" if model_type == "vit_t" else "")
+    others = "pass --checkpoint PATH" + (
+        f", or set {CHECKPOINT_ENV}" if model_type == "vit_t" else ""
+    )
     if not download:
         raise CheckpointError(
             f"no {model_type} checkpoint found; download {url} and save it as {cached}, or {others}"
@@ -298,7 +308,9 @@ def load_model(
     progress: bool = True,
 ) -> tuple[Sam, ResolvedCheckpoint]:
     """Resolve, read and load a checkpoint; the model type defaults to what the file holds."""
-    resolved = resolve_checkpoint(model_type or "vit_t", checkpoint, download=download, progress=progress)
+    resolved = resolve_checkpoint(
+        model_type or "vit_t", checkpoint, download=download, progress=progress
+    )
     state_dict = read_state_dict(resolved.path)
     model_type = check_model_type(state_dict, model_type, str(resolved.path))
     sam = _sam(build_image_encoder(model_type))

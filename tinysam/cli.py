@@ -65,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Segment an object from point and box prompts. Writes the best mask as a PNG "
             "(white = object), optionally an overlay to look at, and prints one JSON line."
         ),
-        epilog="example: tinysam segment photo.jpg --point 365,225 --out mask.png --overlay overlay.png",
+        epilog=(
+            "example: tinysam segment photo.jpg --point 365,225 --out mask.png "
+            "--overlay overlay.png"
+        ),
     )
     seg.add_argument("image", type=Path, help="input image (any format Pillow reads)")
     seg.add_argument(
@@ -148,9 +151,7 @@ def run_segment(args: argparse.Namespace) -> dict:
     coords = np.array([p[:2] for p in args.point]) if args.point else None
     labels = np.array([p[2] for p in args.point]) if args.point else None
     box = np.array(args.box) if args.box is not None else None
-    masks, scores, _ = predictor.predict(
-        coords, labels, box, multimask_output=not args.single_mask
-    )
+    masks, scores, _ = predictor.predict(coords, labels, box, multimask_output=not args.single_mask)
     best = int(np.argmax(scores))
     if args.all_masks:
         written = [_suffixed(args.out, i) for i in range(len(masks))]

@@ -108,15 +108,18 @@ def download_file(
         total = int(length) if length and length.isdigit() else None
         received = 0
         try:
-            with atomic_write(dest) as f, tqdm(
-                total=total,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=dest.name,
-                disable=not progress,
-                leave=False,
-            ) as bar:
+            with (
+                atomic_write(dest) as f,
+                tqdm(
+                    total=total,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=dest.name,
+                    disable=not progress,
+                    leave=False,
+                ) as bar,
+            ):
                 while chunk := response.read(chunk_size):
                     f.write(chunk)
                     received += len(chunk)

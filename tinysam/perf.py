@@ -6,8 +6,9 @@ forward pass page-faults through hundreds of megabytes; on virtual machines that
 the arithmetic of the conv stem. Raising the thresholds keeps freed memory in the heap for the
 next pass: the TinyViT encoder runs about 1.4x faster on the 2-core development machine
 (``benchmarks/predictor.py`` measures it). The price is that the peak heap is not returned to
-the OS while the process lives, which suits a CLI or a server, so the ``tinysam`` command calls
-this and library users opt in.
+the OS while the process lives (allocations above 1 GiB are still returned). ``SamPredictor``
+applies it when its model is on the CPU, and the ``tinysam`` command at start; set
+``TINYSAM_TUNE_MALLOC=0`` to keep glibc's defaults.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from PIL import Image
 
 from .modeling import Sam
 from .modeling.prompt_encoder import POINT_LABELS
+from .perf import tune_allocator
 from .transforms import ResizeLongestSide
 
 
@@ -110,6 +111,8 @@ def check_mask_input(mask_input, size: tuple[int, int]) -> np.ndarray:
 
 class SamPredictor:
     def __init__(self, sam_model: Sam) -> None:
+        if sam_model.device.type == "cpu":
+            tune_allocator()  # ~1.5x faster CPU inference; see tinysam/perf.py
         self.model = sam_model
         self.transform = ResizeLongestSide(sam_model.image_encoder.img_size)
         self.reset_image()
@@ -237,7 +240,9 @@ class SamPredictor:
         if mask_input is not None:
             size = self.model.prompt_encoder.mask_input_size
             if mask_input.ndim != 4 or tuple(mask_input.shape[1:]) != (1, *size):
-                raise ValueError(f"mask_input must be Bx1x{size[0]}x{size[1]}, got {list(mask_input.shape)}")
+                raise ValueError(
+                    f"mask_input must be Bx1x{size[0]}x{size[1]}, got {list(mask_input.shape)}"
+                )
             batch.add(mask_input.shape[0])
         if len(batch) > 1:
             raise ValueError(f"prompt batch sizes disagree: {sorted(batch)}")

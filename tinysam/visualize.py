@@ -41,5 +41,7 @@ def draw_overlay(
     if point_coords is not None:
         for (x, y), label in zip(np.asarray(point_coords), np.asarray(point_labels)):
             color = POSITIVE_COLOR if label == 1 else NEGATIVE_COLOR
-            draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=color, outline="white")
+            draw.ellipse(
+                (x - radius, y - radius, x + radius, y + radius), fill=color, outline="white"
+            )
     return np.asarray(canvas)

@@ -145,7 +145,11 @@ class Attention(nn.Module):
         bias = None
         if self.use_rel_pos:
             bias = decomposed_rel_pos_bias(
-                q.reshape(b * self.num_heads, h * w, -1), self.rel_pos_h, self.rel_pos_w, (h, w), (h, w)
+                q.reshape(b * self.num_heads, h * w, -1),
+                self.rel_pos_h,
+                self.rel_pos_w,
+                (h, w),
+                (h, w),
             ).view(b, self.num_heads, h * w, h * w)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         x = x.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
@@ -184,7 +188,9 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor
     max_rel_dist = 2 * max(q_size, k_size) - 1
     if rel_pos.shape[0] != max_rel_dist:
         rel_pos = F.interpolate(
-            rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=max_rel_dist, mode="linear"
+            rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1),
+            size=max_rel_dist,
+            mode="linear",
         )
         rel_pos = rel_pos.reshape(-1, max_rel_dist).permute(1, 0)
     q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)

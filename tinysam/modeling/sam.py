@@ -75,7 +75,9 @@ class Sam(nn.Module):
                 multimask_output=multimask_output,
             )
             masks = self.postprocess_masks(
-                low_res, input_size=record["image"].shape[-2:], original_size=record["original_size"]
+                low_res,
+                input_size=record["image"].shape[-2:],
+                original_size=record["original_size"],
             )
             outputs.append(
                 {

@@ -36,7 +36,8 @@ class ConvBN(nn.Sequential):
     ) -> None:
         super().__init__()
         self.add_module(
-            "c", nn.Conv2d(in_chans, out_chans, kernel_size, stride, padding, groups=groups, bias=False)
+            "c",
+            nn.Conv2d(in_chans, out_chans, kernel_size, stride, padding, groups=groups, bias=False),
         )
         bn = nn.BatchNorm2d(out_chans)
         nn.init.constant_(bn.weight, bn_weight_init)
@@ -263,9 +264,7 @@ class TinyViTBlock(nn.Module):
             dim, dim // num_heads, num_heads, attn_ratio=1, resolution=(window_size, window_size)
         )
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
-        self.local_conv = ConvBN(
-            dim, dim, local_conv_size, 1, local_conv_size // 2, groups=dim
-        )
+        self.local_conv = ConvBN(dim, dim, local_conv_size, 1, local_conv_size // 2, groups=dim)
         self.drop_path = _drop_path(drop_path)
 
     def _windowed_attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -387,13 +386,26 @@ class TinyViT(nn.Module):
                 downsample = PatchMerging(res, embed_dims[i], embed_dims[i + 1], activation, stride)
             if i == 0:
                 layer: nn.Module = ConvLayer(
-                    embed_dims[0], res, depths[0], activation, stage_rates, downsample,
+                    embed_dims[0],
+                    res,
+                    depths[0],
+                    activation,
+                    stage_rates,
+                    downsample,
                     mbconv_expand_ratio,
                 )
             else:
                 layer = BasicLayer(
-                    embed_dims[i], res, depths[i], num_heads[i], window_sizes[i], mlp_ratio,
-                    drop_rate, stage_rates, local_conv_size, downsample,
+                    embed_dims[i],
+                    res,
+                    depths[i],
+                    num_heads[i],
+                    window_sizes[i],
+                    mlp_ratio,
+                    drop_rate,
+                    stage_rates,
+                    local_conv_size,
+                    downsample,
                 )
             self.layers.append(layer)
             resolution //= stride

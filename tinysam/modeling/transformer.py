@@ -97,7 +97,9 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm1(queries)
 
         k = keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q=queries + query_pe, k=k, v=keys))
+        queries = self.norm2(
+            queries + self.cross_attn_token_to_image(q=queries + query_pe, k=k, v=keys)
+        )
         queries = self.norm3(queries + self.mlp(queries))
 
         attn_out = self.cross_attn_image_to_token(q=k, k=queries + query_pe, v=queries)
@@ -131,4 +133,3 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
-
