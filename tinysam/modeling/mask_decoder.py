@@ -83,10 +83,13 @@ class MaskDecoder(nn.Module):
             raise ValueError(
                 f"image_embeddings has batch {image_embeddings.shape[0]}; expected 1 or {batch}"
             )
+        if image_embeddings.shape[0] == 1 and dense_prompt_embeddings.stride(0) == 0:
+            # One image and no mask prompts: the transformer shares the image tokens across
+            # the batch until they first attend to the prompts.
+            dense_prompt_embeddings = dense_prompt_embeddings[:1]
         src = image_embeddings + dense_prompt_embeddings
-        if src.shape[0] != batch:
-            src = src.expand(batch, -1, -1, -1)
-        b, c, h, w = src.shape
+        c, h, w = src.shape[1:]
+        b = batch
 
         hs, src = self.transformer(src, image_pe, tokens)
         iou_token_out = hs[:, 0, :]

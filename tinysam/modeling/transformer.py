@@ -44,7 +44,9 @@ class TwoWayTransformer(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Image BxCxHxW (+ its positional encoding) and tokens BxNxC; returns both updated.
 
-        Returns the tokens BxNxC and the image tokens Bx(HW)xC.
+        The image may have batch 1 for B token sets: it is then shared until the first
+        image-to-token attention makes it prompt-specific. Returns the tokens BxNxC and the
+        image tokens Bx(HW)xC.
         """
         keys = image_embedding.flatten(2).permute(0, 2, 1)
         key_pe = image_pe.flatten(2).permute(0, 2, 1)
@@ -127,9 +129,20 @@ class Attention(nn.Module):
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        q = self._separate_heads(self.q_proj(q))
-        k = self._separate_heads(self.k_proj(k))
-        v = self._separate_heads(self.v_proj(v))
-        out = F.scaled_dot_product_attention(q, k, v)
-        b, _, n, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
+        """Attention of q (B or 1) x Nq x C over k, v (B or 1) x Nk x C.
+
+        A side with batch 1 is shared by the whole batch and projected once (the image tokens
+        before their first update, when no prompt carries a mask).
+        """
+        q, k, v = self.q_proj(q), self.k_proj(k), self.v_proj(v)
+        batch, n = max(q.shape[0], k.shape[0]), q.shape[1]
+        if k.shape[0] == 1 and batch > 1:
+            # Shared keys: every query row attends independently, so fold the batch into the
+            # query sequence instead of copying the keys per prompt.
+            q = q.reshape(1, batch * n, -1)
+        elif q.shape[0] == 1 and batch > 1:
+            q = q.expand(batch, -1, -1)
+        out = F.scaled_dot_product_attention(
+            self._separate_heads(q), self._separate_heads(k), self._separate_heads(v)
+        )
+        return self.out_proj(out.transpose(1, 2).reshape(batch, n, self.internal_dim))
