@@ -1,0 +1,47 @@
+"""Batched decoding equals decoding each prompt alone, whichever internal path it takes."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _decode(model, features, sparse, dense):
+    with torch.no_grad():
+        return model.mask_decoder.predict_masks(
+            features, model.prompt_encoder.get_dense_pe(), sparse, dense
+        )
+
+
+def test_shared_image_tokens_match_per_prompt_copies(predictor):
+    model = predictor.model
+    generator = torch.Generator().manual_seed(0)
+    coords = torch.rand(5, 2, 2, generator=generator) * 1000
+    labels = torch.tensor([[1, 0], [1, 1], [1, -1], [0, 1], [1, 1]])
+    with torch.no_grad():
+        sparse, dense = model.prompt_encoder((coords, labels), None, None)
+    assert dense.stride(0) == 0  # no mask prompt: the shared path
+    shared_masks, shared_iou = _decode(model, predictor.features, sparse, dense)
+    copied_masks, copied_iou = _decode(model, predictor.features, sparse, dense.contiguous())
+    assert torch.allclose(shared_masks, copied_masks, atol=1e-3)
+    assert torch.allclose(shared_iou, copied_iou, atol=1e-5)
+    for i in range(5):
+        alone_masks, alone_iou = _decode(model, predictor.features, sparse[i : i + 1], dense[:1])
+        assert torch.allclose(shared_masks[i], alone_masks[0], atol=1e-3)
+        assert torch.allclose(shared_iou[i], alone_iou[0], atol=1e-5)
+
+
+def test_mask_prompts_in_a_batch(predictor):
+    model = predictor.model
+    generator = torch.Generator().manual_seed(1)
+    coords = torch.rand(3, 1, 2, generator=generator) * 1000
+    labels = torch.ones(3, 1, dtype=torch.int)
+    masks_in = torch.randn(3, 1, 256, 256, generator=generator) * 5
+    with torch.no_grad():
+        sparse, dense = model.prompt_encoder((coords, labels), None, masks_in)
+    batch_masks, batch_iou = _decode(model, predictor.features, sparse, dense)
+    for i in range(3):
+        alone_masks, alone_iou = _decode(
+            model, predictor.features, sparse[i : i + 1], dense[i : i + 1]
+        )
+        assert torch.allclose(batch_masks[i], alone_masks[0], atol=1e-3)
+        assert torch.allclose(batch_iou[i], alone_iou[0], atol=1e-5)
