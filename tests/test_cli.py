@@ -164,6 +164,11 @@ def test_bad_checkpoints(capsys, tmp_path, golden):
         assert code == 2 and message in _one_error_line(err, "segment")
 
 
+def test_bad_device(capsys, vit_t_checkpoint):
+    code, _, err = _run(capsys, "info", "--checkpoint", vit_t_checkpoint, "--device", "gpu0")
+    assert code == 2 and "is not a torch device" in _one_error_line(err, "info")
+
+
 def test_wrong_model_flag(capsys, tmp_path, vit_t_checkpoint):
     code, _, err = _run(capsys, "info", "--checkpoint", vit_t_checkpoint, "--model", "vit_b")
     assert code == 2

@@ -115,6 +115,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         help="model type (default: read from the checkpoint; vit_t when downloading)",
     )
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    parser.add_argument(
+        "--device", default="cpu", help="torch device to run on, e.g. cpu or cuda (default: cpu)"
+    )
 
 
 def _load(args: argparse.Namespace):
@@ -126,7 +129,13 @@ def _load(args: argparse.Namespace):
         if args.threads < 1:
             raise UsageError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
-    return load_model(args.model, args.checkpoint, progress=sys.stderr.isatty())
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        raise UsageError(f"--device {args.device!r} is not a torch device") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but this torch build sees no CUDA GPU")
+    return load_model(args.model, args.checkpoint, device=device, progress=sys.stderr.isatty())
 
 
 def _suffixed(path: Path, index: int) -> Path:
