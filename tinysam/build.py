@@ -152,13 +152,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "global" not in str(err).lower():
+        if "global" in str(err).lower():  # weights_only refused a class or function
             raise CheckpointError(
-                f"checkpoint {path} is corrupt or not a PyTorch file; download it again"
+                f"checkpoint {path} holds objects other than tensors and will not be "
+                "unpickled; re-save it as a plain state_dict"
             ) from err
         raise CheckpointError(
-            f"checkpoint {path} holds objects other than tensors and will not be unpickled; "
-            "re-save it as a plain state_dict"
+            f"checkpoint {path} is corrupt or not a PyTorch file; download it again"
         ) from err
     except Exception as err:  # the unpickler fails in many ways on damaged bytes
         raise CheckpointError(
@@ -179,8 +179,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def detect_model_type(state_dict: dict[str, torch.Tensor]) -> str | None:
     """The registry name a state dict was saved from, or None if it is none of ours."""
-    tiny = state_dict.get("image_encoder.patch_embed.seq.0.c.weight")
-    if tiny is not None:
+    if "image_encoder.patch_embed.seq.0.c.weight" in state_dict:  # TinyViT's conv stem
         return "vit_t"
     proj = state_dict.get("image_encoder.patch_embed.proj.weight")
     if proj is not None:

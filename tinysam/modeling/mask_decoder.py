@@ -89,21 +89,20 @@ class MaskDecoder(nn.Module):
             dense_prompt_embeddings = dense_prompt_embeddings[:1]
         src = image_embeddings + dense_prompt_embeddings
         c, h, w = src.shape[1:]
-        b = batch
 
-        hs, src = self.transformer(src, image_pe, tokens)
+        hs, image_tokens = self.transformer(src, image_pe, tokens)  # image_tokens: B x hw x C
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,
         )
-        blocks = self._upscaled_blocks(src.view(b, h, w, c))  # B x 2h x 2w x 2 x 2 x C/8
+        blocks = self._upscaled_blocks(image_tokens.view(batch, h, w, c))
         # Dot each upscaled pixel with the hypernetwork weights before interleaving the 2x2
         # blocks, so the reorder moves num_mask_tokens channels instead of C/8.
-        masks = blocks.reshape(b, -1, blocks.shape[-1]) @ hyper_in.transpose(1, 2)
-        masks = masks.view(b, 2 * h, 2 * w, 2, 2, -1).permute(0, 5, 1, 3, 2, 4)
-        return masks.reshape(b, -1, 4 * h, 4 * w), self.iou_prediction_head(iou_token_out)
+        masks = blocks.reshape(batch, -1, blocks.shape[-1]) @ hyper_in.transpose(1, 2)
+        masks = masks.view(batch, 2 * h, 2 * w, 2, 2, -1).permute(0, 5, 1, 3, 2, 4)
+        return masks.reshape(batch, -1, 4 * h, 4 * w), self.iou_prediction_head(iou_token_out)
 
     def _upscaled_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """``output_upscaling`` on a channels-last BxhxwxC map, as B x 2h x 2w x 2 x 2 x C/8.
