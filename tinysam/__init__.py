@@ -9,11 +9,14 @@ from .build import (
     load_model,
     sam_model_registry,
 )
+from .everything import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator
 from .predictor import SamPredictor
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SamAutomaticMaskGenerator",
+    "SamHierarchicalMaskGenerator",
     "SamPredictor",
     "build_sam",
     "build_sam_vit_b",

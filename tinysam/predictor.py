@@ -194,11 +194,14 @@ class SamPredictor:
         mask_input: torch.Tensor | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        upscale: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Batched prediction with prompts already in the resized (1024) frame.
 
         ``point_coords`` BxNx2 with ``point_labels`` BxN, ``boxes`` Bx4, ``mask_input``
         Bx1x256x256. Returns masks BxCxHxW, scores BxC, low-res logits BxCx256x256.
+        With ``upscale=False`` the full-size masks are skipped (None), for callers that filter
+        at low resolution and upscale only what they keep.
         """
         self._require_image()
         self._check_torch_prompts(point_coords, point_labels, boxes, mask_input)
@@ -211,6 +214,8 @@ class SamPredictor:
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
         )
+        if not upscale:
+            return None, scores, low_res
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
         if not return_logits:
             masks = masks > self.model.mask_threshold

@@ -57,3 +57,19 @@ class ResizeLongestSide:
         """Output (H, W) for a long side of ``long_side_length``, rounded half up."""
         scale = long_side_length * 1.0 / max(oldh, oldw)
         return int(oldh * scale + 0.5), int(oldw * scale + 0.5)
+
+
+def upscale_logits(
+    low_res: torch.Tensor,
+    input_size: tuple[int, ...],
+    original_size: tuple[int, ...],
+    image_size: int = 1024,
+) -> torch.Tensor:
+    """Low-res mask logits (...x256x256, the padded square input's frame) to the original size.
+
+    Upscale to the padded input, crop the padding, resize to the original image, all bilinear
+    as the reference does, so thresholds and stability scores see the same values.
+    """
+    masks = F.interpolate(low_res, (image_size, image_size), mode="bilinear", align_corners=False)
+    masks = masks[..., : input_size[0], : input_size[1]]
+    return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)

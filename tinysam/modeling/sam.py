@@ -95,10 +95,9 @@ class Sam(nn.Module):
         original_size: tuple[int, ...],
     ) -> torch.Tensor:
         """Upscale low-res logits to the padded input, crop the padding, resize to the original."""
-        size = self.img_size
-        masks = F.interpolate(masks, (size, size), mode="bilinear", align_corners=False)
-        masks = masks[..., : input_size[0], : input_size[1]]
-        return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+        from ..transforms import upscale_logits
+
+        return upscale_logits(masks, input_size, original_size, self.img_size)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise pixel values and zero-pad (after normalising) to a square input."""
