@@ -8,6 +8,7 @@ masks carry exactly the values the reference computes; the rejected ones are nev
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,6 +96,8 @@ class SamAutomaticMaskGenerator:
             raise ValueError(f"points_per_batch must be at least 1, got {points_per_batch}")
 
         self.predictor = model if hasattr(model, "predict_torch") else SamPredictor(model)
+        # Backends whose predict_torch can skip the full-size masks save that work here.
+        self._skip_upscale = "upscale" in inspect.signature(self.predictor.predict_torch).parameters
         self.points_per_side = points_per_side
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
@@ -195,7 +198,7 @@ class SamAutomaticMaskGenerator:
         coords = predictor.transform.apply_coords(points, predictor.original_size)
         coords = torch.as_tensor(coords, dtype=torch.float, device=predictor.device)[:, None, :]
         labels = torch.ones(coords.shape[0], 1, dtype=torch.int, device=coords.device)
-        kwargs = {"upscale": False} if isinstance(predictor, SamPredictor) else {}
+        kwargs = {"upscale": False} if self._skip_upscale else {}
         _, iou_preds, low_res = predictor.predict_torch(
             coords, labels, multimask_output=True, return_logits=True, **kwargs
         )
