@@ -50,10 +50,10 @@ def measure(mode: str, threads: int, checkpoint: str | None, repeats: int) -> di
 
     torch.set_num_threads(threads)
     sys.path.insert(0, str(HERE))
-    from reference_style import ReferenceStyle
-
     from tinysam import SamPredictor, build_sam_vit_t
     from tinysam.io import load_image
+
+    from reference_style import ReferenceStyle
 
     torch.manual_seed(0)
     sam = build_sam_vit_t(checkpoint)

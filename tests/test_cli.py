@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import mask_iou, unpack_masks
 from PIL import Image
 
 from tinysam.cli import main
+
+from conftest import mask_iou, unpack_masks
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "assets" / "picture1.jpg"

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from oracle import OraclePredictor, paint_scene, rectangles
 from tinysam import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator
+
+from oracle import OraclePredictor, paint_scene, rectangles
 
 SHAPE = (512, 512)
 # Boundaries at 16k + 8 keep the 16-pixel dense lattice clear of object edges.

@@ -7,10 +7,11 @@ from functools import partial
 
 import numpy as np
 import torch
-from conftest import mask_iou, unpack_masks
 
 from tinysam.modeling import ImageEncoderViT
 from tinysam.transforms import ResizeLongestSide
+
+from conftest import mask_iou, unpack_masks
 
 EMBED_TOL = 1e-3
 LOGIT_TOL = 1e-2
