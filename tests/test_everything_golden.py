@@ -1,0 +1,81 @@
+"""With the golden checkpoint: the many-prompt path gives the per-prompt decoder's results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tinysam import SamAutomaticMaskGenerator, SamPredictor
+from tinysam.everything.masks import (
+    batched_mask_to_box,
+    build_point_grid,
+    calculate_stability_score,
+    nms,
+)
+from tinysam.io import load_image
+from tinysam.transforms import upscale_logits
+
+from conftest import mask_iou
+
+
+@pytest.fixture(scope="module")
+def picture2(golden):
+    return load_image(golden / "images" / "picture2.jpg")
+
+
+@pytest.fixture
+def picture2_predictor(vit_t_model, picture2):
+    predictor = SamPredictor(vit_t_model)
+    predictor.set_image(picture2)
+    return predictor
+
+
+def test_batched_prompts_match_one_at_a_time(picture2_predictor):
+    p = picture2_predictor
+    h, w = p.original_size
+    points = build_point_grid(8) * np.array([w, h])
+    coords = torch.as_tensor(p.transform.apply_coords(points, p.original_size)).float()[:, None]
+    labels = torch.ones(len(points), 1, dtype=torch.int)
+    none, batch_iou, batch_low_res = p.predict_torch(
+        coords, labels, return_logits=True, upscale=False
+    )
+    assert none is None
+    batch_masks = upscale_logits(batch_low_res, p.input_size, p.original_size) > 0
+    for i, point in enumerate(points):
+        masks, scores, low_res = p.predict(point[None], np.array([1]))
+        assert np.abs(scores - batch_iou[i].numpy()).max() < 1e-4
+        assert np.abs(low_res - batch_low_res[i].numpy()).max() < 1e-2
+        for k in range(3):
+            assert mask_iou(masks[k], batch_masks[i, k].numpy()) >= 0.999
+
+
+def _plain_everything(predictor, points, iou_thresh, stability_thresh, nms_thresh):
+    """segment-anything's order of work: full-size logits for every mask, then the filters."""
+    rows = []
+    for x, y in points:
+        logits, scores, _ = predictor.predict(np.array([[x, y]]), np.array([1]), return_logits=True)
+        for k in range(3):
+            if scores[k] <= iou_thresh:
+                continue
+            stability = calculate_stability_score(torch.as_tensor(logits[k]), 0.0, 1.0).item()
+            if stability < stability_thresh:
+                continue
+            rows.append((logits[k] > 0, float(scores[k]), stability))
+    masks = torch.as_tensor(np.stack([r[0] for r in rows]))
+    keep = nms(batched_mask_to_box(masks), torch.tensor([r[1] for r in rows]), nms_thresh)
+    return [rows[i] for i in keep.tolist()]
+
+
+def test_generator_matches_plain_pipeline(picture2_predictor, picture2):
+    """Filtering by IoU before upscaling keeps exactly the masks the plain order keeps."""
+    p = picture2_predictor
+    h, w = p.original_size
+    plain = _plain_everything(p, build_point_grid(6) * np.array([w, h]), 0.5, 0.3, 0.7)
+    settings = dict(pred_iou_thresh=0.5, stability_score_thresh=0.3, box_nms_thresh=0.7)
+    records = SamAutomaticMaskGenerator(p, points_per_side=6, **settings).generate(picture2)
+    assert len(records) == len(plain) >= 2
+    for record, (mask, score, stability) in zip(records, plain):
+        assert abs(record["predicted_iou"] - score) < 1e-4
+        assert abs(record["stability_score"] - stability) < 1e-3
+        assert mask_iou(record["segmentation"], mask) >= 0.999
