@@ -71,10 +71,10 @@ def test_generator_matches_plain_pipeline(picture2_predictor, picture2):
     """Filtering by IoU before upscaling keeps exactly the masks the plain order keeps."""
     p = picture2_predictor
     h, w = p.original_size
-    plain = _plain_everything(p, build_point_grid(6) * np.array([w, h]), 0.5, 0.3, 0.7)
-    settings = dict(pred_iou_thresh=0.5, stability_score_thresh=0.3, box_nms_thresh=0.7)
+    plain = _plain_everything(p, build_point_grid(6) * np.array([w, h]), 0.5, 0.3, 1.0)
+    settings = dict(pred_iou_thresh=0.5, stability_score_thresh=0.3, box_nms_thresh=1.0)
     records = SamAutomaticMaskGenerator(p, points_per_side=6, **settings).generate(picture2)
-    assert len(records) == len(plain) >= 2
+    assert len(records) == len(plain) >= 20  # NMS off: every mask that passes the filters
     for record, (mask, score, stability) in zip(records, plain):
         assert abs(record["predicted_iou"] - score) < 1e-4
         assert abs(record["stability_score"] - stability) < 1e-3
