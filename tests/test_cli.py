@@ -218,3 +218,68 @@ def test_help_and_console_script(tmp_path):
     assert "X,Y[,LABEL]" in done.stdout and "--overlay" in done.stdout
     bad = subprocess.run([*command, "frobnicate"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_everything_folder_writes_json_and_overlay_and_resumes(
+    capsys, tmp_path, golden, vit_t_checkpoint
+):
+    import shutil
+
+    from pycocotools import mask as mask_utils
+
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(SAMPLE, images / "a.jpg")
+    shutil.copy(golden / "images" / "picture2.jpg", images / "b.jpg")
+    (images / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    args = [
+        "everything",
+        images,
+        "--out",
+        out,
+        "--overlay",
+        "--checkpoint",
+        vit_t_checkpoint,
+        "--points-per-side",
+        "4",
+        "--pred-iou-thresh",
+        "0.5",
+        "--stability-thresh",
+        "0.3",
+    ]
+    code, stdout, _ = _run(capsys, *args)
+    assert code == 0
+    summary = json.loads(stdout)
+    assert summary["images"] == 2 and summary["skipped"] == 0 and summary["masks"] > 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "a.png", "b.json", "b.png"]
+
+    document = json.loads((out / "a.json").read_text())
+    assert (document["height"], document["width"]) == (770, 769)
+    assert document["mode"] == "hierarchical" and document["points_per_side"] == 4
+    for ann in document["annotations"]:
+        rle = {
+            "size": ann["segmentation"]["size"],
+            "counts": ann["segmentation"]["counts"].encode(),
+        }
+        assert mask_utils.decode(rle).sum() == ann["area"]
+    assert np.asarray(Image.open(out / "a.png")).shape == (770, 769, 3)
+
+    (out / "b.json").unlink()
+    code, stdout, _ = _run(capsys, *args)
+    assert code == 0
+    assert json.loads(stdout)["skipped"] == 1 and (out / "b.json").is_file()
+    code, stdout, _ = _run(capsys, *args)
+    assert json.loads(stdout) == {"images": 2, "skipped": 2, "masks": 0}
+
+
+def test_everything_errors(capsys, tmp_path, vit_t_checkpoint):
+    code, _, err = _run(capsys, "everything", tmp_path / "nope", "--out", tmp_path / "o")
+    assert code == 2 and "input not found" in _one_error_line(err, "everything")
+    (tmp_path / "empty").mkdir()
+    code, _, err = _run(capsys, "everything", tmp_path / "empty", "--out", tmp_path / "o")
+    assert code == 2 and "no images" in _one_error_line(err, "everything")
+    code, _, err = _run(
+        capsys, "everything", SAMPLE, "--out", tmp_path / "o", "--points-per-side", "2"
+    )
+    assert code == 2 and "at least 4" in _one_error_line(err, "everything")

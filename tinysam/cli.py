@@ -100,6 +100,35 @@ def build_parser() -> argparse.ArgumentParser:
         description="Show the model type, parameter count and where the checkpoint came from.",
     )
     _add_model_args(info)
+
+    every = sub.add_parser(
+        "everything",
+        help="segment everything in an image or a folder of images",
+        description=(
+            "Segment everything: one COCO-RLE JSON per image (and an overlay PNG with "
+            "--overlay) in OUT. A folder is processed with a progress bar; images whose "
+            "outputs exist are skipped, so an interrupted run picks up where it stopped."
+        ),
+        epilog="example: tinysam everything photos/ --out masks/ --overlay",
+    )
+    every.add_argument("input", type=Path, help="an image, or a folder of images")
+    every.add_argument("--out", type=Path, required=True, help="output folder")
+    every.add_argument(
+        "--mode",
+        choices=("hierarchical", "dense"),
+        default="hierarchical",
+        help="hierarchical (TinySAM's, ~2x fewer prompts) or dense grid (default: hierarchical)",
+    )
+    every.add_argument("--points-per-side", type=int, default=32, help="dense grid size (32)")
+    every.add_argument(
+        "--pred-iou-thresh", type=float, default=0.88, help="keep masks above this IoU (0.88)"
+    )
+    every.add_argument(
+        "--stability-thresh", type=float, default=0.95, help="stability score cutoff (0.95)"
+    )
+    every.add_argument("--overlay", action="store_true", help="also write an overlay PNG")
+    every.add_argument("--force", action="store_true", help="redo images already done")
+    _add_model_args(every)
     return parser
 
 
@@ -183,6 +212,54 @@ def run_segment(args: argparse.Namespace) -> dict:
     return result
 
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def run_everything(args: argparse.Namespace) -> dict:
+    from tqdm.auto import tqdm
+
+    from .everything import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator
+    from .everything.export import everything_outputs, write_everything
+
+    if args.input.is_dir():
+        images = sorted(p for p in args.input.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise UsageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {args.input}")
+    elif args.input.is_file():
+        images = [args.input]
+    else:
+        raise UsageError(f"input not found: {args.input}")
+    if args.points_per_side < 4:
+        raise UsageError("--points-per-side must be at least 4")
+
+    def done(image: Path) -> bool:
+        return all(p.exists() for p in everything_outputs(image, args.out, args.overlay))
+
+    todo = [image for image in images if args.force or not done(image)]
+    summary = {"images": len(images), "skipped": len(images) - len(todo), "masks": 0}
+    if not todo:
+        return summary
+    sam, _ = _load(args)
+    generator_class = (
+        SamHierarchicalMaskGenerator if args.mode == "hierarchical" else SamAutomaticMaskGenerator
+    )
+    generator = generator_class(
+        sam,
+        points_per_side=args.points_per_side,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_thresh,
+        output_mode="coco_rle",
+    )
+    bar = tqdm(todo, unit="image", disable=len(todo) == 1 or not sys.stderr.isatty())
+    for image_path in bar:
+        bar.set_postfix_str(image_path.name)
+        written = write_everything(generator, image_path, args.out, args.mode, args.overlay)
+        summary["masks"] += written["masks"]
+        if len(todo) == 1:
+            summary.update(written)
+    return summary
+
+
 def run_info(args: argparse.Namespace) -> dict:
     from .build import detect_model_type
 
@@ -238,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(run_segment(args)))
         elif args.command == "info":
             _print_info(run_info(args))
+        elif args.command == "everything":
+            print(json.dumps(run_everything(args)))
     except KeyboardInterrupt:
         print("tinysam: interrupted", file=sys.stderr)
         return 130

@@ -17,6 +17,15 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 
+def _new_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_NEW_FILE_MODE = _new_file_mode()
+
+
 class DownloadError(RuntimeError):
     """A download that failed; the message says why and what to do."""
 
@@ -36,6 +45,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _NEW_FILE_MODE)  # mkstemp's 0600 would make outputs private
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

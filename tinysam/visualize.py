@@ -45,3 +45,14 @@ def draw_overlay(
                 (x - radius, y - radius, x + radius, y + radius), fill=color, outline="white"
             )
     return np.asarray(canvas)
+
+
+def draw_masks(image: np.ndarray, masks: list[np.ndarray], alpha: float = 0.45) -> np.ndarray:
+    """Every mask in its own colour (largest underneath, so small ones stay visible)."""
+    out = image.astype(np.float32)
+    rng = np.random.default_rng(0)
+    colors = rng.integers(40, 256, size=(len(masks), 3)).astype(np.float32)
+    for i in sorted(range(len(masks)), key=lambda i: -int(masks[i].sum())):
+        mask = masks[i].astype(bool)
+        out[mask] = (1 - alpha) * out[mask] + alpha * colors[i]
+    return out.round().astype(np.uint8)
