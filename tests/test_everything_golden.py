@@ -79,3 +79,19 @@ def test_generator_matches_plain_pipeline(picture2_predictor, picture2):
         assert abs(record["predicted_iou"] - score) < 1e-4
         assert abs(record["stability_score"] - stability) < 1e-3
         assert mask_iou(record["segmentation"], mask) >= 0.999
+
+
+def test_min_iou_skips_only_the_masks_that_fail(picture2_predictor):
+    p = picture2_predictor
+    h, w = p.original_size
+    points = build_point_grid(4) * np.array([w, h])
+    coords = torch.as_tensor(p.transform.apply_coords(points, p.original_size)).float()[:, None]
+    labels = torch.ones(len(points), 1, dtype=torch.int)
+    _, iou, full = p.predict_torch(coords, labels, upscale=False)
+    threshold = float(iou.max(dim=1).values.median())
+    _, iou2, partial = p.predict_torch(coords, labels, upscale=False, min_iou=threshold)
+    assert torch.equal(iou, iou2)
+    wanted = (iou > threshold).any(dim=1)
+    assert 0 < wanted.sum() < len(points)
+    assert torch.isnan(partial[~wanted]).all()
+    assert torch.allclose(partial[wanted], full[wanted], atol=1e-4)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from .modeling import Sam
+from .modeling.many_prompts import ManyPromptDecoder
 from .modeling.prompt_encoder import POINT_LABELS
 from .perf import tune_allocator
 from .transforms import ResizeLongestSide
@@ -109,6 +110,10 @@ def check_mask_input(mask_input, size: tuple[int, int]) -> np.ndarray:
     return array
 
 
+# Batches at least this large (without mask prompts) use ManyPromptDecoder.
+MANY_PROMPTS = 8
+
+
 class SamPredictor:
     def __init__(self, sam_model: Sam) -> None:
         if sam_model.device.type == "cpu":
@@ -195,31 +200,58 @@ class SamPredictor:
         multimask_output: bool = True,
         return_logits: bool = False,
         upscale: bool = True,
+        min_iou: float | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Batched prediction with prompts already in the resized (1024) frame.
 
         ``point_coords`` BxNx2 with ``point_labels`` BxN, ``boxes`` Bx4, ``mask_input``
         Bx1x256x256. Returns masks BxCxHxW, scores BxC, low-res logits BxCx256x256.
-        With ``upscale=False`` the full-size masks are skipped (None), for callers that filter
-        at low resolution and upscale only what they keep.
+
+        For callers that filter many prompts (the everything mode): ``upscale=False`` skips the
+        full-size masks (None); ``min_iou`` skips the masks of prompts none of whose scores
+        exceed it, leaving their logits NaN. Batches without mask prompts run through
+        ``ManyPromptDecoder``, which shares the work that does not depend on the prompt.
         """
         self._require_image()
         self._check_torch_prompts(point_coords, point_labels, boxes, mask_input)
         points = None if point_coords is None else (point_coords, point_labels)
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        low_res, scores = self.model.mask_decoder(
-            image_embeddings=self.features,
-            image_pe=self.model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
-        )
+        selected = slice(1, None) if multimask_output else slice(0, 1)
+        if mask_input is None and sparse.shape[0] >= MANY_PROMPTS:
+            decoder = self._many_prompt_decoder(dense)
+            scores = decoder.decode(sparse)[0][:, selected]
+            rows = None if min_iou is None else (scores > min_iou).any(dim=1).nonzero()[:, 0]
+            logits = decoder.masks(rows)[:, selected]
+            if rows is None:
+                low_res = logits
+            else:
+                low_res = logits.new_full((sparse.shape[0], *logits.shape[1:]), float("nan"))
+                low_res[rows] = logits
+        else:
+            low_res, scores = self.model.mask_decoder(
+                image_embeddings=self.features,
+                image_pe=self.model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask_output,
+            )
         if not upscale:
             return None, scores, low_res
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
         if not return_logits:
             masks = masks > self.model.mask_threshold
         return masks, scores, low_res
+
+    def _many_prompt_decoder(self, dense: torch.Tensor) -> ManyPromptDecoder:
+        """The current image's ManyPromptDecoder (its shared work is done once per image)."""
+        if self._many is None:
+            self._many = ManyPromptDecoder(
+                self.model.mask_decoder,
+                self.features,
+                self.model.prompt_encoder.get_dense_pe(),
+                dense[:1],
+            )
+        return self._many
 
     def _check_torch_prompts(self, point_coords, point_labels, boxes, mask_input) -> None:
         batch = set()
@@ -260,6 +292,7 @@ class SamPredictor:
     def reset_image(self) -> None:
         self.is_image_set = False
         self.features = None
+        self._many: ManyPromptDecoder | None = None
         self.original_size = None
         self.input_size = None
 

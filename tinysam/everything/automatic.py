@@ -96,8 +96,14 @@ class SamAutomaticMaskGenerator:
             raise ValueError(f"points_per_batch must be at least 1, got {points_per_batch}")
 
         self.predictor = model if hasattr(model, "predict_torch") else SamPredictor(model)
-        # Backends whose predict_torch can skip the full-size masks save that work here.
-        self._skip_upscale = "upscale" in inspect.signature(self.predictor.predict_torch).parameters
+        # Backends whose predict_torch can skip full-size masks, or the masks of prompts that
+        # fail the IoU filter, save that work here.
+        accepted = inspect.signature(self.predictor.predict_torch).parameters
+        self._decode_options = {}
+        if "upscale" in accepted:
+            self._decode_options["upscale"] = False
+        if "min_iou" in accepted and pred_iou_thresh > 0.0:
+            self._decode_options["min_iou"] = pred_iou_thresh
         self.points_per_side = points_per_side
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
@@ -198,9 +204,8 @@ class SamAutomaticMaskGenerator:
         coords = predictor.transform.apply_coords(points, predictor.original_size)
         coords = torch.as_tensor(coords, dtype=torch.float, device=predictor.device)[:, None, :]
         labels = torch.ones(coords.shape[0], 1, dtype=torch.int, device=coords.device)
-        kwargs = {"upscale": False} if self._skip_upscale else {}
         _, iou_preds, low_res = predictor.predict_torch(
-            coords, labels, multimask_output=True, return_logits=True, **kwargs
+            coords, labels, multimask_output=True, return_logits=True, **self._decode_options
         )
         self.stats.decoder_s += time.perf_counter() - start
         return low_res.flatten(0, 1), iou_preds.flatten(0, 1)
