@@ -170,7 +170,7 @@ class ManyPromptDecoder:
         query_pe = tokens
         queries = tokens
         image: LowRankTokens | None = None
-        for index, layer in enumerate(tf.layers):
+        for layer in tf.layers:
             if layer.skip_first_layer_pe:
                 queries = layer.self_attn(q=queries, k=queries, v=queries)
             else:
