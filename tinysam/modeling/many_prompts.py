@@ -26,11 +26,51 @@ from .transformer import Attention, TwoWayAttentionBlock
 
 
 @dataclass
+class HeadRows:
+    """Basis rows made by an attention update: row (h, t) is (out_proj_h @ value[t, h]) * gamma,
+    plus ``corrections`` (per-row scalars times fixed vectors) that later LayerNorms add.
+
+    Knowing this factorisation, the rows' inner products with the shared tokens cost a
+    d-sized dot per row instead of a C-sized one (see ``LowRankTokens.layer_norm``).
+    """
+
+    start: int
+    values: torch.Tensor  # B x T x H x d
+    w_out: torch.Tensor  # C x H x d
+    gamma: torch.Tensor  # C, product of the LayerNorm scales applied since
+    corrections: list[tuple[torch.Tensor, torch.Tensor]]  # (B x rows, C)
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.values.shape[1] * self.values.shape[2]
+
+    def dots(self, shared_c: torch.Tensor) -> torch.Tensor:
+        """Each row's inner product with each centred shared token: B x rows x N."""
+        h, d = self.w_out.shape[1:]
+        z = ((shared_c * self.gamma) @ self.w_out.flatten(1)).view(-1, h, d)  # N x H x d
+        out = torch.einsum("bthd,nhd->bhtn", self.values, z).flatten(1, 2)
+        for scalars, vector in self.corrections:
+            out += scalars[..., None] * (shared_c @ vector)
+        return out
+
+    def normalized(self, row_means: torch.Tensor, gamma: torch.Tensor) -> HeadRows:
+        """After a LayerNorm: rows become (row - mean) * gamma."""
+        corrections = [(s, v * gamma) for s, v in self.corrections] + [(-row_means, gamma)]
+        return HeadRows(self.start, self.values, self.w_out, self.gamma * gamma, corrections)
+
+    def select(self, rows: torch.Tensor) -> HeadRows:
+        corrections = [(s[rows], v) for s, v in self.corrections]
+        return HeadRows(self.start, self.values[rows], self.w_out, self.gamma, corrections)
+
+
+@dataclass
 class LowRankTokens:
     """B x N x C image tokens as ``scale * shared + coeffs^T @ basis + offset`` (see module doc).
 
     ``coeffs`` is stored r x N per prompt (token index last), which keeps the softmax over the
-    few prompt tokens and the per-token scalings on contiguous rows.
+    few prompt tokens and the per-token scalings on contiguous rows. ``head_rows`` factorise
+    the basis rows that attention updates made; the other rows are fixed vectors, the same for
+    every prompt.
     """
 
     shared: torch.Tensor  # N x C, common to all prompts
@@ -38,28 +78,36 @@ class LowRankTokens:
     coeffs: torch.Tensor  # B x r x N
     basis: torch.Tensor  # B x r x C
     offset: torch.Tensor  # C
+    head_rows: list[HeadRows]
 
-    def linear_t(self, layers: list[torch.nn.Linear], extra_t: torch.Tensor | None = None):
+    def linear_t(self, layers: list, extra_t: torch.Tensor | None = None) -> torch.Tensor:
         """Linear layers (concatenated) applied to every token, transposed: B x sum(out) x N.
 
-        Token index last suits attention: a key/value/query per head is then a contiguous
-        d x N slice. ``extra_t`` (sum(out) x N) is added, e.g. the positional encoding's share.
+        ``layers`` are ``nn.Linear`` or (weight, bias) pairs. Token index last suits attention:
+        a key/value/query per head is then a contiguous d x N slice. ``extra_t``
+        (sum(out) x N) is added, e.g. the positional encoding's share.
         """
-        weight = torch.cat([layer.weight for layer in layers])
-        bias = torch.cat([layer.bias for layer in layers])
+        pairs = [(m.weight, m.bias) if isinstance(m, torch.nn.Linear) else m for m in layers]
+        weight = torch.cat([w for w, _ in pairs])
+        bias = torch.cat([b for _, b in pairs])
         constant = (weight @ self.offset + bias)[:, None]
         constant = constant if extra_t is None else extra_t + constant
         out = torch.baddbmm(constant, weight @ self.basis.transpose(1, 2), self.coeffs)
         return out.addcmul_(self.scale[:, None, :], weight @ self.shared.T)
 
-    def add(self, coeffs: torch.Tensor, basis: torch.Tensor, offset: torch.Tensor) -> LowRankTokens:
-        """Add ``coeffs^T @ basis + offset`` (a low-rank attention update) to every token."""
+    def add_heads(
+        self, coeffs: torch.Tensor, values: torch.Tensor, w_out: torch.Tensor, offset: torch.Tensor
+    ) -> LowRankTokens:
+        """Add an attention update: coeffs (B x H*T x N) over rows out_proj_h @ values[t, h]."""
+        rows = HeadRows(self.coeffs.shape[1], values, w_out, torch.ones_like(offset), [])
+        basis = torch.einsum("bthd,chd->bhtc", values, w_out).flatten(1, 2)  # B x H*T x C
         return LowRankTokens(
             self.shared,
             self.scale,
             torch.cat([self.coeffs, coeffs], dim=1),
             torch.cat([self.basis, basis], dim=1),
             self.offset + offset,
+            [*self.head_rows, rows],
         )
 
     def layer_norm(self, norm: torch.nn.LayerNorm) -> LowRankTokens:
@@ -67,12 +115,13 @@ class LowRankTokens:
         channels = self.shared.shape[-1]
         # Centre every piece; the token's mean is the sum of the pieces' means.
         shared_c = self.shared - self.shared.mean(-1, keepdim=True)
-        basis_c = self.basis - self.basis.mean(-1, keepdim=True)
+        row_means = self.basis.mean(-1)  # B x r
+        basis_c = self.basis - row_means[..., None]
         offset_c = self.offset - self.offset.mean()
         scale, coeffs = self.scale, self.coeffs
         # |token - mean|^2 = scale^2 |s|^2 + |o|^2 + 2 scale s.o
         #                    + sum_k c_k [(G c)_k + 2 scale (s.b_k) + 2 (b_k.o)]
-        shared_basis = (basis_c.flatten(0, 1) @ shared_c.T).view_as(coeffs)  # B x r x N
+        shared_basis = self._shared_dots(shared_c)  # B x r x N
         per_row = torch.baddbmm(
             (2 * scale[:, None, :]) * shared_basis + 2 * (basis_c @ offset_c)[..., None],
             basis_c @ basis_c.transpose(1, 2),
@@ -87,17 +136,37 @@ class LowRankTokens:
         inv_std = torch.rsqrt(var + norm.eps)  # B x N
         gamma = norm.weight
         batch = coeffs.shape[0]
+        head_rows = [
+            rows.normalized(row_means[:, rows.start : rows.stop], gamma) for rows in self.head_rows
+        ]
         return LowRankTokens(
             shared_c * gamma,
             scale * inv_std,
             torch.cat([coeffs * inv_std[:, None, :], inv_std[:, None, :]], dim=1),
             torch.cat([basis_c * gamma, (offset_c * gamma).expand(batch, 1, channels)], dim=1),
             norm.bias,
+            head_rows,
         )
+
+    def _shared_dots(self, shared_c: torch.Tensor) -> torch.Tensor:
+        """basis rows . centred shared tokens, B x r x N (rows' means do not matter here)."""
+        batch, r = self.basis.shape[:2]
+        # Fixed-vector rows are the same for every prompt: one product for all.
+        out = (self.basis[0] @ shared_c.T).expand(batch, r, -1).clone()
+        for rows in self.head_rows:
+            out[:, rows.start : rows.stop] = rows.dots(shared_c)
+        return out
 
     def select(self, rows: torch.Tensor) -> LowRankTokens:
         scale = self.scale[rows] if self.scale.shape[0] > 1 else self.scale
-        return LowRankTokens(self.shared, scale, self.coeffs[rows], self.basis[rows], self.offset)
+        return LowRankTokens(
+            self.shared,
+            scale,
+            self.coeffs[rows],
+            self.basis[rows],
+            self.offset,
+            [r.select(rows) for r in self.head_rows],
+        )
 
     def dense(self) -> torch.Tensor:
         """The tokens themselves, B x N x C."""
@@ -112,21 +181,18 @@ def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def _image_to_token_update(
     attn: Attention, queries_img_t: torch.Tensor, tokens_k: torch.Tensor, tokens_v: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Image tokens attending to B x T prompt tokens, as coeffs (B x H*T x N), basis
-    (B x H*T x C) and offset: the attention probabilities, and each head's value vectors mapped
-    through out_proj. ``queries_img_t`` is the projected image queries, (1|B) x internal x N."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Image tokens attending to B x T prompt tokens, as a low-rank update: the attention
+    probabilities (B x H*T x N), the values (B x T x H x d) and out_proj's weight (C x H x d)
+    and bias. ``queries_img_t`` is the projected image queries, (1|B) x internal x N."""
     h = attn.num_heads
     batch, n = tokens_k.shape[0], queries_img_t.shape[-1]
     d = attn.internal_dim // h
     q_t = queries_img_t.view(-1, h, d, n)
     k = attn.k_proj(tokens_k).view(batch, -1, h, d).transpose(1, 2)  # B x H x T x d
     v = attn.v_proj(tokens_v).view(batch, -1, h, d)  # B x T x H x d
-    logits = (k @ q_t) / d**0.5  # B x H x T x N
-    probs = logits.softmax(dim=2).flatten(1, 2)  # B x (H*T) x N
-    w_out = attn.out_proj.weight.view(-1, h, d)  # C x H x d
-    basis = torch.einsum("bthd,chd->bhtc", v, w_out).flatten(1, 2)  # B x (H*T) x C
-    return probs, basis, attn.out_proj.bias
+    probs = ((k @ q_t) / d**0.5).softmax(dim=2).flatten(1, 2)  # B x (H*T) x N
+    return probs, v, attn.out_proj.weight.view(-1, h, d), attn.out_proj.bias
 
 
 class ManyPromptDecoder:
@@ -190,15 +256,12 @@ class ManyPromptDecoder:
             queries = layer.norm2(queries + _token_to_image(t2i, queries + query_pe, k_img, v_img))
             queries = layer.norm3(queries + layer.mlp(queries))
 
-            probs, basis, bias = _image_to_token_update(
+            update = _image_to_token_update(
                 layer.cross_attn_image_to_token, q_img, queries + query_pe, queries
             )
             if image is None:
-                ones = torch.ones(1, self.image.shape[0], dtype=probs.dtype, device=probs.device)
-                image = LowRankTokens(self.image, ones, probs, basis, bias)
-            else:
-                image = image.add(probs, basis, bias)
-            image = image.layer_norm(layer.norm4)
+                image = self._initial_tokens(batch)
+            image = image.add_heads(*update).layer_norm(layer.norm4)
 
         final = tf.final_attn_token_to_image
         k_img, v_img = image.linear_t(
@@ -209,6 +272,19 @@ class ManyPromptDecoder:
         iou = dec.iou_prediction_head(hs[:, 0, :])
         self.state = (hs, image)
         return iou, hs
+
+    def _initial_tokens(self, batch: int) -> LowRankTokens:
+        """The image tokens before any update: the shared ones, rank 0."""
+        n, c = self.image.shape
+        image = self.image
+        return LowRankTokens(
+            image,
+            image.new_ones(1, n),
+            image.new_zeros(batch, 0, n),
+            image.new_zeros(batch, 0, c),
+            image.new_zeros(c),
+            [],
+        )
 
     def _pe_projection_t(self, *layers: torch.nn.Linear, pe_on: int) -> torch.Tensor:
         """The positional encoding's share of concatenated projections, transposed: W @ pe.T
@@ -228,17 +304,17 @@ class ManyPromptDecoder:
         if rows is not None:
             hs, image = hs[rows], image.select(rows)
         dec = self.decoder
-        batch = hs.shape[0]
         h, w = self.grid
-        mask_tokens = hs[:, 1 : 1 + dec.num_mask_tokens, :]
-        hyper_in = torch.stack(
-            [mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)],
-            dim=1,
-        )
-        blocks = dec._upscaled_blocks(image.dense().view(batch, h, w, -1))
-        masks = blocks.reshape(batch, -1, blocks.shape[-1]) @ hyper_in.transpose(1, 2)
-        masks = masks.view(batch, 2 * h, 2 * w, 2, 2, -1).permute(0, 5, 1, 3, 2, 4)
-        return masks.reshape(batch, -1, 4 * h, 4 * w)
+        if hs.shape[0] == 0:
+            return hs.new_zeros(0, dec.num_mask_tokens, 4 * h, 4 * w)
+        batch = hs.shape[0]
+        up1 = dec.output_upscaling[0]
+        # The first transposed convolution maps each token to its own 2x2 output block: a
+        # linear map of the tokens, taken straight from the low-rank form.
+        weight = up1.weight.permute(2, 3, 1, 0).reshape(-1, up1.in_channels)  # (di,dj,c) x C
+        first = image.linear_t([(weight, up1.bias.repeat(4))])  # B x (2*2*C/4) x N
+        first = first.view(batch, 2, 2, -1, h, w).permute(0, 4, 5, 1, 2, 3)
+        return dec.masks_from_first_upscale(first, hs[:, 1 : 1 + dec.num_mask_tokens, :])
 
 
 def _token_to_image(

@@ -91,31 +91,32 @@ class MaskDecoder(nn.Module):
         c, h, w = src.shape[1:]
 
         hs, image_tokens = self.transformer(src, image_pe, tokens)  # image_tokens: B x hw x C
-        iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
+        first = _conv_transpose_2x2(image_tokens.view(batch, h, w, c), self.output_upscaling[0])
+        masks = self.masks_from_first_upscale(first, hs[:, 1 : 1 + self.num_mask_tokens, :])
+        return masks, self.iou_prediction_head(hs[:, 0, :])
+
+    def masks_from_first_upscale(
+        self, first: torch.Tensor, mask_tokens_out: torch.Tensor
+    ) -> torch.Tensor:
+        """Mask logits from the first transposed convolution's output, B x h x w x 2 x 2 x C/4
+        (channels-last 2x2 blocks), and the mask tokens' outputs B x M x C: B x M x 4h x 4w.
+
+        The rest of ``output_upscaling`` runs channels-last, with each 2x2 stride-2 transposed
+        convolution as one matrix product; the hypernetwork dot comes before the final 2x2
+        interleave, so the reorder moves M channels instead of C/8.
+        """
+        _, norm, act1, up2, act2 = self.output_upscaling
+        batch, h, w = first.shape[:3]
+        x = first.permute(0, 1, 3, 2, 4, 5).reshape(batch, 2 * h, 2 * w, -1)
+        x = act1(F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
+        blocks = act2(_conv_transpose_2x2(x, up2))  # B x 2h x 2w x 2 x 2 x C/8
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,
         )
-        blocks = self._upscaled_blocks(image_tokens.view(batch, h, w, c))
-        # Dot each upscaled pixel with the hypernetwork weights before interleaving the 2x2
-        # blocks, so the reorder moves num_mask_tokens channels instead of C/8.
         masks = blocks.reshape(batch, -1, blocks.shape[-1]) @ hyper_in.transpose(1, 2)
         masks = masks.view(batch, 2 * h, 2 * w, 2, 2, -1).permute(0, 5, 1, 3, 2, 4)
-        return masks.reshape(batch, -1, 4 * h, 4 * w), self.iou_prediction_head(iou_token_out)
-
-    def _upscaled_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """``output_upscaling`` on a channels-last BxhxwxC map, as B x 2h x 2w x 2 x 2 x C/8.
-
-        Same weights and result as the Sequential on NCHW, where element [b, i, j, di, dj]
-        is output pixel (2i+di, 2j+dj). Each 2x2 stride-2 transposed convolution becomes one
-        matrix product and the LayerNorm a fused one: several times faster on a CPU.
-        """
-        up1, norm, act1, up2, act2 = self.output_upscaling
-        x = _conv_transpose_2x2(x, up1)
-        x = x.permute(0, 1, 3, 2, 4, 5).reshape(x.shape[0], 2 * x.shape[1], 2 * x.shape[2], -1)
-        x = act1(F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
-        return act2(_conv_transpose_2x2(x, up2))
+        return masks.reshape(batch, -1, 4 * h, 4 * w)
 
 
 def _conv_transpose_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
