@@ -95,6 +95,48 @@ class LowRankTokens:
         out = torch.baddbmm(constant, weight @ self.basis.transpose(1, 2), self.coeffs)
         return out.addcmul_(self.scale[:, None, :], weight @ self.shared.T)
 
+    def scores(
+        self, queries: torch.Tensor, proj: torch.nn.Linear, extra: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Per-head dot products of queries (B x H x T x d) with ``proj`` of every token
+        (plus ``extra``, N x out, e.g. the positional encoding's projection): B x H x T x N.
+
+        Never builds the projected tokens: q . (W_h x + b_h) = (W_h^T q) . x, and x is the
+        low-rank sum, so the work is per-head d-sized dots with the shared tokens' projection
+        and rank-sized products with the coefficients.
+        """
+        batch, heads, t, d = queries.shape
+        weight = proj.weight.view(heads, d, -1)  # H x d x C
+        reduced = torch.einsum("bhtd,hdc->bhtc", queries, weight).flatten(1, 2)  # B x HT x C
+        constant = reduced @ self.offset + (queries * proj.bias.view(heads, 1, d)).sum(-1).flatten(
+            1
+        )
+        out = torch.baddbmm(constant[..., None], reduced @ self.basis.transpose(1, 2), self.coeffs)
+        out = out.view(batch, heads, t, -1)  # low-rank part, B x H x T x N
+        # Shared part: per head, q . (W_h shared[n]) scaled per token; and the extra term.
+        q_heads = queries.transpose(0, 1).reshape(heads, batch * t, d)  # H x B*T x d
+        shared = (self.shared @ proj.weight.T).T.reshape(heads, d, -1)  # H x d x N
+        shared_part = (q_heads @ shared).view(heads, batch, t, -1).transpose(0, 1)
+        out.addcmul_(shared_part, self.scale[:, None, None, :])
+        if extra is not None:
+            out += (
+                (q_heads @ extra.T.reshape(heads, d, -1)).view(heads, batch, t, -1).transpose(0, 1)
+            )
+        return out
+
+    def weighted_sum(self, probs: torch.Tensor, proj: torch.nn.Linear) -> torch.Tensor:
+        """sum_n probs[n] * proj(token n) per head, for probs (B x H x T x N) summing to 1
+        over n: B x H x T x d."""
+        batch, heads, t, n = probs.shape
+        d = proj.out_features // heads
+        shared = (self.shared @ proj.weight.T).view(n, heads, d).transpose(0, 1)  # H x N x d
+        scaled = (probs * self.scale[:, None, None, :]).transpose(0, 1).reshape(heads, batch * t, n)
+        out = (scaled @ shared).view(heads, batch, t, d).transpose(0, 1)  # B x H x T x d
+        mixed = probs.flatten(1, 2) @ self.coeffs.transpose(1, 2)  # B x HT x r
+        projected = (self.basis @ proj.weight.T).view(batch, -1, heads, d).transpose(1, 2)
+        out = out + mixed.view(batch, heads, t, -1) @ projected  # B x H x T x d
+        return out + (proj.weight @ self.offset + proj.bias).view(heads, d)[:, None, :]
+
     def add_heads(
         self, coeffs: torch.Tensor, values: torch.Tensor, w_out: torch.Tensor, offset: torch.Tensor
     ) -> LowRankTokens:
@@ -179,22 +221,6 @@ def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.reshape(b, n, num_heads, c // num_heads)
 
 
-def _image_to_token_update(
-    attn: Attention, queries_img_t: torch.Tensor, tokens_k: torch.Tensor, tokens_v: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Image tokens attending to B x T prompt tokens, as a low-rank update: the attention
-    probabilities (B x H*T x N), the values (B x T x H x d) and out_proj's weight (C x H x d)
-    and bias. ``queries_img_t`` is the projected image queries, (1|B) x internal x N."""
-    h = attn.num_heads
-    batch, n = tokens_k.shape[0], queries_img_t.shape[-1]
-    d = attn.internal_dim // h
-    q_t = queries_img_t.view(-1, h, d, n)
-    k = attn.k_proj(tokens_k).view(batch, -1, h, d).transpose(1, 2)  # B x H x T x d
-    v = attn.v_proj(tokens_v).view(batch, -1, h, d)  # B x T x H x d
-    probs = ((k @ q_t) / d**0.5).softmax(dim=2).flatten(1, 2)  # B x (H*T) x N
-    return probs, v, attn.out_proj.weight.view(-1, h, d), attn.out_proj.bias
-
-
 class ManyPromptDecoder:
     """``MaskDecoder`` for many prompts against one image embedding, without mask prompts.
 
@@ -217,17 +243,12 @@ class ManyPromptDecoder:
         self.grid = (h, w)
         self.image = (image_embedding + dense_embedding[:1]).flatten(2)[0].T  # N x C
         self.pe = image_pe.flatten(2)[0].T  # N x C
-        first = transformer.layers[0]
-        # Layer 0 sees the same image tokens for every prompt: project them once.
-        keys = self.image + self.pe
-        self.first_t2i_k = first.cross_attn_token_to_image.k_proj(keys).T[None]
-        self.first_t2i_v = first.cross_attn_token_to_image.v_proj(self.image).T[None]
-        self.first_i2t_q = first.cross_attn_image_to_token.q_proj(keys).T[None]
+        self._pe_cache: dict[int, torch.Tensor] = {}
         self.state: tuple | None = None
 
     @torch.no_grad()
     def decode(self, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """IoU predictions (B x 4) and mask-token outputs for B prompt sets (B x T_sparse x C)."""
+        """IoU predictions (B x 4) and output tokens for B prompt sets (B x T_sparse x C)."""
         dec = self.decoder
         tf = dec.transformer
         batch = sparse.shape[0]
@@ -235,7 +256,7 @@ class ManyPromptDecoder:
         tokens = torch.cat([output_tokens.expand(batch, -1, -1), sparse], dim=1)
         query_pe = tokens
         queries = tokens
-        image: LowRankTokens | None = None
+        image = self._initial_tokens(batch)
         for layer in tf.layers:
             if layer.skip_first_layer_pe:
                 queries = layer.self_attn(q=queries, k=queries, v=queries)
@@ -243,35 +264,55 @@ class ManyPromptDecoder:
                 q = queries + query_pe
                 queries = queries + layer.self_attn(q=q, k=q, v=queries)
             queries = layer.norm1(queries)
-
             t2i = layer.cross_attn_token_to_image
-            if image is None:
-                k_img, v_img, q_img = self.first_t2i_k, self.first_t2i_v, self.first_i2t_q
-            else:
-                i2t_q = layer.cross_attn_image_to_token.q_proj
-                k_img, q_img, v_img = image.linear_t(
-                    [t2i.k_proj, i2t_q, t2i.v_proj],
-                    self._pe_projection_t(t2i.k_proj, i2t_q, t2i.v_proj, pe_on=2),
-                ).split([t2i.internal_dim, i2t_q.out_features, t2i.internal_dim], dim=1)
-            queries = layer.norm2(queries + _token_to_image(t2i, queries + query_pe, k_img, v_img))
+            attended = self._token_to_image(t2i, image, queries + query_pe)
+            queries = layer.norm2(queries + attended)
             queries = layer.norm3(queries + layer.mlp(queries))
-
-            update = _image_to_token_update(
-                layer.cross_attn_image_to_token, q_img, queries + query_pe, queries
-            )
-            if image is None:
-                image = self._initial_tokens(batch)
-            image = image.add_heads(*update).layer_norm(layer.norm4)
-
+            image = self._image_to_token(layer, image, queries, query_pe)
         final = tf.final_attn_token_to_image
-        k_img, v_img = image.linear_t(
-            [final.k_proj, final.v_proj], self._pe_projection_t(final.k_proj, final.v_proj, pe_on=1)
-        ).split([final.internal_dim, final.internal_dim], dim=1)
-        out = _token_to_image(final, queries + query_pe, k_img, v_img)
-        hs = tf.norm_final_attn(queries + out)
+        hs = tf.norm_final_attn(queries + self._token_to_image(final, image, queries + query_pe))
         iou = dec.iou_prediction_head(hs[:, 0, :])
         self.state = (hs, image)
         return iou, hs
+
+    def _token_to_image(
+        self, attn: Attention, image: LowRankTokens, queries: torch.Tensor
+    ) -> torch.Tensor:
+        """Prompt tokens (B x T x C) attending to the image tokens (keys see +pe)."""
+        batch, t, _ = queries.shape
+        heads = attn.num_heads
+        d = attn.internal_dim // heads
+        q = attn.q_proj(queries).view(batch, t, heads, d).transpose(1, 2)  # B x H x T x d
+        logits = image.scores(q, attn.k_proj, self._pe_proj(attn.k_proj)) / d**0.5
+        out = image.weighted_sum(logits.softmax(dim=-1), attn.v_proj)  # B x H x T x d
+        return attn.out_proj(out.transpose(1, 2).reshape(batch, t, heads * d))
+
+    def _image_to_token(
+        self,
+        layer: TwoWayAttentionBlock,
+        image: LowRankTokens,
+        queries: torch.Tensor,
+        query_pe: torch.Tensor,
+    ) -> LowRankTokens:
+        """Image tokens (queries, +pe) attending to the prompt tokens, then norm4: a low-rank
+        update with the attention probabilities as coefficients."""
+        attn = layer.cross_attn_image_to_token
+        batch, t, _ = queries.shape
+        heads = attn.num_heads
+        d = attn.internal_dim // heads
+        k = attn.k_proj(queries + query_pe).view(batch, t, heads, d).transpose(1, 2)
+        v = attn.v_proj(queries).view(batch, t, heads, d)  # B x T x H x d
+        logits = image.scores(k, attn.q_proj, self._pe_proj(attn.q_proj)) / d**0.5
+        probs = logits.softmax(dim=2).flatten(1, 2)  # over the prompt tokens; B x HT x N
+        w_out = attn.out_proj.weight.view(-1, heads, d)
+        return image.add_heads(probs, v, w_out, attn.out_proj.bias).layer_norm(layer.norm4)
+
+    def _pe_proj(self, proj: torch.nn.Linear) -> torch.Tensor:
+        """The positional encoding's share of a projection, pe @ W.T (N x out), cached."""
+        key = id(proj)
+        if key not in self._pe_cache:
+            self._pe_cache[key] = self.pe @ proj.weight.T
+        return self._pe_cache[key]
 
     def _initial_tokens(self, batch: int) -> LowRankTokens:
         """The image tokens before any update: the shared ones, rank 0."""
@@ -285,15 +326,6 @@ class ManyPromptDecoder:
             image.new_zeros(c),
             [],
         )
-
-    def _pe_projection_t(self, *layers: torch.nn.Linear, pe_on: int) -> torch.Tensor:
-        """The positional encoding's share of concatenated projections, transposed: W @ pe.T
-        for the first ``pe_on`` layers (keys and image queries see +pe), zeros after."""
-        parts = [layer.weight @ self.pe.T for layer in layers[:pe_on]]
-        parts += [
-            self.pe.new_zeros(layer.out_features, self.pe.shape[0]) for layer in layers[pe_on:]
-        ]
-        return torch.cat(parts)
 
     @torch.no_grad()
     def masks(self, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -315,24 +347,3 @@ class ManyPromptDecoder:
         first = image.linear_t([(weight, up1.bias.repeat(4))])  # B x (2*2*C/4) x N
         first = first.view(batch, 2, 2, -1, h, w).permute(0, 4, 5, 1, 2, 3)
         return dec.masks_from_first_upscale(first, hs[:, 1 : 1 + dec.num_mask_tokens, :])
-
-
-def _token_to_image(
-    attn: Attention, queries: torch.Tensor, keys_t: torch.Tensor, values_t: torch.Tensor
-) -> torch.Tensor:
-    """Prompt tokens attending to projected image keys/values, given transposed:
-    (1|B) x internal x N."""
-    h = attn.num_heads
-    batch, t = queries.shape[:2]
-    d = attn.internal_dim // h
-    n = keys_t.shape[-1]
-    q = attn.q_proj(queries).view(batch, t, h, d).transpose(1, 2)  # B x H x T x d
-    k_t = keys_t.view(-1, h, d, n)
-    v_t = values_t.view(-1, h, d, n)
-    if k_t.shape[0] == 1 and batch > 1:
-        # Shared keys: stack every prompt's queries against the one key set.
-        q = q.transpose(0, 1).reshape(1, h, batch * t, d)
-    probs = ((q @ k_t) / d**0.5).softmax(dim=-1)
-    out = probs @ v_t.transpose(-1, -2)  # (1|B) x H x (B*)T x d
-    out = out.view(h, batch, t, d).transpose(0, 1) if out.shape[0] != batch else out
-    return attn.out_proj(out.transpose(1, 2).reshape(batch, t, h * d))
