@@ -80,20 +80,12 @@ class LowRankTokens:
     offset: torch.Tensor  # C
     head_rows: list[HeadRows]
 
-    def linear_t(self, layers: list, extra_t: torch.Tensor | None = None) -> torch.Tensor:
-        """Linear layers (concatenated) applied to every token, transposed: B x sum(out) x N.
-
-        ``layers`` are ``nn.Linear`` or (weight, bias) pairs. Token index last suits attention:
-        a key/value/query per head is then a contiguous d x N slice. ``extra_t``
-        (sum(out) x N) is added, e.g. the positional encoding's share.
-        """
-        pairs = [(m.weight, m.bias) if isinstance(m, torch.nn.Linear) else m for m in layers]
-        weight = torch.cat([w for w, _ in pairs])
-        bias = torch.cat([b for _, b in pairs])
-        constant = (weight @ self.offset + bias)[:, None]
-        constant = constant if extra_t is None else extra_t + constant
-        out = torch.baddbmm(constant, weight @ self.basis.transpose(1, 2), self.coeffs)
-        return out.addcmul_(self.scale[:, None, :], weight @ self.shared.T)
+    def linear(self, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """A linear map of every token, token-major: B x N x out."""
+        out = torch.baddbmm(
+            weight @ self.offset + bias, self.coeffs.transpose(1, 2), self.basis @ weight.T
+        )
+        return out.addcmul_(self.scale[..., None], self.shared @ weight.T)
 
     def scores(
         self, queries: torch.Tensor, proj: torch.nn.Linear, extra: torch.Tensor | None
@@ -165,7 +157,7 @@ class LowRankTokens:
         #                    + sum_k c_k [(G c)_k + 2 scale (s.b_k) + 2 (b_k.o)]
         shared_basis = self._shared_dots(shared_c)  # B x r x N
         per_row = torch.baddbmm(
-            (2 * scale[:, None, :]) * shared_basis + 2 * (basis_c @ offset_c)[..., None],
+            torch.addcmul(2 * (basis_c @ offset_c)[..., None], shared_basis, 2 * scale[:, None, :]),
             basis_c @ basis_c.transpose(1, 2),
             coeffs,
         )
@@ -181,10 +173,14 @@ class LowRankTokens:
         head_rows = [
             rows.normalized(row_means[:, rows.start : rows.stop], gamma) for rows in self.head_rows
         ]
+        rank = coeffs.shape[1]
+        new_coeffs = coeffs.new_empty(batch, rank + 1, coeffs.shape[2])
+        torch.mul(coeffs, inv_std[:, None, :], out=new_coeffs[:, :rank])
+        new_coeffs[:, rank] = inv_std
         return LowRankTokens(
             shared_c * gamma,
             scale * inv_std,
-            torch.cat([coeffs * inv_std[:, None, :], inv_std[:, None, :]], dim=1),
+            new_coeffs,
             torch.cat([basis_c * gamma, (offset_c * gamma).expand(batch, 1, channels)], dim=1),
             norm.bias,
             head_rows,
@@ -344,6 +340,5 @@ class ManyPromptDecoder:
         # The first transposed convolution maps each token to its own 2x2 output block: a
         # linear map of the tokens, taken straight from the low-rank form.
         weight = up1.weight.permute(2, 3, 1, 0).reshape(-1, up1.in_channels)  # (di,dj,c) x C
-        first = image.linear_t([(weight, up1.bias.repeat(4))])  # B x (2*2*C/4) x N
-        first = first.view(batch, 2, 2, -1, h, w).permute(0, 4, 5, 1, 2, 3)
+        first = image.linear(weight, up1.bias.repeat(4)).view(batch, h, w, 2, 2, -1)
         return dec.masks_from_first_upscale(first, hs[:, 1 : 1 + dec.num_mask_tokens, :])
