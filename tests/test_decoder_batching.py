@@ -45,3 +45,31 @@ def test_mask_prompts_in_a_batch(predictor):
         )
         assert torch.allclose(batch_masks[i], alone_masks[0], atol=1e-3)
         assert torch.allclose(batch_iou[i], alone_iou[0], atol=1e-5)
+
+
+def test_many_prompt_decoder_tracks_the_image_tokens_exactly(predictor):
+    """The low-rank image tokens equal the two-way transformer's, and so do IoUs and masks."""
+    from tinysam.modeling.many_prompts import ManyPromptDecoder
+
+    model = predictor.model
+    generator = torch.Generator().manual_seed(2)
+    coords = torch.rand(9, 2, 2, generator=generator) * 1000
+    labels = torch.tensor([[1, 0]] * 9)
+    with torch.no_grad():
+        sparse, dense = model.prompt_encoder((coords, labels), None, None)
+        image_pe = model.prompt_encoder.get_dense_pe()
+        dec = model.mask_decoder
+        tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight]).expand(9, -1, -1)
+        tokens = torch.cat([tokens, sparse], dim=1)
+        hs, image_tokens = dec.transformer(predictor.features + dense[:1], image_pe, tokens)
+        plain_masks, plain_iou = dec.predict_masks(predictor.features, image_pe, sparse, dense)
+
+        many = ManyPromptDecoder(dec, predictor.features, image_pe, dense)
+        iou, many_hs = many.decode(sparse)
+        _, low_rank = many.state
+        assert torch.allclose(low_rank.dense(), image_tokens, atol=1e-4)
+        assert torch.allclose(many_hs, hs, atol=1e-4)
+        assert torch.allclose(iou, plain_iou, atol=1e-5)
+        rows = torch.tensor([7, 2])
+        assert torch.allclose(many.masks(rows), plain_masks[rows], atol=1e-3)
+        assert many.masks(torch.tensor([], dtype=torch.long)).shape == (0, 4, 256, 256)

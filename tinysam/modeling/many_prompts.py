@@ -212,11 +212,6 @@ class LowRankTokens:
         return out.addcmul_(self.scale[..., None], self.shared)
 
 
-def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    b, n, c = x.shape
-    return x.reshape(b, n, num_heads, c // num_heads)
-
-
 class ManyPromptDecoder:
     """``MaskDecoder`` for many prompts against one image embedding, without mask prompts.
 
