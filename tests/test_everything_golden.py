@@ -31,12 +31,18 @@ def picture2_predictor(vit_t_model, picture2):
     return predictor
 
 
+def _grid_prompts(predictor, per_side: int):
+    """An n x n grid of single foreground points: pixels, and the 1024-frame batch."""
+    h, w = predictor.original_size
+    points = build_point_grid(per_side) * np.array([w, h])
+    coords = predictor.transform.apply_coords(points, predictor.original_size)
+    coords = torch.as_tensor(coords).float()[:, None]
+    return points, coords, torch.ones(len(points), 1, dtype=torch.int)
+
+
 def test_batched_prompts_match_one_at_a_time(picture2_predictor):
     p = picture2_predictor
-    h, w = p.original_size
-    points = build_point_grid(8) * np.array([w, h])
-    coords = torch.as_tensor(p.transform.apply_coords(points, p.original_size)).float()[:, None]
-    labels = torch.ones(len(points), 1, dtype=torch.int)
+    points, coords, labels = _grid_prompts(p, 8)
     none, batch_iou, batch_low_res = p.predict_torch(
         coords, labels, return_logits=True, upscale=False
     )
@@ -83,10 +89,7 @@ def test_generator_matches_plain_pipeline(picture2_predictor, picture2):
 
 def test_min_iou_skips_only_the_masks_that_fail(picture2_predictor):
     p = picture2_predictor
-    h, w = p.original_size
-    points = build_point_grid(4) * np.array([w, h])
-    coords = torch.as_tensor(p.transform.apply_coords(points, p.original_size)).float()[:, None]
-    labels = torch.ones(len(points), 1, dtype=torch.int)
+    points, coords, labels = _grid_prompts(p, 4)
     _, iou, full = p.predict_torch(coords, labels, upscale=False)
     threshold = float(iou.max(dim=1).values.median())
     _, iou2, partial = p.predict_torch(coords, labels, upscale=False, min_iou=threshold)
