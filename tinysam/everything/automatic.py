@@ -45,6 +45,16 @@ MASK_THRESHOLD = 0.0
 UPSCALE_CHUNK_PIXELS = 1 << 25
 
 
+def _empty_masks() -> MaskData:
+    return MaskData(
+        iou_preds=torch.zeros(0),
+        points=torch.zeros(0, 2, dtype=torch.float64),
+        stability_score=torch.zeros(0),
+        boxes=torch.zeros(0, 4, dtype=torch.long),
+        rles=[],
+    )
+
+
 @dataclass
 class GenerationStats:
     """What the last ``generate`` call cost: decoder prompts and seconds per stage."""
@@ -184,13 +194,7 @@ class SamAutomaticMaskGenerator:
         high = None
         if high_score_thresh is not None:
             high = torch.zeros(crop_size, dtype=torch.bool)
-        data = MaskData(
-            iou_preds=torch.zeros(0),
-            points=torch.zeros(0, 2, dtype=torch.float64),
-            stability_score=torch.zeros(0),
-            boxes=torch.zeros(0, 4, dtype=torch.long),
-            rles=[],
-        )
+        data = _empty_masks()
         self.stats.rounds.append(len(points))
         self.stats.prompts += len(points)
         for (batch,) in batch_iterator(self.points_per_batch, points):
@@ -226,13 +230,7 @@ class SamAutomaticMaskGenerator:
         if keep is not None:
             low_res, iou_preds, point_rows = low_res[keep], iou_preds[keep], point_rows[keep]
 
-        out = MaskData(
-            iou_preds=torch.zeros(0),
-            points=torch.zeros(0, 2, dtype=torch.float64),
-            stability_score=torch.zeros(0),
-            boxes=torch.zeros(0, 4, dtype=torch.long),
-            rles=[],
-        )
+        out = _empty_masks()
         predictor = self.predictor
         h, w = predictor.original_size
         chunk = max(1, UPSCALE_CHUNK_PIXELS // (h * w + 1024 * 1024))
@@ -251,13 +249,13 @@ class SamAutomaticMaskGenerator:
                 else torch.ones_like(stability, dtype=torch.bool)
             )
             logits = logits[passed]
-            if high is not None:
-                for mask_logits in logits:
-                    high |= mask_logits > high_score_thresh
             masks = logits > MASK_THRESHOLD
-            del logits
             boxes = batched_mask_to_box(masks)
             inside = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
+            if high is not None:
+                for mask_logits in logits[inside]:
+                    high |= mask_logits > high_score_thresh
+            del logits
             masks = uncrop_masks(masks[inside], crop_box, orig_h, orig_w)
             out.cat(
                 MaskData(
