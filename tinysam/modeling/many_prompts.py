@@ -44,13 +44,20 @@ class HeadRows:
     def stop(self) -> int:
         return self.start + self.values.shape[1] * self.values.shape[2]
 
-    def dots(self, shared_c: torch.Tensor) -> torch.Tensor:
-        """Each row's inner product with each centred shared token: B x rows x N."""
+    def dots(self, shared_c: torch.Tensor, cached) -> torch.Tensor:
+        """Each row's inner product with each centred shared token: B x rows x N.
+
+        ``cached(key, fn)`` memoises the prompt-independent products across batches.
+        """
         h, d = self.w_out.shape[1:]
-        z = ((shared_c * self.gamma) @ self.w_out.flatten(1)).view(-1, h, d)  # N x H x d
+        z = cached(
+            ("z", self.start),
+            lambda: ((shared_c * self.gamma) @ self.w_out.flatten(1)).view(-1, h, d),
+        )  # N x H x d
         out = torch.einsum("bthd,nhd->bhtn", self.values, z).flatten(1, 2)
-        for scalars, vector in self.corrections:
-            out += scalars[..., None] * (shared_c @ vector)
+        for i, (scalars, vector) in enumerate(self.corrections):
+            corr = cached(("corr", self.start, i), lambda v=vector: shared_c @ v)
+            out += scalars[..., None] * corr
         return out
 
     def normalized(self, row_means: torch.Tensor, gamma: torch.Tensor) -> HeadRows:
@@ -79,13 +86,23 @@ class LowRankTokens:
     basis: torch.Tensor  # B x r x C
     offset: torch.Tensor  # C
     head_rows: list[HeadRows]
+    cache: dict  # prompt-independent products, shared across batches of one image
+    stage: int = 0  # LayerNorms applied so far
 
-    def linear(self, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """A linear map of every token, token-major: B x N x out."""
+    def cached(self, key, compute):
+        """Memoise a product that depends only on the image and the stage, not the prompts."""
+        full_key = (self.stage, *key)
+        if full_key not in self.cache:
+            self.cache[full_key] = compute()
+        return self.cache[full_key]
+
+    def linear(self, key: str, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """A linear map of every token, token-major: B x N x out (``key`` names the map)."""
         out = torch.baddbmm(
             weight @ self.offset + bias, self.coeffs.transpose(1, 2), self.basis @ weight.T
         )
-        return out.addcmul_(self.scale[..., None], self.shared @ weight.T)
+        shared = self.cached(("linear", key), lambda: self.shared @ weight.T)
+        return out.addcmul_(self.scale[..., None], shared)
 
     def scores(
         self, queries: torch.Tensor, proj: torch.nn.Linear, extra: torch.Tensor | None
@@ -107,7 +124,9 @@ class LowRankTokens:
         out = out.view(batch, heads, t, -1)  # low-rank part, B x H x T x N
         # Shared part: per head, q . (W_h shared[n]) scaled per token; and the extra term.
         q_heads = queries.transpose(0, 1).reshape(heads, batch * t, d)  # H x B*T x d
-        shared = (self.shared @ proj.weight.T).T.reshape(heads, d, -1)  # H x d x N
+        shared = self.cached(
+            ("scores", id(proj)), lambda: (self.shared @ proj.weight.T).T.reshape(heads, d, -1)
+        )  # H x d x N
         shared_part = (q_heads @ shared).view(heads, batch, t, -1).transpose(0, 1)
         out.addcmul_(shared_part, self.scale[:, None, None, :])
         if extra is not None:
@@ -121,7 +140,10 @@ class LowRankTokens:
         over n: B x H x T x d."""
         batch, heads, t, n = probs.shape
         d = proj.out_features // heads
-        shared = (self.shared @ proj.weight.T).view(n, heads, d).transpose(0, 1)  # H x N x d
+        shared = self.cached(
+            ("values", id(proj)),
+            lambda: (self.shared @ proj.weight.T).view(n, heads, d).transpose(0, 1),
+        )  # H x N x d
         scaled = (probs * self.scale[:, None, None, :]).transpose(0, 1).reshape(heads, batch * t, n)
         out = (scaled @ shared).view(heads, batch, t, d).transpose(0, 1)  # B x H x T x d
         mixed = probs.flatten(1, 2) @ self.coeffs.transpose(1, 2)  # B x HT x r
@@ -142,13 +164,17 @@ class LowRankTokens:
             torch.cat([self.basis, basis], dim=1),
             self.offset + offset,
             [*self.head_rows, rows],
+            self.cache,
+            self.stage,
         )
 
     def layer_norm(self, norm: torch.nn.LayerNorm) -> LowRankTokens:
         """LayerNorm over channels, kept in low-rank form (exact)."""
         channels = self.shared.shape[-1]
         # Centre every piece; the token's mean is the sum of the pieces' means.
-        shared_c = self.shared - self.shared.mean(-1, keepdim=True)
+        shared_c = self.cached(
+            ("centred",), lambda: self.shared - self.shared.mean(-1, keepdim=True)
+        )
         row_means = self.basis.mean(-1)  # B x r
         basis_c = self.basis - row_means[..., None]
         offset_c = self.offset - self.offset.mean()
@@ -162,9 +188,9 @@ class LowRankTokens:
             coeffs,
         )
         var = (
-            scale * scale * (shared_c * shared_c).sum(-1)
+            scale * scale * self.cached(("sq",), lambda: (shared_c * shared_c).sum(-1))
             + offset_c @ offset_c
-            + 2 * scale * (shared_c @ offset_c)
+            + 2 * scale * self.cached(("offset",), lambda: shared_c @ offset_c)
             + (per_row * coeffs).sum(1)
         ) / channels
         inv_std = torch.rsqrt(var + norm.eps)  # B x N
@@ -178,21 +204,28 @@ class LowRankTokens:
         torch.mul(coeffs, inv_std[:, None, :], out=new_coeffs[:, :rank])
         new_coeffs[:, rank] = inv_std
         return LowRankTokens(
-            shared_c * gamma,
+            self.cached(("normed",), lambda: shared_c * gamma),
             scale * inv_std,
             new_coeffs,
             torch.cat([basis_c * gamma, (offset_c * gamma).expand(batch, 1, channels)], dim=1),
             norm.bias,
             head_rows,
+            self.cache,
+            self.stage + 1,
         )
 
     def _shared_dots(self, shared_c: torch.Tensor) -> torch.Tensor:
         """basis rows . centred shared tokens, B x r x N (rows' means do not matter here)."""
         batch, r = self.basis.shape[:2]
-        # Fixed-vector rows are the same for every prompt: one product for all.
-        out = (self.basis[0] @ shared_c.T).expand(batch, r, -1).clone()
+        out = self.basis.new_empty(batch, r, shared_c.shape[0])
+        covered = set()
         for rows in self.head_rows:
-            out[:, rows.start : rows.stop] = rows.dots(shared_c)
+            out[:, rows.start : rows.stop] = rows.dots(shared_c, self.cached)
+            covered.update(range(rows.start, rows.stop))
+        # The other rows are fixed vectors, the same for every prompt.
+        fixed = [i for i in range(r) if i not in covered]
+        if fixed:
+            out[:, fixed] = self.cached(("fixed",), lambda: self.basis[0, fixed] @ shared_c.T)
         return out
 
     def select(self, rows: torch.Tensor) -> LowRankTokens:
@@ -204,6 +237,8 @@ class LowRankTokens:
             self.basis[rows],
             self.offset,
             [r.select(rows) for r in self.head_rows],
+            self.cache,
+            self.stage,
         )
 
     def dense(self) -> torch.Tensor:
@@ -235,6 +270,7 @@ class ManyPromptDecoder:
         self.image = (image_embedding + dense_embedding[:1]).flatten(2)[0].T  # N x C
         self.pe = image_pe.flatten(2)[0].T  # N x C
         self._pe_cache: dict[int, torch.Tensor] = {}
+        self._shared_cache: dict = {}
         self.state: tuple | None = None
 
     @torch.no_grad()
@@ -316,6 +352,7 @@ class ManyPromptDecoder:
             image.new_zeros(batch, 0, c),
             image.new_zeros(c),
             [],
+            self._shared_cache,
         )
 
     @torch.no_grad()
@@ -335,5 +372,5 @@ class ManyPromptDecoder:
         # The first transposed convolution maps each token to its own 2x2 output block: a
         # linear map of the tokens, taken straight from the low-rank form.
         weight = up1.weight.permute(2, 3, 1, 0).reshape(-1, up1.in_channels)  # (di,dj,c) x C
-        first = image.linear(weight, up1.bias.repeat(4)).view(batch, h, w, 2, 2, -1)
+        first = image.linear("up1", weight, up1.bias.repeat(4)).view(batch, h, w, 2, 2, -1)
         return dec.masks_from_first_upscale(first, hs[:, 1 : 1 + dec.num_mask_tokens, :])
