@@ -24,6 +24,9 @@ import torch
 from .mask_decoder import MaskDecoder
 from .transformer import Attention, TwoWayAttentionBlock
 
+# Prompts per group when making masks (bounds the size of the upscaled maps).
+MASK_GROUP = 8
+
 
 @dataclass
 class HeadRows:
@@ -361,16 +364,23 @@ class ManyPromptDecoder:
         if self.state is None:
             raise RuntimeError("call decode() first")
         hs, image = self.state
-        if rows is not None:
-            hs, image = hs[rows], image.select(rows)
+        if rows is None:
+            rows = torch.arange(hs.shape[0], device=hs.device)
         dec = self.decoder
         h, w = self.grid
-        if hs.shape[0] == 0:
-            return hs.new_zeros(0, dec.num_mask_tokens, 4 * h, 4 * w)
-        batch = hs.shape[0]
+        # In small groups: the upscaled maps are large, and small groups stay in cache.
+        parts = [hs.new_zeros(0, dec.num_mask_tokens, 4 * h, 4 * w)]
+        for group in rows.split(MASK_GROUP):
+            parts.append(self._masks(hs[group], image.select(group)))
+        return torch.cat(parts)
+
+    def _masks(self, hs: torch.Tensor, image: LowRankTokens) -> torch.Tensor:
+        dec = self.decoder
+        h, w = self.grid
         up1 = dec.output_upscaling[0]
         # The first transposed convolution maps each token to its own 2x2 output block: a
         # linear map of the tokens, taken straight from the low-rank form.
         weight = up1.weight.permute(2, 3, 1, 0).reshape(-1, up1.in_channels)  # (di,dj,c) x C
-        first = image.linear("up1", weight, up1.bias.repeat(4)).view(batch, h, w, 2, 2, -1)
+        first = image.linear("up1", weight, up1.bias.repeat(4))
+        first = first.view(hs.shape[0], h, w, 2, 2, -1)
         return dec.masks_from_first_upscale(first, hs[:, 1 : 1 + dec.num_mask_tokens, :])
