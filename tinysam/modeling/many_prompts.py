@@ -371,7 +371,8 @@ class ManyPromptDecoder:
         # In small groups: the upscaled maps are large, and small groups stay in cache.
         parts = [hs.new_zeros(0, dec.num_mask_tokens, 4 * h, 4 * w)]
         for group in rows.split(MASK_GROUP):
-            parts.append(self._masks(hs[group], image.select(group)))
+            if len(group):
+                parts.append(self._masks(hs[group], image.select(group)))
         return torch.cat(parts)
 
     def _masks(self, hs: torch.Tensor, image: LowRankTokens) -> torch.Tensor:
