@@ -278,7 +278,8 @@ class ManyPromptDecoder:
 
     @torch.no_grad()
     def decode(self, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """IoU predictions (B x 4) and output tokens for B prompt sets (B x T_sparse x C)."""
+        """IoU predictions (B x 4) and the IoU and mask tokens' outputs (B x 5 x C) for B
+        prompt sets (sparse embeddings B x T_sparse x C)."""
         dec = self.decoder
         tf = dec.transformer
         batch = sparse.shape[0]
@@ -299,6 +300,9 @@ class ManyPromptDecoder:
             queries = layer.norm2(queries + attended)
             queries = layer.norm3(queries + layer.mlp(queries))
             image = self._image_to_token(layer, image, queries, query_pe)
+        # Only the IoU and mask tokens' final outputs are used: attend for those alone.
+        kept = 1 + dec.num_mask_tokens
+        queries, query_pe = queries[:, :kept], query_pe[:, :kept]
         final = tf.final_attn_token_to_image
         hs = tf.norm_final_attn(queries + self._token_to_image(final, image, queries + query_pe))
         iou = dec.iou_prediction_head(hs[:, 0, :])
