@@ -232,6 +232,7 @@ def test_everything_folder_writes_json_and_overlay_and_resumes(
     shutil.copy(SAMPLE, images / "a.jpg")
     shutil.copy(golden / "images" / "picture2.jpg", images / "b.jpg")
     (images / "notes.txt").write_text("not an image")
+    (images / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "out"
     args = [
         "everything",
@@ -248,11 +249,14 @@ def test_everything_folder_writes_json_and_overlay_and_resumes(
         "--stability-thresh",
         "0.3",
     ]
-    code, stdout, _ = _run(capsys, *args)
-    assert code == 0
+    code, stdout, err = _run(capsys, *args)
+    assert code == 2  # the broken image is reported, the others are done
+    assert "skipped broken.png" in err and "1 image(s) could not be read: broken.png" in err
     summary = json.loads(stdout)
-    assert summary["images"] == 2 and summary["skipped"] == 0 and summary["masks"] > 0
+    assert summary["images"] == 3 and summary["skipped"] == 0 and summary["masks"] > 0
+    assert summary["failed"] == ["broken.png"]
     assert sorted(p.name for p in out.iterdir()) == ["a.json", "a.png", "b.json", "b.png"]
+    (images / "broken.png").unlink()
 
     document = json.loads((out / "a.json").read_text())
     assert (document["height"], document["width"]) == (770, 769)

@@ -251,12 +251,23 @@ def run_everything(args: argparse.Namespace) -> dict:
         output_mode="coco_rle",
     )
     bar = tqdm(todo, unit="image", disable=len(todo) == 1 or not sys.stderr.isatty())
+    failed = []
     for image_path in bar:
         bar.set_postfix_str(image_path.name)
-        written = write_everything(generator, image_path, args.out, args.mode, args.overlay)
+        try:
+            written = write_everything(generator, image_path, args.out, args.mode, args.overlay)
+        except ValueError as err:
+            if len(todo) == 1:
+                raise
+            # One unreadable image should not stop a folder; it is reported at the end.
+            failed.append(image_path.name)
+            tqdm.write(f"tinysam everything: skipped {image_path.name}: {err}", file=sys.stderr)
+            continue
         summary["masks"] += written["masks"]
         if len(todo) == 1:
             summary.update(written)
+    if failed:
+        summary["failed"] = failed
     return summary
 
 
@@ -316,7 +327,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "info":
             _print_info(run_info(args))
         elif args.command == "everything":
-            print(json.dumps(run_everything(args)))
+            summary = run_everything(args)
+            print(json.dumps(summary))
+            if summary.get("failed"):
+                raise UsageError(
+                    f"{len(summary['failed'])} image(s) could not be read: "
+                    + ", ".join(summary["failed"])
+                )
     except KeyboardInterrupt:
         print("tinysam: interrupted", file=sys.stderr)
         return 130
