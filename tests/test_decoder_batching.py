@@ -73,3 +73,36 @@ def test_many_prompt_decoder_tracks_the_image_tokens_exactly(predictor):
         rows = torch.tensor([7, 2])
         assert torch.allclose(many.masks(rows), plain_masks[rows], atol=1e-3)
         assert many.masks(torch.tensor([], dtype=torch.long)).shape == (0, 4, 256, 256)
+
+
+def test_many_prompt_path_with_boxes_and_single_mask(predictor):
+    """Boxes (with and without points) and multimask_output=False take the many-prompt path
+    (batch >= 8) and agree with the plain decoder."""
+    from tinysam.predictor import MANY_PROMPTS
+
+    model = predictor.model
+    generator = torch.Generator().manual_seed(3)
+    corners = torch.rand(10, 2, 2, generator=generator).sort(dim=1).values * 1000
+    boxes = corners.reshape(10, 4)
+    points = corners.mean(dim=1, keepdim=True)
+    labels = torch.ones(10, 1, dtype=torch.int)
+    assert len(boxes) >= MANY_PROMPTS
+    for kwargs in (dict(boxes=boxes), dict(boxes=boxes, point_coords=points, point_labels=labels)):
+        for multimask in (True, False):
+            prompts = dict(point_coords=None, point_labels=None) | kwargs
+            _, iou, low_res = predictor.predict_torch(
+                **prompts, multimask_output=multimask, upscale=False
+            )
+            with torch.no_grad():
+                pts = None if "point_coords" not in kwargs else (points, labels)
+                sparse, dense = model.prompt_encoder(pts, boxes, None)
+                plain_low_res, plain_iou = model.mask_decoder(
+                    predictor.features,
+                    model.prompt_encoder.get_dense_pe(),
+                    sparse,
+                    dense,
+                    multimask_output=multimask,
+                )
+            assert iou.shape == plain_iou.shape == (10, 3 if multimask else 1)
+            assert torch.allclose(iou, plain_iou, atol=1e-5)
+            assert torch.allclose(low_res, plain_low_res, atol=1e-3)
