@@ -120,9 +120,8 @@ class LowRankTokens:
         batch, heads, t, d = queries.shape
         weight = proj.weight.view(heads, d, -1)  # H x d x C
         reduced = torch.einsum("bhtd,hdc->bhtc", queries, weight).flatten(1, 2)  # B x HT x C
-        constant = reduced @ self.offset + (queries * proj.bias.view(heads, 1, d)).sum(-1).flatten(
-            1
-        )
+        bias_part = (queries * proj.bias.view(heads, 1, d)).sum(-1).flatten(1)  # B x HT
+        constant = reduced @ self.offset + bias_part
         out = torch.baddbmm(constant[..., None], reduced @ self.basis.transpose(1, 2), self.coeffs)
         out = out.view(batch, heads, t, -1)  # low-rank part, B x H x T x N
         # Shared part: per head, q . (W_h shared[n]) scaled per token; and the extra term.
@@ -133,9 +132,8 @@ class LowRankTokens:
         shared_part = (q_heads @ shared).view(heads, batch, t, -1).transpose(0, 1)
         out.addcmul_(shared_part, self.scale[:, None, None, :])
         if extra is not None:
-            out += (
-                (q_heads @ extra.T.reshape(heads, d, -1)).view(heads, batch, t, -1).transpose(0, 1)
-            )
+            extra_part = q_heads @ extra.T.reshape(heads, d, -1)  # H x B*T x N
+            out += extra_part.view(heads, batch, t, -1).transpose(0, 1)
         return out
 
     def weighted_sum(self, probs: torch.Tensor, proj: torch.nn.Linear) -> torch.Tensor:
