@@ -30,6 +30,11 @@ def _run(capsys, *argv):
     return code, out, err
 
 
+def _segment_args(checkpoint, out):
+    """One click on the sample image, the golden checkpoint, a mask written to ``out``."""
+    return ["segment", SAMPLE, "--point", "365,225", "--checkpoint", checkpoint, "--out", out]
+
+
 def _one_error_line(err: str, command: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -41,19 +46,7 @@ def test_segment_writes_best_mask_overlay_and_json(
     capsys, tmp_path, vit_t_checkpoint, vit_t_outputs
 ):
     out, overlay = tmp_path / "mask.png", tmp_path / "overlay.png"
-    code, stdout, _ = _run(
-        capsys,
-        "segment",
-        SAMPLE,
-        "--point",
-        "365,225",
-        "--checkpoint",
-        vit_t_checkpoint,
-        "--out",
-        out,
-        "--overlay",
-        overlay,
-    )
+    code, stdout, _ = _run(capsys, *_segment_args(vit_t_checkpoint, out), "--overlay", overlay)
     assert code == 0
     result = json.loads(stdout.strip())
     assert len(result["scores"]) == 3
@@ -182,17 +175,7 @@ def test_full_disk_is_one_line(capsys, tmp_path, vit_t_checkpoint, monkeypatch):
 
     monkeypatch.setattr(Image.Image, "save", no_space)
     out = tmp_path / "m.png"
-    code, _, err = _run(
-        capsys,
-        "segment",
-        SAMPLE,
-        "--point",
-        "365,225",
-        "--checkpoint",
-        vit_t_checkpoint,
-        "--out",
-        out,
-    )
+    code, _, err = _run(capsys, *_segment_args(vit_t_checkpoint, out))
     assert code == 2
     assert "disk full while writing" in _one_error_line(err, "segment")
     assert list(tmp_path.iterdir()) == []  # no partial file left behind

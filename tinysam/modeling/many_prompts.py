@@ -287,12 +287,7 @@ class ManyPromptDecoder:
         queries = tokens
         image = self._initial_tokens(batch)
         for layer in tf.layers:
-            if layer.skip_first_layer_pe:
-                queries = layer.self_attn(q=queries, k=queries, v=queries)
-            else:
-                q = queries + query_pe
-                queries = queries + layer.self_attn(q=q, k=q, v=queries)
-            queries = layer.norm1(queries)
+            queries = layer.token_self_attention(queries, query_pe)
             t2i = layer.cross_attn_token_to_image
             attended = self._token_to_image(t2i, image, queries + query_pe)
             queries = layer.norm2(queries + attended)

@@ -87,17 +87,20 @@ class TwoWayAttentionBlock(nn.Module):
         )
         self.skip_first_layer_pe = skip_first_layer_pe
 
-    def forward(
-        self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    def token_self_attention(self, queries: Tensor, query_pe: Tensor) -> Tensor:
+        """The block's first step: the prompt tokens attend to each other (then norm1)."""
         if self.skip_first_layer_pe:
             # The first layer replaces the tokens (they already carry their positions).
             queries = self.self_attn(q=queries, k=queries, v=queries)
         else:
             q = queries + query_pe
             queries = queries + self.self_attn(q=q, k=q, v=queries)
-        queries = self.norm1(queries)
+        return self.norm1(queries)
 
+    def forward(
+        self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        queries = self.token_self_attention(queries, query_pe)
         k = keys + key_pe
         queries = self.norm2(
             queries + self.cross_attn_token_to_image(q=queries + query_pe, k=k, v=keys)
