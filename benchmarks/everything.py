@@ -56,6 +56,7 @@ def run(generator_class, sam, image, args, fast: bool) -> dict:
         "post": total - stats.encoder_s - stats.decoder_s,
         "total": total,
         "masks": len(records),
+        "covered": stats.covered_fraction,
     }
 
 
@@ -107,7 +108,11 @@ def main() -> None:
                 f"{r['post']:>8.2f}s{r['total']:>8.2f}s{r['masks']:>7}{speedup:>8.2f}x"
             )
         if name == "hierarchical":
-            print(f"  hierarchical rounds (prompts): {rows['fast']['rounds']}")
+            fast = rows["fast"]
+            print(
+                f"  hierarchical rounds (prompts): {fast['rounds']}, "
+                f"covered by round 1: {fast['covered']:.0%}"
+            )
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ class GenerationStats:
     decoder_s: float = 0.0
     postprocess_s: float = 0.0
     rounds: list[int] = field(default_factory=list)  # prompts per round (hierarchical: 2)
+    covered_fraction: float | None = None  # hierarchical: share of the image covered by round 1
 
 
 class SamAutomaticMaskGenerator:

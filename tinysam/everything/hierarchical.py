@@ -78,6 +78,7 @@ class SamHierarchicalMaskGenerator(SamAutomaticMaskGenerator):
         self._set_image(image)
         sparse = build_point_grid(self.points_per_side // 4) * np.array([w, h])
         first, covered = self._predict_points(sparse, whole, (h, w), self.high_score_thresh)
+        self.stats.covered_fraction = float(covered.float().mean())
         dense = self.dense_points(sparse, covered.numpy(), self.points_per_side)
         second = self._predict_points(dense, whole, (h, w)) if len(dense) else MaskData(rles=[])
         second.cat(first)

@@ -182,17 +182,15 @@ class LowRankTokens:
         scale, coeffs = self.scale, self.coeffs
         # |token - mean|^2 = scale^2 |s|^2 + |o|^2 + 2 scale s.o
         #                    + sum_k c_k [(G c)_k + 2 scale (s.b_k) + 2 (b_k.o)]
-        shared_basis = self._shared_dots(shared_c)  # B x r x N
-        per_row = torch.baddbmm(
-            torch.addcmul(2 * (basis_c @ offset_c)[..., None], shared_basis, 2 * scale[:, None, :]),
-            basis_c @ basis_c.transpose(1, 2),
-            coeffs,
-        )
+        # In place on the fresh B x r x N buffer: these are the largest tensors here.
+        per_row = self._shared_dots(shared_c).mul_(2 * scale[:, None, :])  # B x r x N
+        per_row.add_(2 * (basis_c @ offset_c)[..., None])
+        per_row.baddbmm_(basis_c @ basis_c.transpose(1, 2), coeffs)
         var = (
             scale * scale * self.cached(("sq",), lambda: (shared_c * shared_c).sum(-1))
             + offset_c @ offset_c
             + 2 * scale * self.cached(("offset",), lambda: shared_c @ offset_c)
-            + (per_row * coeffs).sum(1)
+            + per_row.mul_(coeffs).sum(1)
         ) / channels
         inv_std = torch.rsqrt(var + norm.eps)  # B x N
         gamma = norm.weight
@@ -310,7 +308,8 @@ class ManyPromptDecoder:
         heads = attn.num_heads
         d = attn.internal_dim // heads
         q = attn.q_proj(queries).view(batch, t, heads, d).transpose(1, 2)  # B x H x T x d
-        logits = image.scores(q, attn.k_proj, self._pe_proj(attn.k_proj)) / d**0.5
+        # Scale the few queries rather than the B x H x T x N logits.
+        logits = image.scores(q * d**-0.5, attn.k_proj, self._pe_proj(attn.k_proj))
         out = image.weighted_sum(logits.softmax(dim=-1), attn.v_proj)  # B x H x T x d
         return attn.out_proj(out.transpose(1, 2).reshape(batch, t, heads * d))
 
@@ -329,7 +328,7 @@ class ManyPromptDecoder:
         d = attn.internal_dim // heads
         k = attn.k_proj(queries + query_pe).view(batch, t, heads, d).transpose(1, 2)
         v = attn.v_proj(queries).view(batch, t, heads, d)  # B x T x H x d
-        logits = image.scores(k, attn.q_proj, self._pe_proj(attn.q_proj)) / d**0.5
+        logits = image.scores(k * d**-0.5, attn.q_proj, self._pe_proj(attn.q_proj))
         probs = logits.softmax(dim=2).flatten(1, 2)  # over the prompt tokens; B x HT x N
         w_out = attn.out_proj.weight.view(-1, heads, d)
         return image.add_heads(probs, v, w_out, attn.out_proj.bias).layer_norm(layer.norm4)
