@@ -71,3 +71,30 @@ def unpack_masks(packed: np.ndarray, width: int) -> np.ndarray:
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(vit_t_checkpoint, tmp_path_factory) -> Path:
+    """The golden model exported with `tinysam export`, once per session (about 20 s)."""
+    from tinysam.cli import main
+
+    out = tmp_path_factory.mktemp("onnx")
+    code = main(["export", "--checkpoint", str(vit_t_checkpoint), "--out-dir", str(out)])
+    assert code == 0, "tinysam export failed"
+    return out
+
+
+@pytest.fixture(scope="session")
+def onnx_predictor(onnx_dir, golden_image):
+    """An OnnxPredictor with the golden image already set."""
+    from tinysam.runtime import OnnxPredictor
+
+    p = OnnxPredictor(onnx_dir, threads=2)
+    p.set_image(golden_image)
+    return p
+
+
+@pytest.fixture(params=["torch", "onnx"])
+def any_predictor(request):
+    """Both backends with the golden image set, for checks they must share."""
+    return request.getfixturevalue("predictor" if request.param == "torch" else "onnx_predictor")

@@ -270,3 +270,51 @@ def test_everything_errors(capsys, tmp_path, vit_t_checkpoint):
         capsys, "everything", SAMPLE, "--out", tmp_path / "o", "--points-per-side", "2"
     )
     assert code == 2 and "at least 4" in _one_error_line(err, "everything")
+
+
+def test_backend_onnx_segment_and_everything(capsys, tmp_path, onnx_dir, vit_t_outputs):
+    out = tmp_path / "mask.png"
+    onnx = ["--backend", "onnx", "--onnx-dir", onnx_dir]
+    args = ["segment", SAMPLE, "--point", "365,225", "--out", out, *onnx]
+    code, stdout, _ = _run(capsys, *args)
+    assert code == 0
+    result = json.loads(stdout)
+    assert np.allclose(result["scores"], vit_t_outputs["p0_scores"], atol=1e-4)
+    expected = unpack_masks(vit_t_outputs["p0_masks"], 769)[result["best"]]
+    assert mask_iou(np.asarray(Image.open(out)) == 255, expected) >= 0.999
+
+    code, stdout, _ = _run(
+        capsys, "everything", SAMPLE, "--out", tmp_path / "all", "--points-per-side", "4",
+        "--pred-iou-thresh", "0.5", "--stability-thresh", "0.3", *onnx,
+    )  # fmt: skip
+    assert code == 0 and json.loads(stdout)["masks"] > 0
+    assert (tmp_path / "all" / "picture1.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--backend", "onnx"], "--backend onnx needs --onnx-dir DIR"),
+        (["--backend", "onnx", "--onnx-dir", "nowhere"], "ONNX model directory not found"),
+        (["--backend", "onnx", "--onnx-dir", ".", "--device", "cuda"], "for the torch backend"),
+        (["--onnx-dir", "."], "--onnx-dir is for --backend onnx"),
+    ],
+)
+def test_backend_errors(capsys, tmp_path, monkeypatch, extra, message):
+    monkeypatch.delenv("TINYSAM_ONNX_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run(capsys, "segment", SAMPLE, "--point", "1,2", "--out", "m.png", *extra)
+    assert code == 2
+    assert message in _one_error_line(err, "segment")
+
+
+def test_export_errors(capsys, tmp_path, vit_t_checkpoint):
+    code, _, err = _run(
+        capsys, "export", "--checkpoint", vit_t_checkpoint, "--out-dir", tmp_path / "x",
+        "--opset", "17",
+    )  # fmt: skip
+    assert code == 2 and "--opset must be at least 18" in _one_error_line(err, "export")
+    missing = tmp_path / "no.pth"
+    code, _, err = _run(capsys, "export", "--checkpoint", missing, "--out-dir", tmp_path)
+    assert code == 2 and "no.pth" in _one_error_line(err, "export")
+    assert not (tmp_path / "x").exists()

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from tinysam import SamPredictor
-from tinysam.predictor import as_rgb_uint8
+from tinysam.checks import as_rgb_uint8
 
 POINT = np.array([[365.0, 225.0]])
 LABEL = np.array([1])
@@ -130,9 +130,10 @@ def test_bgr_end_to_end(vit_t_model, golden_image, predictor):
         ),
     ],
 )
-def test_bad_prompts(predictor, kwargs, message):
+def test_bad_prompts(any_predictor, kwargs, message):
+    """The same one-line errors from the torch and the ONNX predictor."""
     with pytest.raises(ValueError, match=message):
-        predictor.predict(**kwargs)
+        any_predictor.predict(**kwargs)
 
 
 def test_accepted_prompt_forms(predictor):
@@ -188,7 +189,8 @@ def test_set_torch_image_shape(vit_t_model, shape):
         SamPredictor(vit_t_model).set_torch_image(torch.zeros(shape), (10, 10))
 
 
-def test_predict_torch_checks(predictor):
+def test_predict_torch_checks(any_predictor):
+    predictor = any_predictor
     coords = torch.zeros(2, 1, 2)
     with pytest.raises(ValueError, match="point_labels must be BxN"):
         predictor.predict_torch(coords, torch.ones(2, 2))
@@ -196,5 +198,11 @@ def test_predict_torch_checks(predictor):
         predictor.predict_torch(coords, torch.ones(2, 1), boxes=torch.zeros(3, 4))
     with pytest.raises(ValueError, match="point_coords contains NaN"):
         predictor.predict_torch(torch.full((1, 1, 2), float("nan")), torch.ones(1, 1))
+    with pytest.raises(ValueError, match="boxes contains NaN"):
+        predictor.predict_torch(None, None, boxes=torch.full((1, 4), float("inf")))
     with pytest.raises(ValueError, match="mask_input must be Bx1x256x256"):
         predictor.predict_torch(None, None, mask_input=torch.zeros(1, 256, 256))
+    with pytest.raises(ValueError, match="mask_input contains NaN"):
+        predictor.predict_torch(
+            coords[:1], torch.ones(1, 1), mask_input=torch.full((1, 1, 256, 256), float("nan"))
+        )

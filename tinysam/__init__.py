@@ -1,20 +1,32 @@
-"""TinySAM: fast promptable segmentation, compatible with segment-anything's API."""
+"""TinySAM: fast promptable segmentation, compatible with segment-anything's API.
 
-from .build import (
-    build_sam,
-    build_sam_vit_b,
-    build_sam_vit_h,
-    build_sam_vit_l,
-    build_sam_vit_t,
-    load_model,
-    sam_model_registry,
-)
-from .everything import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator
-from .predictor import SamPredictor
+Names are imported on first use, so ``import tinysam.runtime`` (the ONNX Runtime backend) works
+where torch is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+_HOMES = {
+    "SamAutomaticMaskGenerator": "everything",
+    "SamHierarchicalMaskGenerator": "everything",
+    "SamPredictor": "predictor",
+    "OnnxPredictor": "runtime",
+    "build_sam": "build",
+    "build_sam_vit_b": "build",
+    "build_sam_vit_h": "build",
+    "build_sam_vit_l": "build",
+    "build_sam_vit_t": "build",
+    "load_model": "build",
+    "sam_model_registry": "build",
+}
+
 __all__ = [
+    "OnnxPredictor",
     "SamAutomaticMaskGenerator",
     "SamHierarchicalMaskGenerator",
     "SamPredictor",
@@ -26,3 +38,30 @@ __all__ = [
     "load_model",
     "sam_model_registry",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'tinysam' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+if TYPE_CHECKING:
+    from .build import (
+        build_sam,
+        build_sam_vit_b,
+        build_sam_vit_h,
+        build_sam_vit_l,
+        build_sam_vit_t,
+        load_model,
+        sam_model_registry,
+    )
+    from .everything import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator
+    from .predictor import SamPredictor
+    from .runtime import OnnxPredictor

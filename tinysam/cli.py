@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write every candidate mask, as OUT with a _0, _1, _2 suffix",
     )
-    _add_model_args(seg)
+    _add_model_args(seg, backend=True)
 
     info = sub.add_parser(
         "info",
@@ -128,11 +128,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     every.add_argument("--overlay", action="store_true", help="also write an overlay PNG")
     every.add_argument("--force", action="store_true", help="redo images already done")
-    _add_model_args(every)
+    _add_model_args(every, backend=True)
+
+    export = sub.add_parser(
+        "export",
+        help="export the model to ONNX (encoder, decoders, manifest) for torch-free inference",
+        description=(
+            "Write encoder.onnx, decoder.onnx (3 masks), decoder_single.onnx (1 mask) and "
+            "tinysam_onnx.json to OUT_DIR. The decoders keep segment-anything's web-demo "
+            "inputs and outputs. Run them with --backend onnx or tinysam.runtime.OnnxPredictor "
+            "(needs only numpy, Pillow and onnxruntime)."
+        ),
+        epilog="example: tinysam export --out-dir tinysam-onnx/",
+    )
+    export.add_argument("--out-dir", type=Path, required=True, help="folder to write into")
+    export.add_argument(
+        "--opset",
+        type=int,
+        default=20,
+        help="ONNX opset, at least 18 (default 20: GELU stays one op, 1.25x faster encoder)",
+    )
+    _add_model_args(export, backend=False)
     return parser
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
+def _add_model_args(parser: argparse.ArgumentParser, backend: bool = False) -> None:
+    if backend:
+        parser.add_argument(
+            "--backend",
+            choices=("torch", "onnx"),
+            default="torch",
+            help="torch (default) or onnx: ONNX Runtime on an export made by `tinysam export` "
+            "(see --onnx-dir)",
+        )
+        parser.add_argument(
+            "--onnx-dir",
+            type=Path,
+            help="with --backend onnx: the export folder (default: $TINYSAM_ONNX_DIR)",
+        )
     parser.add_argument(
         "--checkpoint",
         type=Path,
@@ -143,7 +176,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         choices=("vit_t", "vit_b", "vit_l", "vit_h"),
         help="model type (default: read from the checkpoint; vit_t when downloading)",
     )
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads (default: torch's, or one per core for onnx)"
+    )
     parser.add_argument(
         "--device", default="cpu", help="torch device to run on, e.g. cpu or cuda (default: cpu)"
     )
@@ -167,13 +202,41 @@ def _load(args: argparse.Namespace):
     return load_model(args.model, args.checkpoint, device=device, progress=sys.stderr.isatty())
 
 
+def _predictor(args: argparse.Namespace):
+    """The predictor the arguments ask for: SamPredictor, or OnnxPredictor (no torch needed)."""
+    if args.backend == "onnx":
+        import os
+
+        if args.checkpoint is not None or args.model is not None or args.device != "cpu":
+            raise UsageError(
+                "--checkpoint, --model and --device are for the torch backend; "
+                "--backend onnx runs the export in --onnx-dir on the CPU"
+            )
+        if args.threads is not None and args.threads < 1:
+            raise UsageError("--threads must be at least 1")
+        onnx_dir = args.onnx_dir or os.environ.get("TINYSAM_ONNX_DIR")
+        if not onnx_dir:
+            raise UsageError(
+                "--backend onnx needs --onnx-dir DIR (or $TINYSAM_ONNX_DIR), "
+                "a folder written by `tinysam export --out-dir DIR`"
+            )
+        from .runtime import OnnxPredictor
+
+        return OnnxPredictor(onnx_dir, threads=args.threads)
+    if args.onnx_dir is not None:
+        raise UsageError("--onnx-dir is for --backend onnx")
+    from .predictor import SamPredictor
+
+    sam, _ = _load(args)
+    return SamPredictor(sam)
+
+
 def _suffixed(path: Path, index: int) -> Path:
     return path.with_name(f"{path.stem}_{index}{path.suffix or '.png'}")
 
 
 def run_segment(args: argparse.Namespace) -> dict:
     from .io import load_image, save_png
-    from .predictor import SamPredictor
     from .visualize import draw_overlay
 
     if not args.point and args.box is None:
@@ -183,8 +246,7 @@ def run_segment(args: argparse.Namespace) -> dict:
     for x, y, _ in args.point:
         if not (0 <= x < w and 0 <= y < h):
             raise UsageError(f"point {x:g},{y:g} is outside the {w}x{h} image (X,Y order)")
-    sam, _ = _load(args)
-    predictor = SamPredictor(sam)
+    predictor = _predictor(args)
     predictor.set_image(image)
     coords = np.array([p[:2] for p in args.point]) if args.point else None
     labels = np.array([p[2] for p in args.point]) if args.point else None
@@ -239,12 +301,12 @@ def run_everything(args: argparse.Namespace) -> dict:
     summary = {"images": len(images), "skipped": len(images) - len(todo), "masks": 0}
     if not todo:
         return summary
-    sam, _ = _load(args)
+    predictor = _predictor(args)
     generator_class = (
         SamHierarchicalMaskGenerator if args.mode == "hierarchical" else SamAutomaticMaskGenerator
     )
     generator = generator_class(
-        sam,
+        predictor,
         points_per_side=args.points_per_side,
         pred_iou_thresh=args.pred_iou_thresh,
         stability_score_thresh=args.stability_thresh,
@@ -269,6 +331,35 @@ def run_everything(args: argparse.Namespace) -> dict:
     if failed:
         summary["failed"] = failed
     return summary
+
+
+def run_export(args: argparse.Namespace) -> dict:
+    from tqdm.auto import tqdm
+
+    from .build import detect_model_type
+    from .runtime.export import DECODER_FILES, ENCODER_FILE, MANIFEST, MIN_OPSET, export_onnx
+
+    if args.opset < MIN_OPSET:
+        raise UsageError(f"--opset must be at least {MIN_OPSET} (torch's ONNX exporter)")
+    sam, resolved = _load(args)
+    model_type = detect_model_type(sam.state_dict())
+    files = [ENCODER_FILE, *DECODER_FILES.values()]
+    with tqdm(total=len(files), unit="file", disable=not sys.stderr.isatty()) as bar:
+
+        def step(name: str) -> None:
+            bar.set_postfix_str(name)
+            if name != files[0]:
+                bar.update()
+
+        export_onnx(sam, args.out_dir, model_type, args.opset, step=step)
+        bar.update()
+    return {
+        "model": model_type,
+        "checkpoint": str(resolved.path),
+        "opset": args.opset,
+        "out_dir": str(args.out_dir),
+        "files": {name: (args.out_dir / name).stat().st_size for name in [*files, MANIFEST]},
+    }
 
 
 def run_info(args: argparse.Namespace) -> dict:
@@ -316,6 +407,18 @@ def _one_line(err: Exception) -> str:
     return text.splitlines()[0]
 
 
+# The extra that brings each optional module.
+_EXTRAS = {"torch": "torch", "onnxruntime": "onnx", "onnx": "export", "onnxscript": "export"}
+
+
+def _missing_extra(err: ImportError) -> str:
+    """'needs X: pip install ...' for a missing optional dependency."""
+    module = (err.name or "").split(".")[0]
+    if module in _EXTRAS:
+        return f"this needs {module}: pip install 'tinysam[{_EXTRAS[module]}]'"
+    return _one_line(err)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .perf import tune_allocator
 
@@ -326,6 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(run_segment(args)))
         elif args.command == "info":
             _print_info(run_info(args))
+        elif args.command == "export":
+            print(json.dumps(run_export(args)))
         elif args.command == "everything":
             summary = run_everything(args)
             print(json.dumps(summary))
@@ -337,6 +442,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tinysam: interrupted", file=sys.stderr)
         return 130
+    except ImportError as err:
+        print(f"tinysam {args.command}: error: {_missing_extra(err)}", file=sys.stderr)
+        return EXIT_USAGE
     except (UsageError, ValueError, OSError) as err:
         message = _one_line(err)
         print(f"tinysam {args.command}: error: {message}", file=sys.stderr)

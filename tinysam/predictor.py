@@ -1,7 +1,8 @@
 """``SamPredictor``: encode an image once, then answer many prompts against it.
 
-The API is segment-anything's. Inputs are checked here, at the boundary, so a wrong dtype, shape
-or a NaN becomes one ``ValueError`` naming the argument instead of a traceback from deep in torch.
+The API is segment-anything's. Inputs are checked here, at the boundary (with the checks in
+``tinysam.checks``, shared with the ONNX predictor), so a wrong dtype, shape or a NaN becomes one
+``ValueError`` naming the argument instead of a traceback from deep in torch.
 """
 
 from __future__ import annotations
@@ -10,105 +11,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .checks import (
+    as_rgb_uint8,
+    check_box,
+    check_mask_input,
+    check_points,
+    check_prompt_batch,
+)
 from .modeling import Sam
 from .modeling.many_prompts import ManyPromptDecoder
-from .modeling.prompt_encoder import POINT_LABELS
 from .perf import tune_allocator
 from .transforms import ResizeLongestSide
-
-
-def as_rgb_uint8(image: np.ndarray | Image.Image, image_format: str = "RGB") -> np.ndarray:
-    """Bring a user image to HxWx3 uint8 RGB, or raise a ValueError saying what was expected.
-
-    Accepts HxWx3 (RGB or BGR per ``image_format``), HxWx4 (alpha dropped), HxW grayscale and
-    PIL images (any mode; ``image_format`` does not apply to them).
-    """
-    if image_format not in ("RGB", "BGR"):
-        raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    if isinstance(image, torch.Tensor):
-        raise ValueError(
-            "image must be a numpy array or PIL image; for a transformed 1x3xHxW tensor use "
-            "set_torch_image"
-        )
-    if not isinstance(image, np.ndarray):
-        raise ValueError(f"image must be a numpy array or PIL image, got {type(image).__name__}")
-    if image.dtype != np.uint8:
-        raise ValueError(
-            f"image must have dtype uint8 (values 0-255), got {image.dtype}; "
-            "convert with np.clip(image, 0, 255).astype(np.uint8)"
-        )
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[:, :, 0]
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (3, 4):
-        raise ValueError(
-            f"image must be HxWx3 (or HxW grayscale, HxWx4 with alpha), got shape {image.shape}"
-        )
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(f"image is empty (shape {image.shape})")
-    image = image[:, :, :3]
-    if image_format == "BGR":
-        image = image[:, :, ::-1]
-    return np.ascontiguousarray(image)
-
-
-def _finite_array(value, name: str) -> np.ndarray:
-    try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be numeric, got {type(value).__name__}") from err
-    if not np.all(np.isfinite(array)):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return array
-
-
-def check_points(point_coords, point_labels) -> tuple[np.ndarray, np.ndarray]:
-    """Validate Nx2 coordinates and N labels in {-1, 0, 1, 2, 3}."""
-    if point_labels is None:
-        raise ValueError("point_labels must be given with point_coords (one label per point)")
-    coords = _finite_array(point_coords, "point_coords")
-    if coords.ndim != 2 or coords.shape[1] != 2 or coords.shape[0] == 0:
-        raise ValueError(f"point_coords must have shape Nx2 (x, y) with N >= 1, got {coords.shape}")
-    labels = _finite_array(point_labels, "point_labels")
-    if labels.shape != (coords.shape[0],):
-        raise ValueError(
-            f"point_labels must have shape ({coords.shape[0]},) to match point_coords, "
-            f"got {labels.shape}"
-        )
-    if not np.all(np.isin(labels, POINT_LABELS)):
-        bad = labels[~np.isin(labels, POINT_LABELS)][0]
-        raise ValueError(
-            f"point_labels must be in {{-1, 0, 1, 2, 3}} (1 foreground, 0 background), got {bad:g}"
-        )
-    return coords, labels.astype(np.int64)
-
-
-def check_box(box) -> np.ndarray:
-    """Validate one XYXY box (shape 4 or 1x4) with x0 <= x1 and y0 <= y1."""
-    array = _finite_array(box, "box")
-    if array.shape not in ((4,), (1, 4)):
-        raise ValueError(f"box must have shape (4,) as x0, y0, x1, y1, got {array.shape}")
-    x0, y0, x1, y1 = array.reshape(4)
-    if x1 < x0 or y1 < y0:
-        raise ValueError(f"box must satisfy x0 <= x1 and y0 <= y1, got {array.reshape(4).tolist()}")
-    return array.reshape(1, 4)
-
-
-def check_mask_input(mask_input, size: tuple[int, int]) -> np.ndarray:
-    """Validate low-res logits of shape 1xHxW (a previous prediction's, H=W=256)."""
-    array = _finite_array(mask_input, "mask_input")
-    if array.shape == size:
-        array = array[None]
-    if array.shape != (1, *size):
-        raise ValueError(
-            f"mask_input must have shape 1x{size[0]}x{size[1]} (low-res logits from a previous "
-            f"predict), got {array.shape}"
-        )
-    return array
-
 
 # Batches at least this large (without mask prompts) use ManyPromptDecoder.
 MANY_PROMPTS = 8
@@ -254,35 +167,14 @@ class SamPredictor:
         return self._many
 
     def _check_torch_prompts(self, point_coords, point_labels, boxes, mask_input) -> None:
-        batch = set()
-        if point_coords is not None:
-            if point_labels is None:
-                raise ValueError("point_labels must be given with point_coords")
-            if point_coords.ndim != 3 or point_coords.shape[-1] != 2:
-                raise ValueError(f"point_coords must be BxNx2, got {list(point_coords.shape)}")
-            if tuple(point_labels.shape) != tuple(point_coords.shape[:2]):
-                raise ValueError(
-                    f"point_labels must be BxN = {list(point_coords.shape[:2])}, "
-                    f"got {list(point_labels.shape)}"
-                )
-            if not torch.isfinite(point_coords).all():
-                raise ValueError("point_coords contains NaN or infinite values")
-            batch.add(point_coords.shape[0])
-        if boxes is not None:
-            if boxes.shape[-1] != 4 or boxes.ndim not in (2, 3):
-                raise ValueError(f"boxes must be Bx4, got {list(boxes.shape)}")
-            if not torch.isfinite(boxes).all():
-                raise ValueError("boxes contains NaN or infinite values")
-            batch.add(boxes.shape[0])
-        if mask_input is not None:
-            size = self.model.prompt_encoder.mask_input_size
-            if mask_input.ndim != 4 or tuple(mask_input.shape[1:]) != (1, *size):
-                raise ValueError(
-                    f"mask_input must be Bx1x{size[0]}x{size[1]}, got {list(mask_input.shape)}"
-                )
-            batch.add(mask_input.shape[0])
-        if len(batch) > 1:
-            raise ValueError(f"prompt batch sizes disagree: {sorted(batch)}")
+        check_prompt_batch(
+            point_coords,
+            point_labels,
+            boxes,
+            mask_input,
+            self.model.prompt_encoder.mask_input_size,
+            lambda x: bool(torch.isfinite(x).all()),
+        )
 
     def get_image_embedding(self) -> torch.Tensor:
         """The current image's embedding, 1xCxHxW (256x64x64)."""

@@ -1,13 +1,19 @@
-"""Resize-longest-side and the matching coordinate transforms (segment-anything's API)."""
+"""Resize-longest-side and the matching coordinate transforms (segment-anything's API).
+
+The numpy methods are torch-free (the ONNX Runtime backend uses them without torch installed);
+the ``*_torch`` ones and ``upscale_logits`` import torch when called.
+"""
 
 from __future__ import annotations
 
 from copy import deepcopy
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ResizeLongestSide:
@@ -36,12 +42,16 @@ class ResizeLongestSide:
 
     def apply_image_torch(self, image: torch.Tensor) -> torch.Tensor:
         """Resize a float BxCxHxW batch (antialiased; close to, not equal to, apply_image)."""
+        import torch.nn.functional as F
+
         size = self.get_preprocess_shape(image.shape[2], image.shape[3], self.target_length)
         return F.interpolate(image, size, mode="bilinear", align_corners=False, antialias=True)
 
     def apply_coords_torch(
         self, coords: torch.Tensor, original_size: tuple[int, ...]
     ) -> torch.Tensor:
+        import torch
+
         old_h, old_w = original_size
         new_h, new_w = self.get_preprocess_shape(old_h, old_w, self.target_length)
         scale = torch.tensor([new_w / old_w, new_h / old_h], device=coords.device)
@@ -70,6 +80,8 @@ def upscale_logits(
     Upscale to the padded input, crop the padding, resize to the original image, all bilinear
     as the reference does, so thresholds and stability scores see the same values.
     """
+    import torch.nn.functional as F
+
     masks = F.interpolate(low_res, (image_size, image_size), mode="bilinear", align_corners=False)
     masks = masks[..., : input_size[0], : input_size[1]]
     return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)

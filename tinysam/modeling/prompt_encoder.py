@@ -7,12 +7,8 @@ import math
 import torch
 from torch import nn
 
+from ..checks import NOT_A_POINT
 from .common import LayerNorm2d
-
-# Point labels: -1 padding ("not a point"), 0 background, 1 foreground, 2 and 3 the top-left and
-# bottom-right corners of a box given as points (segment-anything's ONNX convention).
-NOT_A_POINT = -1
-POINT_LABELS = (-1, 0, 1, 2, 3)
 
 
 class PromptEncoder(nn.Module):

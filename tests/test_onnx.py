@@ -1,0 +1,214 @@
+"""ONNX export and the torch-free ONNX Runtime predictor: same numbers as the reference."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from test_golden_parity import EMBED_TOL, LOGIT_TOL, MIN_MASK_IOU, SCORE_TOL, _prompt_kwargs
+
+from tinysam.runtime import OnnxModelError, OnnxPredictor
+from tinysam.runtime.export import DECODER_INPUTS, DECODER_OUTPUTS, MANIFEST, export_onnx
+
+from conftest import REPO, mask_iou, unpack_masks
+
+
+def test_export_writes_the_contract(onnx_dir):
+    manifest = json.loads((onnx_dir / MANIFEST).read_text())
+    assert manifest["model_type"] == "vit_t" and manifest["opset"] == 20
+    for variant, masks in (("multimask", 3), ("single", 1)):
+        decoder = manifest["decoders"][variant]
+        assert decoder["num_masks"] == masks
+        model = onnx.load(onnx_dir / decoder["file"])
+        onnx.checker.check_model(model)
+        assert [i.name for i in model.graph.input] == list(DECODER_INPUTS)
+        assert [o.name for o in model.graph.output] == list(DECODER_OUTPUTS)
+        coords = model.graph.input[1].type.tensor_type.shape.dim
+        assert all(d.dim_param for d in coords[:2])  # batch and points are dynamic
+    encoder = onnx.load(onnx_dir / manifest["encoder"]["file"])
+    assert [i.name for i in encoder.graph.input] == ["image"]
+    ops = {node.op_type for node in encoder.graph.node}
+    assert "Gelu" in ops and "Erf" not in ops  # GELU stays one op (opset 20)
+
+
+def test_golden_parity(onnx_predictor, vit_t_meta, vit_t_outputs):
+    """The ONNX graphs meet the golden tolerances, mask prompts included."""
+    embedding = onnx_predictor.get_image_embedding()
+    assert isinstance(embedding, np.ndarray) and embedding.shape == (1, 256, 64, 64)
+    assert np.abs(embedding - vit_t_outputs["image_embedding"]).max() < EMBED_TOL
+    height, width = vit_t_meta["orig_hw"]
+    best_low_res = {}
+    for i, prompt in enumerate(vit_t_meta["prompts"]):
+        masks, scores, low_res = onnx_predictor.predict(**_prompt_kwargs(prompt, best_low_res))
+        best_low_res[i] = low_res[np.argmax(scores)][None]
+        assert masks.shape == (3, height, width) and masks.dtype == bool
+        assert np.abs(scores - vit_t_outputs[f"p{i}_scores"]).max() < SCORE_TOL, f"prompt {i}"
+        assert np.abs(low_res - vit_t_outputs[f"p{i}_low_res_logits"]).max() < LOGIT_TOL
+        expected = unpack_masks(vit_t_outputs[f"p{i}_masks"], width)
+        for k in range(3):
+            assert mask_iou(masks[k], expected[k]) >= MIN_MASK_IOU, f"prompt {i} mask {k}"
+
+
+def test_golden_batch_of_boxes(onnx_predictor, vit_t_meta, vit_t_outputs):
+    boxes = onnx_predictor.transform.apply_boxes(
+        vit_t_outputs["batch_boxes"], onnx_predictor.original_size
+    )
+    masks, scores, low_res = onnx_predictor.predict_torch(
+        None, None, boxes=boxes, return_logits=True
+    )
+    assert isinstance(masks, np.ndarray)  # numpy in, numpy out
+    assert np.abs(scores - vit_t_outputs["batch_iou_predictions"]).max() < SCORE_TOL
+    assert np.abs(low_res - vit_t_outputs["batch_low_res_logits"]).max() < LOGIT_TOL
+    width = vit_t_meta["orig_hw"][1]
+    expected = unpack_masks(vit_t_outputs["batch_masks"], width)
+    for b in range(4):
+        for k in range(3):
+            assert mask_iou(masks[b, k] > 0, expected[b, k]) >= MIN_MASK_IOU, f"box {b} mask {k}"
+    mean_std = np.stack([masks.mean(axis=(-2, -1)), masks.std(axis=(-2, -1), ddof=1)])
+    assert np.allclose(mean_std, vit_t_outputs["batch_mask_logits_stats"], atol=1e-3, rtol=1e-4)
+
+
+def test_matches_torch_on_point_batches(onnx_predictor, predictor):
+    """Many prompts at once (the everything mode's call), torch tensors in and out."""
+    generator = torch.Generator().manual_seed(1)
+    coords = torch.rand(12, 2, 2, generator=generator) * 1000
+    labels = torch.tensor([[1, 0]] * 12)
+    for multimask in (True, False):
+        ours = onnx_predictor.predict_torch(
+            coords, labels, multimask_output=multimask, upscale=False
+        )
+        reference = predictor.predict_torch(
+            coords, labels, multimask_output=multimask, upscale=False
+        )
+        assert ours[0] is None and isinstance(ours[1], torch.Tensor)
+        assert ours[1].shape == reference[1].shape == (12, 3 if multimask else 1)
+        assert (ours[1] - reference[1]).abs().max() < SCORE_TOL
+        assert (ours[2] - reference[2]).abs().max() < LOGIT_TOL
+
+
+def test_single_mask_and_mask_batches(onnx_predictor, predictor):
+    point = np.array([[400.0, 300.0]])
+    ours = onnx_predictor.predict(point, [1], multimask_output=False)
+    reference = predictor.predict(point, [1], multimask_output=False)
+    assert ours[0].shape[0] == 1
+    assert np.abs(ours[1] - reference[1]).max() < SCORE_TOL
+    assert mask_iou(ours[0][0], reference[0][0]) >= MIN_MASK_IOU
+    # A batch whose prompt sets carry their own mask inputs runs them one by one.
+    masks = torch.from_numpy(np.stack([reference[2], -reference[2]]))
+    coords = torch.tensor([[[400.0, 300.0]], [[200.0, 100.0]]])
+    args = (coords, torch.ones(2, 1), None, masks)
+    ours = onnx_predictor.predict_torch(*args, upscale=False)
+    reference = predictor.predict_torch(*args, upscale=False)
+    assert (ours[1] - reference[1]).abs().max() < SCORE_TOL
+    assert (ours[2] - reference[2]).abs().max() < LOGIT_TOL
+
+
+def test_everything_runs_on_the_onnx_backend(onnx_predictor, predictor, golden_image):
+    from tinysam import SamAutomaticMaskGenerator
+
+    kwargs = dict(points_per_side=4, pred_iou_thresh=0.3, stability_score_thresh=0.3)
+    ours = SamAutomaticMaskGenerator(onnx_predictor, **kwargs).generate(golden_image)
+    reference = SamAutomaticMaskGenerator(predictor, **kwargs).generate(golden_image)
+    assert len(ours) == len(reference) > 0
+    for a, b in zip(ours, reference):
+        assert mask_iou(a["segmentation"], b["segmentation"]) >= MIN_MASK_IOU
+        assert a["predicted_iou"] == pytest.approx(b["predicted_iou"], abs=SCORE_TOL)
+    # The generator leaves the predictor's image set: put the golden one back for others.
+    onnx_predictor.set_image(golden_image)
+    predictor.set_image(golden_image)
+
+
+def test_bad_export_directories(tmp_path, onnx_dir):
+    with pytest.raises(OnnxModelError, match="not found"):
+        OnnxPredictor(tmp_path / "nowhere")
+    with pytest.raises(OnnxModelError, match="not a tinysam ONNX export"):
+        OnnxPredictor(tmp_path)
+    (tmp_path / MANIFEST).write_text("{broken")
+    with pytest.raises(OnnxModelError, match="unreadable"):
+        OnnxPredictor(tmp_path)
+    (tmp_path / MANIFEST).write_text((onnx_dir / MANIFEST).read_text())
+    with pytest.raises(OnnxModelError, match="lacks encoder.onnx, decoder.onnx"):
+        OnnxPredictor(tmp_path)
+    for name in ("encoder.onnx", "decoder.onnx", "decoder_single.onnx"):
+        (tmp_path / name).write_bytes(b"not a model")
+    with pytest.raises(OnnxModelError, match="cannot load .*encoder.onnx.*export again"):
+        OnnxPredictor(tmp_path)
+
+
+def test_predict_needs_a_point_or_box(onnx_predictor):
+    with pytest.raises(ValueError, match="at least one point or a box"):
+        onnx_predictor.predict()
+
+
+def test_export_rejects_old_opsets(vit_t_model, tmp_path):
+    with pytest.raises(ValueError, match="opset must be at least 18"):
+        export_onnx(vit_t_model, tmp_path, "vit_t", opset=17)
+    assert list(tmp_path.iterdir()) == []
+
+
+BLOCK_TORCH = """
+import importlib.abc, sys
+
+class BlockTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError(f"blocked: {name}", name=name)
+
+sys.meta_path.insert(0, BlockTorch())
+"""
+
+
+def test_runtime_works_without_torch(onnx_dir, golden, tmp_path):
+    """The ONNX predictor and `tinysam segment --backend onnx` never import torch."""
+    script = BLOCK_TORCH + textwrap.dedent(f"""
+        import numpy as np
+        from tinysam.io import load_image
+        from tinysam.runtime import OnnxPredictor
+
+        p = OnnxPredictor({str(onnx_dir)!r}, threads=1)
+        p.set_image(load_image({str(golden / "images" / "picture1.jpg")!r}))
+        masks, scores, low_res = p.predict(np.array([[365, 225]]), np.array([1]))
+        assert masks.shape[0] == 3 and masks.dtype == bool and masks.any()
+        try:
+            p.predict(np.array([[np.nan, 1.0]]), np.array([1]))
+        except ValueError as err:
+            assert "point_coords contains NaN" in str(err)
+        else:
+            raise AssertionError("NaN accepted")
+
+        from tinysam.cli import main
+        code = main(["segment", {str(golden / "images" / "picture1.jpg")!r},
+                     "--point", "365,225", "--out", {str(tmp_path / "mask.png")!r},
+                     "--backend", "onnx", "--onnx-dir", {str(onnx_dir)!r}, "--threads", "1"])
+        assert code == 0, code
+        assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
+        print("ok")
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("ok")
+    assert (tmp_path / "mask.png").is_file()
+
+
+def test_torch_paths_say_which_extra_is_missing(tmp_path, golden):
+    script = BLOCK_TORCH + textwrap.dedent(f"""
+        from tinysam.cli import main
+        code = main(["segment", {str(golden / "images" / "picture1.jpg")!r},
+                     "--point", "365,225", "--out", {str(tmp_path / "mask.png")!r}])
+        sys.exit(code)
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "tinysam segment: error: this needs torch: pip install 'tinysam[torch]'"
+    )

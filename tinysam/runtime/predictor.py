@@ -1,0 +1,302 @@
+"""``OnnxPredictor``: ``SamPredictor``'s API on ONNX Runtime, with numpy, Pillow and nothing else.
+
+Needs an export made by ``tinysam export`` (a directory with ``tinysam_onnx.json``). Inputs go
+through the same checks as ``SamPredictor`` (``tinysam.checks``). ``predict_torch`` takes and
+returns torch tensors when given them, numpy arrays otherwise, so the everything generators run
+on this backend unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..checks import (
+    NOT_A_POINT,
+    as_rgb_uint8,
+    check_box,
+    check_mask_input,
+    check_points,
+    check_prompt_batch,
+)
+from ..transforms import ResizeLongestSide
+
+MANIFEST = "tinysam_onnx.json"  # tinysam.runtime.export writes it (that module needs torch)
+BOX_LABELS = (2.0, 3.0)
+
+
+class OnnxModelError(ValueError):
+    """A missing, partial or foreign ONNX export directory (one line saying what to do)."""
+
+
+def session_options(threads: int | None = None):
+    """ONNX Runtime options for a CPU: all graph optimisations, one thread per core."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads or _physical_cores()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only; warnings about unused initialisers are noise
+    return options
+
+
+def _physical_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def load_manifest(model_dir: str | os.PathLike) -> dict:
+    """Read and check ``tinysam_onnx.json``; every file it names must be there."""
+    model_dir = Path(model_dir)
+    path = model_dir / MANIFEST
+    if not model_dir.is_dir():
+        raise OnnxModelError(
+            f"ONNX model directory not found: {model_dir}; create one with "
+            f"`tinysam export --out-dir {model_dir}`"
+        )
+    if not path.is_file():
+        raise OnnxModelError(
+            f"{model_dir} is not a tinysam ONNX export (no {MANIFEST}); "
+            f"create one with `tinysam export --out-dir {model_dir}`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise OnnxModelError(f"{path} is unreadable ({err}); export again") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != "tinysam-onnx":
+        raise OnnxModelError(f"{path} is not a tinysam ONNX manifest; export again")
+    files = [manifest["encoder"]["file"]] + [d["file"] for d in manifest["decoders"].values()]
+    missing = [name for name in files if not (model_dir / name).is_file()]
+    if missing:
+        raise OnnxModelError(
+            f"{model_dir} lacks {', '.join(missing)}; export again with `tinysam export`"
+        )
+    return manifest
+
+
+class OnnxPredictor:
+    """Encode an image once with ``encoder.onnx``, then answer prompts with the decoders."""
+
+    device = "cpu"
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        threads: int | None = None,
+        providers: list[str] | None = None,
+    ) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as err:
+            raise ImportError(
+                "OnnxPredictor needs onnxruntime: pip install 'tinysam[onnx]'"
+            ) from err
+        self.model_dir = Path(model_dir)
+        self.manifest = load_manifest(self.model_dir)
+        self.image_size = int(self.manifest["image_size"])
+        self.image_format = self.manifest["image_format"]
+        self.mask_threshold = float(self.manifest["mask_threshold"])
+        self.mask_input_size = tuple(
+            self.manifest["decoders"]["multimask"]["inputs"]["mask_input"][2:]
+        )
+        self.transform = ResizeLongestSide(self.image_size)
+        self._mean = np.asarray(self.manifest["pixel_mean"], np.float32).reshape(3, 1, 1)
+        self._std = np.asarray(self.manifest["pixel_std"], np.float32).reshape(3, 1, 1)
+        options = session_options(threads)
+        providers = providers or ["CPUExecutionProvider"]
+
+        def session(name: str):
+            path = self.model_dir / name
+            try:
+                return ort.InferenceSession(str(path), options, providers=providers)
+            except Exception as err:  # onnxruntime raises its own untyped errors
+                first = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise OnnxModelError(f"cannot load {path}: {first}; export again") from err
+
+        self.encoder = session(self.manifest["encoder"]["file"])
+        self.decoders = {
+            variant: session(d["file"]) for variant, d in self.manifest["decoders"].items()
+        }
+        self.reset_image()
+
+    # ------------------------------------------------------------------ image
+
+    def set_image(self, image: np.ndarray | Image.Image, image_format: str = "RGB") -> None:
+        """Encode an image (HxWx3 uint8, RGB or BGR; HxW; HxWx4; or a PIL image)."""
+        rgb = as_rgb_uint8(image, image_format)
+        if self.image_format == "BGR":
+            rgb = np.ascontiguousarray(rgb[:, :, ::-1])
+        resized = self.transform.apply_image(rgb)
+        self.reset_image()
+        self.features = self.encoder.run(None, {"image": self.preprocess(resized)})[0]
+        self.original_size = tuple(rgb.shape[:2])
+        self.input_size = tuple(resized.shape[:2])
+        self.is_image_set = True
+
+    def preprocess(self, resized: np.ndarray) -> np.ndarray:
+        """Resized HxWx3 uint8 -> the encoder's input: normalised, zero-padded 1x3xSxS."""
+        h, w = resized.shape[:2]
+        size = self.image_size
+        x = (resized.transpose(2, 0, 1).astype(np.float32) - self._mean) / self._std
+        padded = np.zeros((1, 3, size, size), np.float32)
+        padded[0, :, :h, :w] = x
+        return padded
+
+    def get_image_embedding(self) -> np.ndarray:
+        """The current image's embedding, 1xCxHxW (256x64x64), a numpy array."""
+        self._require_image()
+        return self.features
+
+    def reset_image(self) -> None:
+        self.is_image_set = False
+        self.features = None
+        self.original_size = None
+        self.input_size = None
+
+    def _require_image(self) -> None:
+        if not self.is_image_set:
+            raise RuntimeError("no image set: call set_image(image) before predicting")
+
+    # ------------------------------------------------------------------ prompts
+
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks for prompts in original-image pixels, as ``SamPredictor.predict``.
+
+        Returns masks CxHxW (bool, or float logits with ``return_logits``), scores C and
+        low-res logits Cx256x256; C is 3 with ``multimask_output``, else 1.
+        """
+        self._require_image()
+        coords = labels = boxes = mask = None
+        if point_coords is not None or point_labels is not None:
+            if point_coords is None:
+                raise ValueError("point_coords must be given with point_labels")
+            coords, labels = check_points(point_coords, point_labels)
+            coords = self.transform.apply_coords(coords, self.original_size)[None]
+            labels = labels[None]
+        if box is not None:
+            boxes = self.transform.apply_boxes(check_box(box), self.original_size)
+        if mask_input is not None:
+            mask = check_mask_input(mask_input, self.mask_input_size)[None]
+        masks, scores, low_res = self.predict_torch(
+            coords, labels, boxes, mask, multimask_output, return_logits=return_logits
+        )
+        return masks[0], scores[0], low_res[0]
+
+    def predict_torch(
+        self,
+        point_coords,
+        point_labels,
+        boxes=None,
+        mask_input=None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+        upscale: bool = True,
+    ) -> tuple[Any, Any, Any]:
+        """Batched prediction with prompts in the resized (1024) frame, as
+        ``SamPredictor.predict_torch``: ``point_coords`` BxNx2, ``point_labels`` BxN, ``boxes``
+        Bx4, ``mask_input`` Bx1x256x256. Torch tensors in, torch tensors out; numpy otherwise.
+
+        ``upscale=False`` skips the full-size masks (None), for callers that filter first.
+        """
+        self._require_image()
+        as_torch = any(
+            type(a).__module__.split(".")[0] == "torch"
+            for a in (point_coords, point_labels, boxes, mask_input)
+        )
+        coords, labels, mask = self._decoder_prompts(point_coords, point_labels, boxes, mask_input)
+        outputs = ["masks", "iou_predictions", "low_res_masks"] if upscale else None
+        if not upscale:
+            outputs = ["iou_predictions", "low_res_masks"]  # ORT then skips the upscaling
+        decoder = self.decoders["multimask" if multimask_output else "single"]
+        feeds = {
+            "image_embeddings": self.features,
+            "point_coords": coords,
+            "point_labels": labels,
+            "orig_im_size": np.asarray(self.original_size, np.float32),
+        }
+        results = []
+        # One mask input is shared by a whole batch: prompt sets with their own run one by one.
+        for rows, (mask_rows, has_mask) in _mask_groups(
+            mask, coords.shape[0], self.mask_input_size
+        ):
+            feeds.update(
+                point_coords=coords[rows],
+                point_labels=labels[rows],
+                mask_input=mask_rows,
+                has_mask_input=has_mask,
+            )
+            results.append(decoder.run(outputs, feeds))
+        merged = [np.concatenate(parts) for parts in zip(*results)]
+        if upscale:
+            masks, scores, low_res = merged
+            if not return_logits:
+                masks = masks > self.mask_threshold
+        else:
+            masks, (scores, low_res) = None, merged
+        if as_torch:
+            import torch
+
+            return tuple(
+                None if a is None else torch.from_numpy(a) for a in (masks, scores, low_res)
+            )
+        return masks, scores, low_res
+
+    def _decoder_prompts(self, point_coords, point_labels, boxes, mask_input):
+        """Points and box corners as the decoder's point list (float32), and the mask input."""
+        arrays = [
+            None if a is None else _as_float32(a)
+            for a in (point_coords, point_labels, boxes, mask_input)
+        ]
+        point_coords, point_labels, boxes, mask_input = arrays
+        check_prompt_batch(*arrays, self.mask_input_size, lambda x: bool(np.isfinite(x).all()))
+        parts_xy, parts_label = [], []
+        if point_coords is not None:
+            parts_xy.append(point_coords)
+            parts_label.append(point_labels)
+        if boxes is not None:
+            corners = boxes.reshape(-1, 2, 2)
+            parts_xy.append(corners)
+            parts_label.append(np.broadcast_to(np.float32(BOX_LABELS), corners.shape[:2]))
+        if not parts_xy:
+            raise ValueError("the ONNX decoder needs at least one point or a box per prompt")
+        if boxes is None:
+            # Without a box, a padding point ends the list (as SamPredictor's prompt encoder).
+            b = point_coords.shape[0]
+            parts_xy.append(np.zeros((b, 1, 2), np.float32))
+            parts_label.append(np.full((b, 1), NOT_A_POINT, np.float32))
+        coords = np.concatenate(parts_xy, axis=1)
+        labels = np.concatenate(parts_label, axis=1)
+        return coords, labels, mask_input
+
+
+def _as_float32(value) -> np.ndarray:
+    """A float32 numpy view of an array or a (CPU or GPU) torch tensor."""
+    if type(value).__module__.split(".")[0] == "torch":
+        value = value.detach().cpu().numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+def _mask_groups(mask: np.ndarray | None, batch: int, size: tuple[int, int]):
+    """(rows, (mask_input 1x1xHxW, has_mask_input [1])) per decoder run."""
+    if mask is None:
+        yield slice(None), (np.zeros((1, 1, *size), np.float32), np.zeros(1, np.float32))
+        return
+    for i in range(batch):
+        yield slice(i, i + 1), (mask[i : i + 1], np.ones(1, np.float32))
