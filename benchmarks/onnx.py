@@ -2,6 +2,7 @@
 64-prompt decoder batch (low-res masks, as the everything mode asks for them).
 
     python benchmarks/onnx.py [--threads 2] [--checkpoint PATH] [--onnx-dir DIR] [--repeats 5]
+        [--everything]
 
 Without --onnx-dir the model is exported to a temporary folder first (about 20 s). Runs of the
 two backends alternate, so the shared machine's noise hits both alike; medians are shown. If
@@ -64,6 +65,23 @@ def openvino_encoder(path: Path, threads: int):
     return lambda x: request.infer({0: x})
 
 
+def everything(torch_predictor, onnx_predictor, image) -> None:
+    """One dense 32x32 everything-mode run per backend (default thresholds)."""
+    from tinysam import SamAutomaticMaskGenerator
+
+    print("\neverything mode, dense 32x32, one run each:")
+    for name, predictor in (("torch", torch_predictor), ("onnxruntime", onnx_predictor)):
+        generator = SamAutomaticMaskGenerator(predictor, output_mode="coco_rle")
+        start = time.perf_counter()
+        records = generator.generate(image)
+        total = time.perf_counter() - start
+        stats = generator.stats
+        print(
+            f"  {name:<12} {total:6.2f} s  (encoder {stats.encoder_s:.2f} s, decoder "
+            f"{stats.decoder_s:.2f} s, {stats.prompts} prompts, {len(records)} masks)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -72,6 +90,9 @@ def main() -> None:
     parser.add_argument("--onnx-dir", type=Path, help="reuse an export instead of making one")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--everything", action="store_true", help="also time a dense everything-mode run"
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -144,17 +165,16 @@ def run(sam, onnx_dir: Path, args) -> None:
             f"{name:<22}{medians['torch eager'] * 1000:>11.0f}ms"
             f"{medians['onnxruntime'] * 1000:>11.0f}ms{ov}{ratio:>10.2f}x"
         )
-    print(
-        "(torch 'decoder, 64 prompts' is tinysam's many-prompt decoder; the ONNX decoder runs "
-        "each prompt in full)"
-    )
+    print("(64 prompts: both backends use their many-prompt decoder; low-res masks only)")
+    if args.everything:
+        everything(torch_predictor, onnx_predictor, image)
 
     print("\nONNX Runtime encoder profile (ms per run, by op type):")
     for op, ms, nodes, provider in op_times(
         onnx_dir / "encoder.onnx", {"image": encoder_input}, runs=2, threads=args.threads
     )[:8]:
         print(f"  {op:<22}{ms:>8.1f}{nodes:>6} nodes  {provider}")
-    for name in ("encoder.onnx", "decoder.onnx", "decoder_single.onnx"):
+    for name in ("encoder.onnx", "decoder.onnx", "decoder_single.onnx", "decoder_many.onnx"):
         found = slow_ops(onnx_dir / name, args.threads)
         print(f"slow-path check {name}: {found or 'clean'}")
 

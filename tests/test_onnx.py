@@ -31,6 +31,13 @@ def test_export_writes_the_contract(onnx_dir):
         assert [o.name for o in model.graph.output] == list(DECODER_OUTPUTS)
         coords = model.graph.input[1].type.tensor_type.shape.dim
         assert all(d.dim_param for d in coords[:2])  # batch and points are dynamic
+    many = onnx.load(onnx_dir / manifest["many_prompt_decoder"]["file"])
+    assert [i.name for i in many.graph.input] == [
+        "image_embeddings",
+        "point_coords",
+        "point_labels",
+    ]
+    assert many.graph.input[1].type.tensor_type.shape.dim[0].dim_param  # batch is dynamic
     encoder = onnx.load(onnx_dir / manifest["encoder"]["file"])
     assert [i.name for i in encoder.graph.input] == ["image"]
     ops = {node.op_type for node in encoder.graph.node}
@@ -92,6 +99,47 @@ def test_matches_torch_on_point_batches(onnx_predictor, predictor):
         assert (ours[2] - reference[2]).abs().max() < LOGIT_TOL
 
 
+def test_many_prompt_graph_matches_torch(onnx_predictor, predictor, monkeypatch):
+    """Bulk one-point prompts (the everything mode's call) take decoder_many.onnx, in chunks
+    of 16; same numbers as the torch predictor and as the web-demo decoder graph."""
+    import tinysam.runtime.predictor as runtime
+
+    generator = torch.Generator().manual_seed(2)
+    coords = torch.rand(21, 1, 2, generator=generator) * 1000
+    labels = torch.ones(21, 1)
+    calls = []
+    session = onnx_predictor.many_prompt_decoder
+    monkeypatch.setattr(
+        onnx_predictor, "many_prompt_decoder", _Recording(session, calls), raising=True
+    )
+    for multimask in (True, False):
+        ours = onnx_predictor.predict_torch(
+            coords, labels, multimask_output=multimask, upscale=False
+        )
+        reference = predictor.predict_torch(
+            coords, labels, multimask_output=multimask, upscale=False
+        )
+        assert ours[1].shape == reference[1].shape == (21, 3 if multimask else 1)
+        assert (ours[1] - reference[1]).abs().max() < SCORE_TOL
+        assert (ours[2] - reference[2]).abs().max() < LOGIT_TOL
+    assert calls == [16, 5, 16, 5]
+    monkeypatch.setattr(runtime, "MANY_PROMPTS", 1 << 30)  # the web-demo graph instead
+    plain = onnx_predictor.predict_torch(coords, labels, multimask_output=False, upscale=False)
+    assert calls == [16, 5, 16, 5]
+    assert (plain[2] - reference[2]).abs().max() < LOGIT_TOL
+
+
+class _Recording:
+    """An ONNX Runtime session that records the batch size of every run."""
+
+    def __init__(self, session, calls: list) -> None:
+        self.session, self.calls = session, calls
+
+    def run(self, outputs, feeds):
+        self.calls.append(feeds["point_coords"].shape[0])
+        return self.session.run(outputs, feeds)
+
+
 def test_single_mask_and_mask_batches(onnx_predictor, predictor):
     point = np.array([[400.0, 300.0]])
     ours = onnx_predictor.predict(point, [1], multimask_output=False)
@@ -135,7 +183,7 @@ def test_bad_export_directories(tmp_path, onnx_dir):
     (tmp_path / MANIFEST).write_text((onnx_dir / MANIFEST).read_text())
     with pytest.raises(OnnxModelError, match="lacks encoder.onnx, decoder.onnx"):
         OnnxPredictor(tmp_path)
-    for name in ("encoder.onnx", "decoder.onnx", "decoder_single.onnx"):
+    for name in ("encoder.onnx", "decoder.onnx", "decoder_single.onnx", "decoder_many.onnx"):
         (tmp_path / name).write_bytes(b"not a model")
     with pytest.raises(OnnxModelError, match="cannot load .*encoder.onnx.*export again"):
         OnnxPredictor(tmp_path)
@@ -212,3 +260,24 @@ def test_torch_paths_say_which_extra_is_missing(tmp_path, golden):
     assert result.stderr.strip() == (
         "tinysam segment: error: this needs torch: pip install 'tinysam[torch]'"
     )
+
+
+def test_no_slow_paths_in_the_exported_graphs(onnx_dir):
+    from tinysam.runtime.profile import slow_ops
+
+    for name in ("encoder.onnx", "decoder.onnx", "decoder_single.onnx", "decoder_many.onnx"):
+        assert slow_ops(onnx_dir / name, threads=1) == {}, name
+
+
+def test_slow_path_check_finds_a_split_gelu(tmp_path):
+    """A GELU exported below opset 20 (Erf and friends) is what the check exists to catch."""
+    from onnx import TensorProto, helper
+
+    from tinysam.runtime.profile import slow_ops
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+    graph = helper.make_graph([helper.make_node("Erf", ["x"], ["y"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(model, tmp_path / "erf.onnx")
+    assert slow_ops(tmp_path / "erf.onnx", threads=1) == {"Erf": 1}

@@ -132,7 +132,7 @@ def check_prompt_batch(
             raise ValueError("point_coords contains NaN or infinite values")
         batch.add(point_coords.shape[0])
     if boxes is not None:
-        if boxes.shape[-1] != 4 or boxes.ndim not in (2, 3):
+        if boxes.ndim not in (2, 3) or boxes.shape[-1] != 4:
             raise ValueError(f"boxes must be Bx4, got {list(boxes.shape)}")
         if not all_finite(boxes):
             raise ValueError("boxes contains NaN or infinite values")

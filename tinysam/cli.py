@@ -134,10 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="export the model to ONNX (encoder, decoders, manifest) for torch-free inference",
         description=(
-            "Write encoder.onnx, decoder.onnx (3 masks), decoder_single.onnx (1 mask) and "
-            "tinysam_onnx.json to OUT_DIR. The decoders keep segment-anything's web-demo "
-            "inputs and outputs. Run them with --backend onnx or tinysam.runtime.OnnxPredictor "
-            "(needs only numpy, Pillow and onnxruntime)."
+            "Write encoder.onnx, decoder.onnx (3 masks), decoder_single.onnx (1 mask), "
+            "decoder_many.onnx (bulk one-point prompts, for everything mode) and "
+            "tinysam_onnx.json to OUT_DIR. decoder.onnx and decoder_single.onnx keep "
+            "segment-anything's web-demo inputs and outputs. Run them with --backend onnx or "
+            "tinysam.runtime.OnnxPredictor (needs only numpy, Pillow and onnxruntime)."
         ),
         epilog="example: tinysam export --out-dir tinysam-onnx/",
     )
@@ -337,13 +338,20 @@ def run_export(args: argparse.Namespace) -> dict:
     from tqdm.auto import tqdm
 
     from .build import detect_model_type
-    from .runtime.export import DECODER_FILES, ENCODER_FILE, MANIFEST, MIN_OPSET, export_onnx
+    from .runtime.export import (
+        DECODER_FILES,
+        ENCODER_FILE,
+        MANIFEST,
+        MANY_PROMPT_FILE,
+        MIN_OPSET,
+        export_onnx,
+    )
 
     if args.opset < MIN_OPSET:
         raise UsageError(f"--opset must be at least {MIN_OPSET} (torch's ONNX exporter)")
     sam, resolved = _load(args)
     model_type = detect_model_type(sam.state_dict())
-    files = [ENCODER_FILE, *DECODER_FILES.values()]
+    files = [ENCODER_FILE, *DECODER_FILES.values(), MANY_PROMPT_FILE]
     with tqdm(total=len(files), unit="file", disable=not sys.stderr.isatty()) as bar:
 
         def step(name: str) -> None:

@@ -52,12 +52,16 @@ class HeadRows:
 
         ``cached(key, fn)`` memoises the prompt-independent products across batches.
         """
-        h, d = self.w_out.shape[1:]
+        batch, t, heads, d = self.values.shape
         z = cached(
             ("z", self.start),
-            lambda: ((shared_c * self.gamma) @ self.w_out.flatten(1)).view(-1, h, d),
+            lambda: ((shared_c * self.gamma) @ self.w_out.flatten(1)).view(-1, heads, d),
         )  # N x H x d
-        out = torch.einsum("bthd,nhd->bhtn", self.values, z).flatten(1, 2)
+        # Per head, all prompts' values at once: (B*T x d) @ (d x N). A matmul, not an einsum:
+        # ONNX Runtime's Einsum kernel is slow.
+        values = self.values.permute(2, 0, 1, 3).reshape(heads, batch * t, d)
+        out = (values @ z.permute(1, 2, 0)).view(heads, batch, t, -1).transpose(0, 1)
+        out = out.flatten(1, 2)
         for i, (scalars, vector) in enumerate(self.corrections):
             corr = cached(("corr", self.start, i), lambda v=vector: shared_c @ v)
             out += scalars[..., None] * corr
@@ -92,6 +96,11 @@ class LowRankTokens:
     cache: dict  # prompt-independent products, shared across batches of one image
     stage: int = 0  # LayerNorms applied so far
 
+    @property
+    def rank(self) -> int:
+        """Rows of the basis (a Python int: the same for every prompt)."""
+        return self.coeffs.shape[1]
+
     def cached(self, key, compute):
         """Memoise a product that depends only on the image and the stage, not the prompts."""
         full_key = (self.stage, *key)
@@ -119,11 +128,17 @@ class LowRankTokens:
         """
         batch, heads, t, d = queries.shape
         weight = proj.weight.view(heads, d, -1)  # H x d x C
-        reduced = torch.einsum("bhtd,hdc->bhtc", queries, weight).flatten(1, 2)  # B x HT x C
+        reduced = (queries @ weight).flatten(1, 2)  # B x HT x C
         bias_part = (queries * proj.bias.view(heads, 1, d)).sum(-1).flatten(1)  # B x HT
         constant = reduced @ self.offset + bias_part
-        out = torch.baddbmm(constant[..., None], reduced @ self.basis.transpose(1, 2), self.coeffs)
-        out = out.view(batch, heads, t, -1)  # low-rank part, B x H x T x N
+        n = self.shared.shape[0]
+        if self.rank:
+            out = torch.baddbmm(
+                constant[..., None], reduced @ self.basis.transpose(1, 2), self.coeffs
+            )
+        else:
+            out = constant[..., None].expand(batch, heads * t, n).contiguous()
+        out = out.view(batch, heads, t, n)  # low-rank part, B x H x T x N
         # Shared part: per head, q . (W_h shared[n]) scaled per token; and the extra term.
         q_heads = queries.transpose(0, 1).reshape(heads, batch * t, d)  # H x B*T x d
         shared = self.cached(
@@ -147,22 +162,26 @@ class LowRankTokens:
         )  # H x N x d
         scaled = (probs * self.scale[:, None, None, :]).transpose(0, 1).reshape(heads, batch * t, n)
         out = (scaled @ shared).view(heads, batch, t, d).transpose(0, 1)  # B x H x T x d
-        mixed = probs.flatten(1, 2) @ self.coeffs.transpose(1, 2)  # B x HT x r
-        projected = (self.basis @ proj.weight.T).view(batch, -1, heads, d).transpose(1, 2)
-        out = out + mixed.view(batch, heads, t, -1) @ projected  # B x H x T x d
+        if self.rank:
+            mixed = probs.flatten(1, 2) @ self.coeffs.transpose(1, 2)  # B x HT x r
+            projected = (self.basis @ proj.weight.T).view(batch, -1, heads, d).transpose(1, 2)
+            out = out + mixed.view(batch, heads, t, -1) @ projected  # B x H x T x d
         return out + (proj.weight @ self.offset + proj.bias).view(heads, d)[:, None, :]
 
     def add_heads(
         self, coeffs: torch.Tensor, values: torch.Tensor, w_out: torch.Tensor, offset: torch.Tensor
     ) -> LowRankTokens:
         """Add an attention update: coeffs (B x H*T x N) over rows out_proj_h @ values[t, h]."""
-        rows = HeadRows(self.coeffs.shape[1], values, w_out, torch.ones_like(offset), [])
-        basis = torch.einsum("bthd,chd->bhtc", values, w_out).flatten(1, 2)  # B x H*T x C
+        rows = HeadRows(self.rank, values, w_out, torch.ones_like(offset), [])
+        basis = (values.transpose(1, 2) @ w_out.permute(1, 2, 0)).flatten(1, 2)  # B x HT x C
+        if self.rank:
+            coeffs = torch.cat([self.coeffs, coeffs], dim=1)
+            basis = torch.cat([self.basis, basis], dim=1)
         return LowRankTokens(
             self.shared,
             self.scale,
-            torch.cat([self.coeffs, coeffs], dim=1),
-            torch.cat([self.basis, basis], dim=1),
+            coeffs,
+            basis,
             self.offset + offset,
             [*self.head_rows, rows],
             self.cache,
@@ -198,10 +217,7 @@ class LowRankTokens:
         head_rows = [
             rows.normalized(row_means[:, rows.start : rows.stop], gamma) for rows in self.head_rows
         ]
-        rank = coeffs.shape[1]
-        new_coeffs = coeffs.new_empty(batch, rank + 1, coeffs.shape[2])
-        torch.mul(coeffs, inv_std[:, None, :], out=new_coeffs[:, :rank])
-        new_coeffs[:, rank] = inv_std
+        new_coeffs = torch.cat([coeffs * inv_std[:, None, :], inv_std[:, None, :]], dim=1)
         return LowRankTokens(
             self.cached(("normed",), lambda: shared_c * gamma),
             scale * inv_std,
@@ -216,16 +232,22 @@ class LowRankTokens:
     def _shared_dots(self, shared_c: torch.Tensor) -> torch.Tensor:
         """basis rows . centred shared tokens, B x r x N (rows' means do not matter here)."""
         batch, r = self.basis.shape[:2]
-        out = self.basis.new_empty(batch, r, shared_c.shape[0])
-        covered = set()
-        for rows in self.head_rows:
-            out[:, rows.start : rows.stop] = rows.dots(shared_c, self.cached)
-            covered.update(range(rows.start, rows.stop))
-        # The other rows are fixed vectors, the same for every prompt.
-        fixed = [i for i in range(r) if i not in covered]
-        if fixed:
-            out[:, fixed] = self.cached(("fixed",), lambda: self.basis[0, fixed] @ shared_c.T)
-        return out
+
+        def fixed(start: int, stop: int) -> torch.Tensor:
+            # Rows no attention made are fixed vectors, the same for every prompt.
+            dots = self.cached(("fixed", start), lambda: self.basis[0, start:stop] @ shared_c.T)
+            return dots.expand(batch, -1, -1)
+
+        # Concatenated in row order (slice assignment would export as a slow ScatterND).
+        parts, position = [], 0
+        for rows in sorted(self.head_rows, key=lambda rows: rows.start):
+            if rows.start > position:
+                parts.append(fixed(position, rows.start))
+            parts.append(rows.dots(shared_c, self.cached))
+            position = rows.stop
+        if position < r:
+            parts.append(fixed(position, r))
+        return torch.cat(parts, dim=1)
 
     def select(self, rows: torch.Tensor) -> LowRankTokens:
         scale = self.scale[rows] if self.scale.shape[0] > 1 else self.scale
@@ -355,20 +377,31 @@ class ManyPromptDecoder:
         )
 
     @torch.no_grad()
-    def masks(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Low-res logits (all num_mask_tokens) for the decoded prompts in ``rows``."""
+    def masks(
+        self, rows: torch.Tensor | None = None, group: int | None = MASK_GROUP
+    ) -> torch.Tensor:
+        """Low-res logits (all num_mask_tokens) for the decoded prompts in ``rows``.
+
+        Made ``group`` prompts at a time (the upscaled maps are large, and small groups stay
+        in cache); ``group=None`` makes all at once, as a graph for export must.
+        """
         if self.state is None:
             raise RuntimeError("call decode() first")
         hs, image = self.state
+        if group is None:
+            return (
+                self._masks(hs, image)
+                if rows is None
+                else self._masks(hs[rows], image.select(rows))
+            )
         if rows is None:
             rows = torch.arange(hs.shape[0], device=hs.device)
         dec = self.decoder
         h, w = self.grid
-        # In small groups: the upscaled maps are large, and small groups stay in cache.
         parts = [hs.new_zeros(0, dec.num_mask_tokens, 4 * h, 4 * w)]
-        for group in rows.split(MASK_GROUP):
-            if len(group):
-                parts.append(self._masks(hs[group], image.select(group)))
+        for chunk in rows.split(group):
+            if len(chunk):
+                parts.append(self._masks(hs[chunk], image.select(chunk)))
         return torch.cat(parts)
 
     def _masks(self, hs: torch.Tensor, image: LowRankTokens) -> torch.Tensor:

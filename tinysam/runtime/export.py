@@ -1,5 +1,6 @@
 """Export a model to ONNX: ``encoder.onnx``, ``decoder.onnx`` (3 masks), ``decoder_single.onnx``
-(1 mask) and ``tinysam_onnx.json`` describing them.
+(1 mask), ``decoder_many.onnx`` (bulk one-point prompts, for the everything mode) and
+``tinysam_onnx.json`` describing them.
 
 The decoders keep the input/output contract of segment-anything's web-demo decoder, so tools
 made for it work unchanged: ``image_embeddings`` 1x256x64x64, ``point_coords`` BxNx2 in the
@@ -33,6 +34,7 @@ from ..modeling import Sam
 MANIFEST = "tinysam_onnx.json"
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILES = {"multimask": "decoder.onnx", "single": "decoder_single.onnx"}
+MANY_PROMPT_FILE = "decoder_many.onnx"
 DEFAULT_OPSET = 20
 MIN_OPSET = 18  # torch's dynamo exporter
 # Protobuf cannot hold 2 GiB; larger graphs (ViT-H) keep their weights beside them.
@@ -80,6 +82,37 @@ class DecoderGraph(nn.Module):
             image_embeddings, prompts.get_dense_pe(), sparse, dense
         )
         return iou[:, self.selected], low_res[:, self.selected]
+
+
+class ManyPromptGraph(nn.Module):
+    """Many one-point prompts on one image (the everything mode) through ``ManyPromptDecoder``:
+    ``image_embeddings`` 1x256x64x64, ``point_coords`` Bx2x2 and ``point_labels`` Bx2 (the
+    point, then the padding point (0, 0) labelled -1) -> ``iou_predictions`` Bx4 and
+    ``low_res_masks`` Bx4x256x256, all four mask tokens (0: single-mask output, 1-3: multimask).
+
+    About 1.8x faster per prompt than the web-demo decoder under ONNX Runtime. The prompt
+    count is fixed at two because the low-rank state's size depends on it.
+    """
+
+    def __init__(self, sam: Sam) -> None:
+        super().__init__()
+        self.prompt_encoder = sam.prompt_encoder
+        self.mask_decoder = sam.mask_decoder
+
+    def forward(
+        self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from ..modeling.many_prompts import ManyPromptDecoder
+
+        prompts = self.prompt_encoder
+        sparse = prompts._embed_points(point_coords, point_labels, pad=False)
+        h, w = prompts.image_embedding_size
+        no_mask = prompts.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, h, w)
+        decoder = ManyPromptDecoder(
+            self.mask_decoder, image_embeddings, prompts.get_dense_pe(), no_mask
+        )
+        iou, _ = decoder.decode(sparse)
+        return iou, decoder.masks(group=None)
 
 
 def _onnx_program(module: nn.Module, args: tuple, opset: int, **kwargs):
@@ -135,6 +168,26 @@ def export_decoder(sam: Sam, multimask: bool, opset: int = DEFAULT_OPSET):
             dynamic_shapes=(None, prompt_dims, prompt_dims, None, None),
         )
     return add_mask_upscaling(model, sam.image_encoder.img_size)
+
+
+def export_many_prompt_decoder(sam: Sam, opset: int = DEFAULT_OPSET):
+    """The many-prompt decoder graph (``ManyPromptGraph``), batch dynamic."""
+    embedding = sam.image_encoder.img_size // 16
+    example = (
+        torch.zeros(1, sam.prompt_encoder.embed_dim, embedding, embedding),
+        torch.full((2, 2, 2), 100.0),
+        torch.tensor([[1.0, -1.0]] * 2),
+    )
+    batch = {0: torch.export.Dim("batch", min=1, max=1 << 16)}
+    with torch.no_grad():
+        return _onnx_program(
+            ManyPromptGraph(sam),
+            example,
+            opset,
+            input_names=["image_embeddings", "point_coords", "point_labels"],
+            output_names=["iou_predictions", "low_res_masks"],
+            dynamic_shapes=(None, batch, batch),
+        )
 
 
 def add_mask_upscaling(model, image_size: int):
@@ -247,6 +300,9 @@ def export_onnx(
         if step:
             step(name)
         save_onnx(export_decoder(sam, variant == "multimask", opset), out_dir / name)
+    if step:
+        step(MANY_PROMPT_FILE)
+    save_onnx(export_many_prompt_decoder(sam, opset), out_dir / MANY_PROMPT_FILE)
     manifest = describe(sam, model_type, opset)
     with atomic_write(out_dir / MANIFEST, "w") as f:
         json.dump(manifest, f, indent=2)
@@ -295,6 +351,21 @@ def describe(sam: Sam, model_type: str, opset: int) -> dict:
                 },
             }
             for variant, name in DECODER_FILES.items()
+        },
+        "many_prompt_decoder": {
+            "file": MANY_PROMPT_FILE,
+            "num_masks": sam.mask_decoder.num_mask_tokens,
+            "inputs": {
+                "image_embeddings": [1, *embedding],
+                "point_coords": ["batch", 2, 2],
+                "point_labels": ["batch", 2],
+            },
+            "outputs": {
+                "iou_predictions": ["batch", sam.mask_decoder.num_mask_tokens],
+                "low_res_masks": ["batch", sam.mask_decoder.num_mask_tokens, *mask_size],
+            },
+            "note": "one point then the padding point per prompt; mask 0 is the single-mask "
+            "output, 1.. the multimask ones",
         },
         "point_labels": {
             "-1": "padding (ends a list without a box)",
