@@ -50,19 +50,14 @@ def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def openvino_encoder(path: Path, threads: int):
-    """OpenVINO's fp32 encoder on the same ONNX file, or None if OpenVINO is not installed."""
+def openvino_encoder(onnx_dir: Path, threads: int):
+    """OpenVINO's fp32 encoder on the same encoder.onnx, or None if OpenVINO is not installed."""
+    from tinysam.runtime.predictor import OpenVinoEncoder
+
     try:
-        import openvino as ov
+        return OpenVinoEncoder(onnx_dir / "encoder.onnx", threads)
     except ImportError:
         return None
-    config = {
-        "INFERENCE_PRECISION_HINT": "f32",  # bf16 by default on CPUs that have it
-        "INFERENCE_NUM_THREADS": threads,
-        "PERFORMANCE_HINT": "LATENCY",
-    }
-    request = ov.Core().compile_model(str(path), "CPU", config).create_infer_request()
-    return lambda x: request.infer({0: x})
 
 
 def everything(torch_predictor, onnx_predictor, image) -> None:
@@ -126,9 +121,9 @@ def run(sam, onnx_dir: Path, args) -> None:
         "torch eager": torch_encoder,
         "onnxruntime": lambda: onnx_predictor.encoder.run(None, {"image": encoder_input}),
     }
-    openvino = openvino_encoder(onnx_dir / "encoder.onnx", args.threads)
+    openvino = openvino_encoder(onnx_dir, args.threads)
     if openvino is not None:
-        encoders["openvino"] = lambda: openvino(encoder_input)
+        encoders["openvino"] = lambda: openvino.run(None, {"image": encoder_input})
 
     point, label = np.array([[365.0, 225.0]]), np.array([1])
     generator = torch.Generator().manual_seed(0)

@@ -283,6 +283,10 @@ def test_backend_onnx_segment_and_everything(capsys, tmp_path, onnx_dir, vit_t_o
     expected = unpack_masks(vit_t_outputs["p0_masks"], 769)[result["best"]]
     assert mask_iou(np.asarray(Image.open(out)) == 255, expected) >= 0.999
 
+    code, stdout, _ = _run(capsys, *args[:-4], "--backend", "openvino", "--onnx-dir", onnx_dir)
+    assert code == 0
+    assert np.allclose(json.loads(stdout)["scores"], vit_t_outputs["p0_scores"], atol=1e-4)
+
     code, stdout, _ = _run(
         capsys, "everything", SAMPLE, "--out", tmp_path / "all", "--points-per-side", "4",
         "--pred-iou-thresh", "0.5", "--stability-thresh", "0.3", *onnx,
@@ -297,7 +301,8 @@ def test_backend_onnx_segment_and_everything(capsys, tmp_path, onnx_dir, vit_t_o
         (["--backend", "onnx"], "--backend onnx needs --onnx-dir DIR"),
         (["--backend", "onnx", "--onnx-dir", "nowhere"], "ONNX model directory not found"),
         (["--backend", "onnx", "--onnx-dir", ".", "--device", "cuda"], "for the torch backend"),
-        (["--onnx-dir", "."], "--onnx-dir is for --backend onnx"),
+        (["--backend", "openvino"], "--backend openvino needs --onnx-dir DIR"),
+        (["--onnx-dir", "."], "--onnx-dir is for --backend onnx or openvino"),
     ],
 )
 def test_backend_errors(capsys, tmp_path, monkeypatch, extra, message):

@@ -281,3 +281,19 @@ def test_slow_path_check_finds_a_split_gelu(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     onnx.save(model, tmp_path / "erf.onnx")
     assert slow_ops(tmp_path / "erf.onnx", threads=1) == {"Erf": 1}
+
+
+def test_openvino_encoder_meets_the_golden_tolerances(onnx_dir, golden_image, vit_t_outputs):
+    """OpenVINO runs encoder.onnx in float32 (not its bf16 default on AVX-512 CPUs)."""
+    predictor = OnnxPredictor(onnx_dir, threads=2, encoder_engine="openvino")
+    predictor.set_image(golden_image)
+    embedding = predictor.get_image_embedding()
+    assert embedding.dtype == np.float32
+    assert np.abs(embedding - vit_t_outputs["image_embedding"]).max() < EMBED_TOL
+    _, scores, low_res = predictor.predict(np.array([[365.0, 225.0]]), np.array([1]))
+    assert np.abs(low_res - vit_t_outputs["p0_low_res_logits"]).max() < LOGIT_TOL
+
+
+def test_unknown_encoder_engine(onnx_dir):
+    with pytest.raises(ValueError, match="encoder_engine must be one of onnxruntime, openvino"):
+        OnnxPredictor(onnx_dir, encoder_engine="tensorrt")

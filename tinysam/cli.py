@@ -157,10 +157,10 @@ def _add_model_args(parser: argparse.ArgumentParser, backend: bool = False) -> N
     if backend:
         parser.add_argument(
             "--backend",
-            choices=("torch", "onnx"),
+            choices=("torch", "onnx", "openvino"),
             default="torch",
-            help="torch (default) or onnx: ONNX Runtime on an export made by `tinysam export` "
-            "(see --onnx-dir)",
+            help="torch (default); onnx: ONNX Runtime on an export made by `tinysam export` "
+            "(see --onnx-dir); openvino: the same with OpenVINO running the image encoder",
         )
         parser.add_argument(
             "--onnx-dir",
@@ -205,27 +205,28 @@ def _load(args: argparse.Namespace):
 
 def _predictor(args: argparse.Namespace):
     """The predictor the arguments ask for: SamPredictor, or OnnxPredictor (no torch needed)."""
-    if args.backend == "onnx":
+    if args.backend in ("onnx", "openvino"):
         import os
 
         if args.checkpoint is not None or args.model is not None or args.device != "cpu":
             raise UsageError(
                 "--checkpoint, --model and --device are for the torch backend; "
-                "--backend onnx runs the export in --onnx-dir on the CPU"
+                f"--backend {args.backend} runs the export in --onnx-dir on the CPU"
             )
         if args.threads is not None and args.threads < 1:
             raise UsageError("--threads must be at least 1")
         onnx_dir = args.onnx_dir or os.environ.get("TINYSAM_ONNX_DIR")
         if not onnx_dir:
             raise UsageError(
-                "--backend onnx needs --onnx-dir DIR (or $TINYSAM_ONNX_DIR), "
+                f"--backend {args.backend} needs --onnx-dir DIR (or $TINYSAM_ONNX_DIR), "
                 "a folder written by `tinysam export --out-dir DIR`"
             )
         from .runtime import OnnxPredictor
 
-        return OnnxPredictor(onnx_dir, threads=args.threads)
+        engine = "openvino" if args.backend == "openvino" else "onnxruntime"
+        return OnnxPredictor(onnx_dir, threads=args.threads, encoder_engine=engine)
     if args.onnx_dir is not None:
-        raise UsageError("--onnx-dir is for --backend onnx")
+        raise UsageError("--onnx-dir is for --backend onnx or openvino")
     from .predictor import SamPredictor
 
     sam, _ = _load(args)
@@ -416,7 +417,13 @@ def _one_line(err: Exception) -> str:
 
 
 # The extra that brings each optional module.
-_EXTRAS = {"torch": "torch", "onnxruntime": "onnx", "onnx": "export", "onnxscript": "export"}
+_EXTRAS = {
+    "torch": "torch",
+    "onnxruntime": "onnx",
+    "openvino": "openvino",
+    "onnx": "export",
+    "onnxscript": "export",
+}
 
 
 def _missing_extra(err: ImportError) -> str:

@@ -48,6 +48,9 @@ def session_options(threads: int | None = None):
     options.intra_op_num_threads = threads or _physical_cores()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only; warnings about unused initialisers are noise
+    # Idle pool threads would spin after each run, stealing the cores from whatever the caller
+    # does next (numpy post-processing, torch); the encoder is no slower without it.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -89,8 +92,15 @@ def load_manifest(model_dir: str | os.PathLike) -> dict:
     return manifest
 
 
+ENCODER_ENGINES = ("onnxruntime", "openvino")
+
+
 class OnnxPredictor:
-    """Encode an image once with ``encoder.onnx``, then answer prompts with the decoders."""
+    """Encode an image once with ``encoder.onnx``, then answer prompts with the decoders.
+
+    ``encoder_engine="openvino"`` runs the encoder with OpenVINO in float32 instead (about 10%
+    faster on AVX-512 CPUs; ``pip install openvino``); the decoders stay on ONNX Runtime.
+    """
 
     device = "cpu"
 
@@ -99,7 +109,13 @@ class OnnxPredictor:
         model_dir: str | os.PathLike,
         threads: int | None = None,
         providers: list[str] | None = None,
+        encoder_engine: str = "onnxruntime",
     ) -> None:
+        if encoder_engine not in ENCODER_ENGINES:
+            raise ValueError(
+                f"encoder_engine must be one of {', '.join(ENCODER_ENGINES)}, "
+                f"got {encoder_engine!r}"
+            )
         try:
             import onnxruntime as ort
         except ImportError as err:
@@ -128,7 +144,11 @@ class OnnxPredictor:
                 first = str(err).splitlines()[0] if str(err) else type(err).__name__
                 raise OnnxModelError(f"cannot load {path}: {first}; export again") from err
 
-        self.encoder = session(self.manifest["encoder"]["file"])
+        encoder_path = self.model_dir / self.manifest["encoder"]["file"]
+        if encoder_engine == "openvino":
+            self.encoder = OpenVinoEncoder(encoder_path, threads or _physical_cores())
+        else:
+            self.encoder = session(encoder_path.name)
         self.decoders = {
             variant: session(d["file"]) for variant, d in self.manifest["decoders"].items()
         }
@@ -317,6 +337,35 @@ class OnnxPredictor:
         coords = np.concatenate(parts_xy, axis=1)
         labels = np.concatenate(parts_label, axis=1)
         return coords, labels, mask_input
+
+
+class OpenVinoEncoder:
+    """``encoder.onnx`` compiled by OpenVINO for the CPU, in float32 (OpenVINO would pick
+    bf16 on CPUs that have it, which moves the embedding by ~1e-2). Runs like an ONNX
+    Runtime session: ``run(None, {"image": x})`` -> [embedding]."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        try:
+            import openvino as ov
+        except ImportError as err:
+            raise ImportError(
+                "the openvino encoder needs openvino: pip install 'tinysam[openvino]'"
+            ) from err
+        config = {
+            "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_NUM_THREADS": threads,
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        try:
+            self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        except Exception as err:  # OpenVINO raises its own untyped errors
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise OnnxModelError(f"OpenVINO cannot load {path}: {first}") from err
+        self.request = self.compiled.create_infer_request()
+
+    def run(self, outputs, feeds: dict) -> list[np.ndarray]:
+        result = self.request.infer({0: feeds["image"]})
+        return [np.array(result[self.compiled.output(0)])]
 
 
 def _same_kind(as_torch: bool, arrays: tuple) -> tuple:
