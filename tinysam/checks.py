@@ -148,3 +148,22 @@ def check_prompt_batch(
         batch.add(mask_input.shape[0])
     if len(batch) > 1:
         raise ValueError(f"prompt batch sizes disagree: {sorted(batch)}")
+
+
+def single_prompt_batch(
+    point_coords, point_labels, box, mask_input, transform, original_size, mask_size
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """``predict``'s arguments (original-image pixels), checked and mapped to the model's input
+    frame as a batch of one: coords 1xNx2, labels 1xN, box 1x4, mask_input 1x1xHxW (or None)."""
+    coords = labels = boxes = mask = None
+    if point_coords is not None or point_labels is not None:
+        if point_coords is None:
+            raise ValueError("point_coords must be given with point_labels")
+        coords, labels = check_points(point_coords, point_labels)
+        coords = transform.apply_coords(coords, original_size)[None]
+        labels = labels[None]
+    if box is not None:
+        boxes = transform.apply_boxes(check_box(box), original_size)
+    if mask_input is not None:
+        mask = check_mask_input(mask_input, mask_size)[None]
+    return coords, labels, boxes, mask

@@ -11,13 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checks import (
-    as_rgb_uint8,
-    check_box,
-    check_mask_input,
-    check_points,
-    check_prompt_batch,
-)
+from .checks import as_rgb_uint8, check_prompt_batch, single_prompt_batch
 from .modeling import Sam
 from .modeling.many_prompts import ManyPromptDecoder
 from .perf import tune_allocator
@@ -83,21 +77,19 @@ class SamPredictor:
         low-res logits Cx256x256; C is 3 with ``multimask_output``, else 1.
         """
         self._require_image()
-        coords_t = labels_t = box_t = mask_t = None
-        if point_coords is not None or point_labels is not None:
-            if point_coords is None:
-                raise ValueError("point_coords must be given with point_labels")
-            coords, labels = check_points(point_coords, point_labels)
-            coords = self.transform.apply_coords(coords, self.original_size)
-            coords_t = torch.as_tensor(coords, dtype=torch.float, device=self.device)[None]
-            labels_t = torch.as_tensor(labels, dtype=torch.int, device=self.device)[None]
-        if box is not None:
-            boxes = self.transform.apply_boxes(check_box(box), self.original_size)
-            box_t = torch.as_tensor(boxes, dtype=torch.float, device=self.device)[None]
-        if mask_input is not None:
-            mask = check_mask_input(mask_input, self.model.prompt_encoder.mask_input_size)
-            mask_t = torch.as_tensor(mask, dtype=torch.float, device=self.device)[None]
-
+        prompts = single_prompt_batch(
+            point_coords,
+            point_labels,
+            box,
+            mask_input,
+            self.transform,
+            self.original_size,
+            self.model.prompt_encoder.mask_input_size,
+        )
+        coords_t, labels_t, box_t, mask_t = (
+            None if a is None else torch.as_tensor(a, dtype=dtype, device=self.device)
+            for a, dtype in zip(prompts, (torch.float, torch.int, torch.float, torch.float))
+        )
         masks, scores, low_res = self.predict_torch(
             coords_t, labels_t, box_t, mask_t, multimask_output, return_logits=return_logits
         )

@@ -19,10 +19,8 @@ from PIL import Image
 from ..checks import (
     NOT_A_POINT,
     as_rgb_uint8,
-    check_box,
-    check_mask_input,
-    check_points,
     check_prompt_batch,
+    single_prompt_batch,
 )
 from ..transforms import ResizeLongestSide
 
@@ -211,17 +209,15 @@ class OnnxPredictor:
         low-res logits Cx256x256; C is 3 with ``multimask_output``, else 1.
         """
         self._require_image()
-        coords = labels = boxes = mask = None
-        if point_coords is not None or point_labels is not None:
-            if point_coords is None:
-                raise ValueError("point_coords must be given with point_labels")
-            coords, labels = check_points(point_coords, point_labels)
-            coords = self.transform.apply_coords(coords, self.original_size)[None]
-            labels = labels[None]
-        if box is not None:
-            boxes = self.transform.apply_boxes(check_box(box), self.original_size)
-        if mask_input is not None:
-            mask = check_mask_input(mask_input, self.mask_input_size)[None]
+        coords, labels, boxes, mask = single_prompt_batch(
+            point_coords,
+            point_labels,
+            box,
+            mask_input,
+            self.transform,
+            self.original_size,
+            self.mask_input_size,
+        )
         masks, scores, low_res = self.predict_torch(
             coords, labels, boxes, mask, multimask_output, return_logits=return_logits
         )
