@@ -297,3 +297,36 @@ def test_openvino_encoder_meets_the_golden_tolerances(onnx_dir, golden_image, vi
 def test_unknown_encoder_engine(onnx_dir):
     with pytest.raises(ValueError, match="encoder_engine must be one of onnxruntime, openvino"):
         OnnxPredictor(onnx_dir, encoder_engine="tensorrt")
+
+
+def test_sam_vit_encoder_exports(golden, tmp_path):
+    """SAM's ViT (the golden small config: windowed and global attention, relative positions)
+    exports and meets the golden tolerance under ONNX Runtime."""
+    from functools import partial
+
+    import onnxruntime as ort
+
+    from tinysam.build import _sam
+    from tinysam.io import load_image
+    from tinysam.modeling import ImageEncoderViT
+    from tinysam.runtime import session_options
+    from tinysam.runtime.export import export_encoder, save_onnx
+    from tinysam.transforms import ResizeLongestSide
+
+    meta = json.loads((golden / "vit_small_seed3_meta.json").read_text())
+    encoder = ImageEncoderViT(norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), **meta["config"])
+    state = torch.load(golden / "vit_small_seed3_encoder.pth", weights_only=True)
+    encoder.load_state_dict(state, strict=True)
+    sam = _sam(encoder)
+    save_onnx(export_encoder(sam), tmp_path / "encoder.onnx")
+    session = ort.InferenceSession(str(tmp_path / "encoder.onnx"), session_options(2))
+
+    image = load_image(golden / "images" / meta["image"])
+    resized = ResizeLongestSide(1024).apply_image(image).astype(np.float32)
+    x = np.zeros((1, 3, 1024, 1024), np.float32)
+    mean = sam.pixel_mean.numpy()
+    std = sam.pixel_std.numpy()
+    x[0, :, : resized.shape[0], : resized.shape[1]] = (resized.transpose(2, 0, 1) - mean) / std
+    out = session.run(None, {"image": x})[0]
+    expected = np.load(golden / "vit_small_seed3_outputs.npz")["image_embedding"]
+    assert np.abs(out - expected).max() < EMBED_TOL
