@@ -18,6 +18,14 @@ from tinysam.runtime.export import DECODER_INPUTS, DECODER_OUTPUTS, MANIFEST, ex
 
 from conftest import REPO, mask_iou, unpack_masks
 
+MODEL_FILES = (
+    "encoder.onnx",
+    "decoder.onnx",
+    "decoder_single.onnx",
+    "decoder_many.onnx",
+    "decoder_many_masks.onnx",
+)
+
 
 def test_export_writes_the_contract(onnx_dir):
     manifest = json.loads((onnx_dir / MANIFEST).read_text())
@@ -123,10 +131,27 @@ def test_many_prompt_graph_matches_torch(onnx_predictor, predictor, monkeypatch)
         assert (ours[1] - reference[1]).abs().max() < SCORE_TOL
         assert (ours[2] - reference[2]).abs().max() < LOGIT_TOL
     assert calls == [16, 5, 16, 5]
+    # With min_iou, masks only for prompts that pass it, NaN elsewhere, as SamPredictor.
+    full = reference
+    # A threshold between two scores, far from both (the backends differ by ~1e-7).
+    ordered = reference[1].flatten().sort().values
+    middle = int(torch.argmax(ordered[6:15].diff())) + 6
+    threshold = float(ordered[middle : middle + 2].mean())
+    ours = onnx_predictor.predict_torch(
+        coords, labels, multimask_output=False, upscale=False, min_iou=threshold
+    )
+    reference = predictor.predict_torch(
+        coords, labels, multimask_output=False, upscale=False, min_iou=threshold
+    )
+    made = ~ours[2].isnan().flatten(1).all(dim=1)
+    assert torch.equal(made, ~reference[2].isnan().flatten(1).all(dim=1))
+    assert 0 < int(made.sum()) < 21
+    assert (ours[2][made] - reference[2][made]).abs().max() < LOGIT_TOL
+    assert calls == [16, 5, 16, 5, 16, 5]
     monkeypatch.setattr(runtime, "MANY_PROMPTS", 1 << 30)  # the web-demo graph instead
     plain = onnx_predictor.predict_torch(coords, labels, multimask_output=False, upscale=False)
-    assert calls == [16, 5, 16, 5]
-    assert (plain[2] - reference[2]).abs().max() < LOGIT_TOL
+    assert calls == [16, 5, 16, 5, 16, 5]
+    assert (plain[2] - full[2]).abs().max() < LOGIT_TOL
 
 
 class _Recording:
@@ -183,7 +208,7 @@ def test_bad_export_directories(tmp_path, onnx_dir):
     (tmp_path / MANIFEST).write_text((onnx_dir / MANIFEST).read_text())
     with pytest.raises(OnnxModelError, match="lacks encoder.onnx, decoder.onnx"):
         OnnxPredictor(tmp_path)
-    for name in ("encoder.onnx", "decoder.onnx", "decoder_single.onnx", "decoder_many.onnx"):
+    for name in MODEL_FILES:
         (tmp_path / name).write_bytes(b"not a model")
     with pytest.raises(OnnxModelError, match="cannot load .*encoder.onnx.*export again"):
         OnnxPredictor(tmp_path)
@@ -265,7 +290,7 @@ def test_torch_paths_say_which_extra_is_missing(tmp_path, golden):
 def test_no_slow_paths_in_the_exported_graphs(onnx_dir):
     from tinysam.runtime.profile import slow_ops
 
-    for name in ("encoder.onnx", "decoder.onnx", "decoder_single.onnx", "decoder_many.onnx"):
+    for name in MODEL_FILES:
         assert slow_ops(onnx_dir / name, threads=1) == {}, name
 
 

@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="export the model to ONNX (encoder, decoders, manifest) for torch-free inference",
         description=(
             "Write encoder.onnx, decoder.onnx (3 masks), decoder_single.onnx (1 mask), "
-            "decoder_many.onnx (bulk one-point prompts, for everything mode) and "
+            "decoder_many.onnx and decoder_many_masks.onnx (bulk one-point prompts, for the "
+            "everything mode) and "
             "tinysam_onnx.json to OUT_DIR. decoder.onnx and decoder_single.onnx keep "
             "segment-anything's web-demo inputs and outputs. Run them with --backend onnx or "
             "tinysam.runtime.OnnxPredictor (needs only numpy, Pillow and onnxruntime)."
@@ -344,6 +345,7 @@ def run_export(args: argparse.Namespace) -> dict:
         ENCODER_FILE,
         MANIFEST,
         MANY_PROMPT_FILE,
+        MANY_PROMPT_MASKS_FILE,
         MIN_OPSET,
         export_onnx,
     )
@@ -353,6 +355,7 @@ def run_export(args: argparse.Namespace) -> dict:
     sam, resolved = _load(args)
     model_type = detect_model_type(sam.state_dict())
     files = [ENCODER_FILE, *DECODER_FILES.values(), MANY_PROMPT_FILE]
+    written = [*files, MANY_PROMPT_MASKS_FILE, MANIFEST]  # masks graph: with decoder_many
     with tqdm(total=len(files), unit="file", disable=not sys.stderr.isatty()) as bar:
 
         def step(name: str) -> None:
@@ -367,7 +370,7 @@ def run_export(args: argparse.Namespace) -> dict:
         "checkpoint": str(resolved.path),
         "opset": args.opset,
         "out_dir": str(args.out_dir),
-        "files": {name: (args.out_dir / name).stat().st_size for name in [*files, MANIFEST]},
+        "files": {name: (args.out_dir / name).stat().st_size for name in written},
     }
 
 

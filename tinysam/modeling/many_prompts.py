@@ -18,6 +18,7 @@ until a mask is wanted; masks are then made only for the prompts that ask for th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -26,6 +27,19 @@ from .transformer import Attention, TwoWayAttentionBlock
 
 # Prompts per group when making masks (bounds the size of the upscaled maps).
 MASK_GROUP = 8
+
+
+class MaskState(NamedTuple):
+    """The decoded prompts' state that masks are made from (``ManyPromptDecoder.mask_state``):
+    mask tokens and image tokens in low-rank form, with the first upscaling's shared pieces.
+    Plain tensors, so a graph can hand them to another (decoder_many*.onnx)."""
+
+    mask_tokens: torch.Tensor  # B x M x C
+    coeffs: torch.Tensor  # B x r x N
+    basis: torch.Tensor  # B x r x C
+    scale: torch.Tensor  # B x N
+    shared: torch.Tensor  # N x 4C/4: the shared tokens through the first upscaling
+    constant: torch.Tensor  # 4C/4: the offset through it, plus its bias
 
 
 @dataclass
@@ -107,14 +121,6 @@ class LowRankTokens:
         if full_key not in self.cache:
             self.cache[full_key] = compute()
         return self.cache[full_key]
-
-    def linear(self, key: str, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """A linear map of every token, token-major: B x N x out (``key`` names the map)."""
-        out = torch.baddbmm(
-            weight @ self.offset + bias, self.coeffs.transpose(1, 2), self.basis @ weight.T
-        )
-        shared = self.cached(("linear", key), lambda: self.shared @ weight.T)
-        return out.addcmul_(self.scale[..., None], shared)
 
     def scores(
         self, queries: torch.Tensor, proj: torch.nn.Linear, extra: torch.Tensor | None
@@ -385,32 +391,62 @@ class ManyPromptDecoder:
         Made ``group`` prompts at a time (the upscaled maps are large, and small groups stay
         in cache); ``group=None`` makes all at once, as a graph for export must.
         """
-        if self.state is None:
-            raise RuntimeError("call decode() first")
-        hs, image = self.state
         if group is None:
-            return (
-                self._masks(hs, image)
-                if rows is None
-                else self._masks(hs[rows], image.select(rows))
-            )
+            return self.masks_from_state(self.mask_state(rows))
         if rows is None:
+            hs = self._decoded()[0]
             rows = torch.arange(hs.shape[0], device=hs.device)
-        dec = self.decoder
         h, w = self.grid
-        parts = [hs.new_zeros(0, dec.num_mask_tokens, 4 * h, 4 * w)]
+        parts = [self.image.new_zeros(0, self.decoder.num_mask_tokens, 4 * h, 4 * w)]
         for chunk in rows.split(group):
             if len(chunk):
-                parts.append(self._masks(hs[chunk], image.select(chunk)))
+                parts.append(self.masks_from_state(self.mask_state(chunk)))
         return torch.cat(parts)
 
-    def _masks(self, hs: torch.Tensor, image: LowRankTokens) -> torch.Tensor:
-        dec = self.decoder
-        h, w = self.grid
-        up1 = dec.output_upscaling[0]
-        # The first transposed convolution maps each token to its own 2x2 output block: a
-        # linear map of the tokens, taken straight from the low-rank form.
-        weight = up1.weight.permute(2, 3, 1, 0).reshape(-1, up1.in_channels)  # (di,dj,c) x C
-        first = image.linear("up1", weight, up1.bias.repeat(4))
-        first = first.view(hs.shape[0], h, w, 2, 2, -1)
-        return dec.masks_from_first_upscale(first, hs[:, 1 : 1 + dec.num_mask_tokens, :])
+    def mask_state(self, rows: torch.Tensor | None = None) -> MaskState:
+        """What making masks needs of the decoded prompts in ``rows``, as plain tensors."""
+        hs, image = self._decoded()
+        if rows is not None:
+            hs, image = hs[rows], image.select(rows)
+        weight, bias = self._first_upscale()
+        batch, n = hs.shape[0], image.shared.shape[0]
+        return MaskState(
+            hs[:, 1 : 1 + self.decoder.num_mask_tokens, :],
+            image.coeffs,
+            image.basis,
+            image.scale.expand(batch, n),
+            image.cached(("up1",), lambda: image.shared @ weight.T),
+            weight @ image.offset + bias,
+        )
+
+    def masks_from_state(self, state: MaskState) -> torch.Tensor:
+        return masks_from_state(self.decoder, state, self.grid)
+
+    def _first_upscale(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return first_upscale(self.decoder)
+
+    def _decoded(self) -> tuple[torch.Tensor, LowRankTokens]:
+        if self.state is None:
+            raise RuntimeError("call decode() first")
+        return self.state
+
+
+def first_upscale(decoder: MaskDecoder) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's first transposed convolution as a matrix ((di, dj, c_out) x C) and bias."""
+    up1 = decoder.output_upscaling[0]
+    weight = up1.weight.permute(2, 3, 1, 0).reshape(-1, up1.in_channels)
+    return weight, up1.bias.repeat(4)
+
+
+def masks_from_state(decoder: MaskDecoder, state: MaskState, grid: tuple[int, int]) -> torch.Tensor:
+    """Low-res logits B x num_mask_tokens x 4h x 4w from ``ManyPromptDecoder.mask_state``.
+
+    The first transposed convolution maps each token to its own 2x2 output block: a linear
+    map of the tokens, applied straight to the low-rank form.
+    """
+    weight, _ = first_upscale(decoder)
+    h, w = grid
+    first = torch.baddbmm(state.constant, state.coeffs.transpose(1, 2), state.basis @ weight.T)
+    first = first.addcmul_(state.scale[..., None], state.shared)
+    first = first.view(state.mask_tokens.shape[0], h, w, 2, 2, -1)
+    return decoder.masks_from_first_upscale(first, state.mask_tokens)

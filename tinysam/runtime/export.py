@@ -1,6 +1,6 @@
 """Export a model to ONNX: ``encoder.onnx``, ``decoder.onnx`` (3 masks), ``decoder_single.onnx``
-(1 mask), ``decoder_many.onnx`` (bulk one-point prompts, for the everything mode) and
-``tinysam_onnx.json`` describing them.
+(1 mask), ``decoder_many.onnx`` + ``decoder_many_masks.onnx`` (bulk one-point prompts, for the
+everything mode) and ``tinysam_onnx.json`` describing them.
 
 The decoders keep the input/output contract of segment-anything's web-demo decoder, so tools
 made for it work unchanged: ``image_embeddings`` 1x256x64x64, ``point_coords`` BxNx2 in the
@@ -35,6 +35,7 @@ MANIFEST = "tinysam_onnx.json"
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILES = {"multimask": "decoder.onnx", "single": "decoder_single.onnx"}
 MANY_PROMPT_FILE = "decoder_many.onnx"
+MANY_PROMPT_MASKS_FILE = "decoder_many_masks.onnx"
 DEFAULT_OPSET = 20
 MIN_OPSET = 18  # torch's dynamo exporter
 # Protobuf cannot hold 2 GiB; larger graphs (ViT-H) keep their weights beside them.
@@ -84,14 +85,15 @@ class DecoderGraph(nn.Module):
         return iou[:, self.selected], low_res[:, self.selected]
 
 
-class ManyPromptGraph(nn.Module):
-    """Many one-point prompts on one image (the everything mode) through ``ManyPromptDecoder``:
-    ``image_embeddings`` 1x256x64x64, ``point_coords`` Bx2x2 and ``point_labels`` Bx2 (the
-    point, then the padding point (0, 0) labelled -1) -> ``iou_predictions`` Bx4 and
-    ``low_res_masks`` Bx4x256x256, all four mask tokens (0: single-mask output, 1-3: multimask).
+class ManyPromptDecodeGraph(nn.Module):
+    """Many one-point prompts on one image (the everything mode) through ``ManyPromptDecoder``,
+    in two graphs, so that masks are made only for prompts whose IoU predictions pass a filter.
 
-    About 1.8x faster per prompt than the web-demo decoder under ONNX Runtime. The prompt
-    count is fixed at two because the low-rank state's size depends on it.
+    This one (``decoder_many.onnx``): ``image_embeddings`` 1x256x64x64, ``point_coords`` Bx2x2
+    and ``point_labels`` Bx2 (the point, then the padding point (0, 0) labelled -1) ->
+    ``iou_predictions`` Bx4 (all four mask tokens: 0 single-mask, 1-3 multimask) and the
+    ``MaskState`` tensors that ``ManyPromptMasksGraph`` turns into masks. The prompt count is
+    fixed at two because the low-rank state's size depends on it.
     """
 
     def __init__(self, sam: Sam) -> None:
@@ -101,7 +103,7 @@ class ManyPromptGraph(nn.Module):
 
     def forward(
         self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, ...]:
         from ..modeling.many_prompts import ManyPromptDecoder
 
         prompts = self.prompt_encoder
@@ -112,7 +114,31 @@ class ManyPromptGraph(nn.Module):
             self.mask_decoder, image_embeddings, prompts.get_dense_pe(), no_mask
         )
         iou, _ = decoder.decode(sparse)
-        return iou, decoder.masks(group=None)
+        return (iou, *decoder.mask_state())
+
+
+class ManyPromptMasksGraph(nn.Module):
+    """``decoder_many_masks.onnx``: ``MaskState`` tensors (for the chosen prompts) ->
+    ``low_res_masks`` Bx4x256x256."""
+
+    def __init__(self, sam: Sam) -> None:
+        super().__init__()
+        self.mask_decoder = sam.mask_decoder
+        self.grid = sam.prompt_encoder.image_embedding_size
+
+    def forward(
+        self,
+        mask_tokens: torch.Tensor,
+        coeffs: torch.Tensor,
+        basis: torch.Tensor,
+        scale: torch.Tensor,
+        shared: torch.Tensor,
+        constant: torch.Tensor,
+    ) -> torch.Tensor:
+        from ..modeling.many_prompts import MaskState, masks_from_state
+
+        state = MaskState(mask_tokens, coeffs, basis, scale, shared, constant)
+        return masks_from_state(self.mask_decoder, state, self.grid)
 
 
 def _onnx_program(module: nn.Module, args: tuple, opset: int, **kwargs):
@@ -170,24 +196,38 @@ def export_decoder(sam: Sam, multimask: bool, opset: int = DEFAULT_OPSET):
     return add_mask_upscaling(model, sam.image_encoder.img_size)
 
 
-def export_many_prompt_decoder(sam: Sam, opset: int = DEFAULT_OPSET):
-    """The many-prompt decoder graph (``ManyPromptGraph``), batch dynamic."""
+def export_many_prompt_decoder(sam: Sam, opset: int = DEFAULT_OPSET) -> tuple:
+    """The many-prompt decoder's two graphs (decode, masks), batch dynamic."""
+    from ..modeling.many_prompts import MaskState
+
     embedding = sam.image_encoder.img_size // 16
     example = (
         torch.zeros(1, sam.prompt_encoder.embed_dim, embedding, embedding),
         torch.full((2, 2, 2), 100.0),
         torch.tensor([[1.0, -1.0]] * 2),
     )
-    batch = {0: torch.export.Dim("batch", min=1, max=1 << 16)}
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    decode = ManyPromptDecodeGraph(sam)
     with torch.no_grad():
-        return _onnx_program(
-            ManyPromptGraph(sam),
+        state = decode(*example)[1:]
+        decode_model = _onnx_program(
+            decode,
             example,
             opset,
             input_names=["image_embeddings", "point_coords", "point_labels"],
-            output_names=["iou_predictions", "low_res_masks"],
-            dynamic_shapes=(None, batch, batch),
+            output_names=["iou_predictions", *MaskState._fields],
+            dynamic_shapes=(None, {0: batch}, {0: batch}),
         )
+        per_prompt = {0: batch}
+        masks_model = _onnx_program(
+            ManyPromptMasksGraph(sam),
+            tuple(state),
+            opset,
+            input_names=list(MaskState._fields),
+            output_names=["low_res_masks"],
+            dynamic_shapes=(per_prompt, per_prompt, per_prompt, per_prompt, None, None),
+        )
+    return decode_model, masks_model
 
 
 def add_mask_upscaling(model, image_size: int):
@@ -302,7 +342,9 @@ def export_onnx(
         save_onnx(export_decoder(sam, variant == "multimask", opset), out_dir / name)
     if step:
         step(MANY_PROMPT_FILE)
-    save_onnx(export_many_prompt_decoder(sam, opset), out_dir / MANY_PROMPT_FILE)
+    decode_model, masks_model = export_many_prompt_decoder(sam, opset)
+    save_onnx(decode_model, out_dir / MANY_PROMPT_FILE)
+    save_onnx(masks_model, out_dir / MANY_PROMPT_MASKS_FILE)
     manifest = describe(sam, model_type, opset)
     with atomic_write(out_dir / MANIFEST, "w") as f:
         json.dump(manifest, f, indent=2)
@@ -354,18 +396,20 @@ def describe(sam: Sam, model_type: str, opset: int) -> dict:
         },
         "many_prompt_decoder": {
             "file": MANY_PROMPT_FILE,
+            "masks_file": MANY_PROMPT_MASKS_FILE,
             "num_masks": sam.mask_decoder.num_mask_tokens,
             "inputs": {
                 "image_embeddings": [1, *embedding],
                 "point_coords": ["batch", 2, 2],
                 "point_labels": ["batch", 2],
             },
-            "outputs": {
-                "iou_predictions": ["batch", sam.mask_decoder.num_mask_tokens],
+            "outputs": {"iou_predictions": ["batch", sam.mask_decoder.num_mask_tokens]},
+            "masks_outputs": {
                 "low_res_masks": ["batch", sam.mask_decoder.num_mask_tokens, *mask_size],
             },
-            "note": "one point then the padding point per prompt; mask 0 is the single-mask "
-            "output, 1.. the multimask ones",
+            "note": "one point then the padding point per prompt; the first graph's other "
+            "outputs (the decoded state) feed the masks graph, for the prompts that want masks; "
+            "mask 0 is the single-mask output, 1.. the multimask ones",
         },
         "point_labels": {
             "-1": "padding (ends a list without a box)",

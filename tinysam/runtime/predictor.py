@@ -81,7 +81,8 @@ def load_manifest(model_dir: str | os.PathLike) -> dict:
         raise OnnxModelError(f"{path} is not a tinysam ONNX manifest; export again")
     files = [manifest["encoder"]["file"]] + [d["file"] for d in manifest["decoders"].values()]
     if "many_prompt_decoder" in manifest:
-        files.append(manifest["many_prompt_decoder"]["file"])
+        many = manifest["many_prompt_decoder"]
+        files += [many["file"], many["masks_file"]]
     missing = [name for name in files if not (model_dir / name).is_file()]
     if missing:
         raise OnnxModelError(
@@ -152,6 +153,7 @@ class OnnxPredictor:
         }
         many = self.manifest.get("many_prompt_decoder")  # exports before it lack it
         self.many_prompt_decoder = session(many["file"]) if many else None
+        self.many_prompt_masks = session(many["masks_file"]) if many else None
         self.reset_image()
 
     # ------------------------------------------------------------------ image
@@ -232,12 +234,15 @@ class OnnxPredictor:
         multimask_output: bool = True,
         return_logits: bool = False,
         upscale: bool = True,
+        min_iou: float | None = None,
     ) -> tuple[Any, Any, Any]:
         """Batched prediction with prompts in the resized (1024) frame, as
         ``SamPredictor.predict_torch``: ``point_coords`` BxNx2, ``point_labels`` BxN, ``boxes``
         Bx4, ``mask_input`` Bx1x256x256. Torch tensors in, torch tensors out; numpy otherwise.
 
-        ``upscale=False`` skips the full-size masks (None), for callers that filter first.
+        For callers that filter many prompts (the everything mode): ``upscale=False`` skips the
+        full-size masks (None); ``min_iou`` then skips the masks of one-point prompts none of
+        whose scores exceed it, leaving their logits NaN.
         """
         self._require_image()
         as_torch = any(
@@ -246,7 +251,7 @@ class OnnxPredictor:
         )
         coords, labels, mask = self._decoder_prompts(point_coords, point_labels, boxes, mask_input)
         if self._use_many_prompt_decoder(coords, boxes, mask, upscale):
-            scores, low_res = self._many_prompts(coords, labels, multimask_output)
+            scores, low_res = self._many_prompts(coords, labels, multimask_output, min_iou)
             return _same_kind(as_torch, (None, scores, low_res))
         outputs = ["masks", "iou_predictions", "low_res_masks"] if upscale else None
         if not upscale:
@@ -289,13 +294,16 @@ class OnnxPredictor:
             and coords.shape[0] >= MANY_PROMPTS
         )
 
-    def _many_prompts(self, coords, labels, multimask_output: bool):
-        """IoU predictions and low-res logits from decoder_many.onnx, in chunks."""
+    def _many_prompts(self, coords, labels, multimask_output: bool, min_iou: float | None):
+        """IoU predictions and low-res logits through decoder_many*.onnx, in chunks; with
+        ``min_iou``, masks only for prompts with a selected score above it (others NaN)."""
         selected = slice(1, None) if multimask_output else slice(0, 1)
-        scores, low_res = [], []
+        size = self.mask_input_size
+        scores = np.empty((coords.shape[0], 3 if multimask_output else 1), np.float32)
+        low_res = np.full((*scores.shape, *size), np.nan, np.float32)
         for start in range(0, coords.shape[0], MANY_PROMPT_CHUNK):
             rows = slice(start, start + MANY_PROMPT_CHUNK)
-            iou, logits = self.many_prompt_decoder.run(
+            iou, *state = self.many_prompt_decoder.run(
                 None,
                 {
                     "image_embeddings": self.features,
@@ -303,9 +311,18 @@ class OnnxPredictor:
                     "point_labels": labels[rows],
                 },
             )
-            scores.append(iou[:, selected])
-            low_res.append(logits[:, selected])
-        return np.concatenate(scores), np.concatenate(low_res)
+            scores[rows] = iou[:, selected]
+            wanted = np.arange(len(iou))
+            if min_iou is not None:
+                wanted = np.flatnonzero((iou[:, selected] > min_iou).any(axis=1))
+                if len(wanted) == 0:
+                    continue
+            # coeffs, basis and scale are per prompt; the last two state tensors are shared.
+            state = [a[wanted] for a in state[:4]] + state[4:]
+            names = [i.name for i in self.many_prompt_masks.get_inputs()]
+            (logits,) = self.many_prompt_masks.run(None, dict(zip(names, state)))
+            low_res[start + wanted] = logits[:, selected]
+        return scores, low_res
 
     def _decoder_prompts(self, point_coords, point_labels, boxes, mask_input):
         """Points and box corners as the decoder's point list (float32), and the mask input."""
