@@ -169,7 +169,7 @@ def run(sam, onnx_dir: Path, args) -> None:
         onnx_dir / "encoder.onnx", {"image": encoder_input}, runs=2, threads=args.threads
     )[:8]:
         print(f"  {op:<22}{ms:>8.1f}{nodes:>6} nodes  {provider}")
-    for name in ("encoder.onnx", "decoder.onnx", "decoder_single.onnx", "decoder_many.onnx"):
+    for name in sorted(p.name for p in onnx_dir.glob("*.onnx")):
         found = slow_ops(onnx_dir / name, args.threads)
         print(f"slow-path check {name}: {found or 'clean'}")
 
