@@ -331,7 +331,7 @@ def test_sam_vit_encoder_exports(golden, tmp_path):
 
     import onnxruntime as ort
 
-    from tinysam.build import _sam
+    from tinysam.build import sam_around
     from tinysam.io import load_image
     from tinysam.modeling import ImageEncoderViT
     from tinysam.runtime import session_options
@@ -342,7 +342,7 @@ def test_sam_vit_encoder_exports(golden, tmp_path):
     encoder = ImageEncoderViT(norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), **meta["config"])
     state = torch.load(golden / "vit_small_seed3_encoder.pth", weights_only=True)
     encoder.load_state_dict(state, strict=True)
-    sam = _sam(encoder)
+    sam = sam_around(encoder)
     save_onnx(export_encoder(sam), tmp_path / "encoder.onnx")
     session = ort.InferenceSession(str(tmp_path / "encoder.onnx"), session_options(2))
 

@@ -53,14 +53,16 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or made for another model."""
 
 
-def _sam(image_encoder: nn.Module) -> Sam:
-    grid = IMAGE_SIZE // VIT_PATCH_SIZE
+def sam_around(image_encoder: nn.Module, image_size: int = IMAGE_SIZE) -> Sam:
+    """SAM's prompt encoder and mask decoder around ``image_encoder`` (whose embedding is
+    256 x image_size/16 x image_size/16); small image sizes make test and demo models."""
+    grid = image_size // VIT_PATCH_SIZE
     sam = Sam(
         image_encoder=image_encoder,
         prompt_encoder=PromptEncoder(
             embed_dim=PROMPT_EMBED_DIM,
             image_embedding_size=(grid, grid),
-            input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
+            input_image_size=(image_size, image_size),
             mask_in_chans=16,
         ),
         mask_decoder=MaskDecoder(
@@ -100,10 +102,10 @@ def build_image_encoder(model_type: str) -> nn.Module:
 def build_sam_model(model_type: str, checkpoint: str | os.PathLike | None = None) -> Sam:
     """Build ``model_type`` in eval mode; load ``checkpoint`` strictly if given."""
     if checkpoint is None:
-        return _sam(build_image_encoder(model_type))
+        return sam_around(build_image_encoder(model_type))
     state_dict = read_state_dict(checkpoint)
     check_model_type(state_dict, model_type, source=str(checkpoint))
-    sam = _sam(build_image_encoder(model_type))
+    sam = sam_around(build_image_encoder(model_type))
     load_into(sam, state_dict, model_type, source=str(checkpoint))
     return sam
 
@@ -312,6 +314,6 @@ def load_model(
     )
     state_dict = read_state_dict(resolved.path)
     model_type = check_model_type(state_dict, model_type, str(resolved.path))
-    sam = _sam(build_image_encoder(model_type))
+    sam = sam_around(build_image_encoder(model_type))
     load_into(sam, state_dict, model_type, source=str(resolved.path))
     return sam.to(device), resolved

@@ -68,11 +68,13 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return_tokens: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
         """All ``num_mask_tokens`` masks and IoU predictions, for B prompt sets.
 
         ``image_embeddings`` is either one embedding (1xCxhxw), shared by every prompt set, or one
-        per prompt set (BxCxhxw).
+        per prompt set (BxCxhxw). ``return_tokens`` adds the two-way transformer's output tokens
+        (B x T x C), which distillation compares.
         """
         batch = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
@@ -93,7 +95,8 @@ class MaskDecoder(nn.Module):
         hs, image_tokens = self.transformer(src, image_pe, tokens)  # image_tokens: B x hw x C
         first = _conv_transpose_2x2(image_tokens.view(batch, h, w, c), self.output_upscaling[0])
         masks = self.masks_from_first_upscale(first, hs[:, 1 : 1 + self.num_mask_tokens, :])
-        return masks, self.iou_prediction_head(hs[:, 0, :])
+        iou = self.iou_prediction_head(hs[:, 0, :])
+        return (masks, iou, hs) if return_tokens else (masks, iou)
 
     def masks_from_first_upscale(
         self, first: torch.Tensor, mask_tokens_out: torch.Tensor

@@ -1,0 +1,323 @@
+"""The distillation loop: one image per step per rank, ``prompts_per_image`` prompts on it.
+
+Per step: the student encodes the image; the teacher's embedding comes from the cache (or, for
+small teachers, its encoder runs online); ground-truth objects are drawn; hard prompt sampling
+makes a point prompt per object (some become box prompts at ``box_rate``); the student's and the
+teacher's decoders answer the same prompts; ``losses.distillation_loss`` compares them. Plain
+PyTorch: AdamW (or Adam), linear warmup then cosine decay, gradient clipping and accumulation,
+DDP under ``torchrun`` (gloo on CPU, nccl on GPU), bf16 autocast on GPU.
+
+Every random choice draws from one ``torch.Generator`` whose state is checkpointed with the
+model, optimiser, scheduler and data position, so ``resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..io import atomic_write
+from ..modeling import Sam
+from .data import SA1BDataset, Sample, ShardedSampler
+from .losses import LossWeights, ModelOutputs, distillation_loss
+from .prompts import HardPromptOptions, hard_prompts
+from .teacher_cache import TeacherEmbeddings
+
+TRAINABLE = ("all", "encoder")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; ``tinysam distill train`` reads it from YAML + overrides."""
+
+    data: str = ""
+    out: str = "distill-run"
+    teacher_cache: str | None = None  # None: run the teacher's encoder online (small teachers)
+    image_size: int = 1024
+    prompts_per_image: int = 64
+    box_rate: float = 0.25  # share of prompts given as the ground-truth box instead of points
+    hard_prompts: bool = True
+    prompt_options: HardPromptOptions = field(default_factory=HardPromptOptions)
+    prompt_predictor: str = "student"  # which network predicts M_i in hard prompt sampling
+    losses: LossWeights = field(default_factory=LossWeights)
+    optimizer: str = "adamw"  # the paper: adam
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    epochs: int = 8
+    max_steps: int | None = None
+    grad_clip: float = 1.0
+    accumulate: int = 1
+    train: str = "all"  # or "encoder": prompt encoder and mask decoder frozen
+    checkpoint_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    min_area: float = 0.0
+
+
+class StudentForward(nn.Module):
+    """The student's whole forward pass as one module, so DDP sees (and syncs) every gradient:
+    the image encoder once, then each group of prompts (points or boxes) against it."""
+
+    def __init__(self, sam: Sam) -> None:
+        super().__init__()
+        self.sam = sam
+
+    def forward(self, image: torch.Tensor, groups: list[tuple]) -> list[ModelOutputs]:
+        embedding = self.sam.image_encoder(image)
+        return [decode(self.sam, embedding, *group) for group in groups]
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module):
+    """``module`` in eval mode for the block, then back to the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def decode(sam: Sam, embedding: torch.Tensor, points, labels, boxes) -> ModelOutputs:
+    """Prompts (points B x N x 2 with labels B x N, or boxes B x 4) against one image
+    embedding: every mask token's low-res logits, the IoU predictions and the tokens."""
+    point_prompt = None if points is None else (points, labels)
+    sparse, dense = sam.prompt_encoder(points=point_prompt, boxes=boxes, masks=None)
+    masks, iou, tokens = sam.mask_decoder.predict_masks(
+        embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense, return_tokens=True
+    )
+    return ModelOutputs(embedding, tokens, masks, iou)
+
+
+class Distiller:
+    def __init__(
+        self,
+        student: Sam,
+        teacher: Sam,
+        config: TrainConfig,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.config = config
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.student = student.to(self.device).train()
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        self._freeze_unused()
+        model = StudentForward(self.student)
+        if world_size > 1:
+            model = nn.parallel.DistributedDataParallel(model)
+        self.model = model
+        self.dataset = SA1BDataset(config.data, config.image_size, config.min_area)
+        self.sampler = ShardedSampler(len(self.dataset), rank, world_size, config.seed)
+        self.cache = TeacherEmbeddings(config.teacher_cache) if config.teacher_cache else None
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        optimizer_class = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[config.optimizer]
+        decay = config.weight_decay if config.optimizer == "adamw" else 0.0
+        self.optimizer = optimizer_class(params, lr=config.lr, weight_decay=decay)
+        self.total_steps = config.max_steps or config.epochs * len(self.sampler)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
+        self.step = 0
+        self.epoch = 0
+        self.position = 0  # images of this epoch already used by this rank
+        self.out = Path(config.out)
+
+    # ------------------------------------------------------------------ setup
+
+    def _freeze_unused(self) -> None:
+        encoder = self.student.image_encoder
+        for name in ("norm_head", "head"):  # TinyViT's classifier: not part of SAM
+            if hasattr(encoder, name):
+                getattr(encoder, name).requires_grad_(False)
+        if self.config.train == "encoder":
+            self.student.prompt_encoder.requires_grad_(False)
+            self.student.mask_decoder.requires_grad_(False)
+        elif self.config.train != "all":
+            raise ValueError(f"train must be one of {', '.join(TRAINABLE)}")
+
+    def _lr_factor(self, step: int) -> float:
+        warmup = self.config.warmup_steps
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    # ------------------------------------------------------------------ one step
+
+    def prompts(self, sample: Sample, network: Sam, embedding: torch.Tensor):
+        """Ground truths (K x S/4 x S/4, the low-res frame) and prompt groups for them:
+        [(points, labels, None), (None, None, boxes)] with the ground-truth rows of each."""
+        config = self.config
+        count = min(config.prompts_per_image, len(sample.annotations))
+        chosen = torch.randperm(len(sample.annotations), generator=self.generator)[:count]
+        full = sample.masks(chosen.tolist())
+        low = network.prompt_encoder.mask_input_size
+        gt = F.interpolate(full[:, None].float(), size=low, mode="area")[:, 0] > 0.5
+        use_box = torch.rand(count, generator=self.generator) < config.box_rate
+        scale = full.shape[-1] / low[-1]  # points are sampled low-res, prompted full-res
+
+        def predict(rows, points, labels):
+            out = decode(network, embedding, points.to(self.device) * scale, labels, None)
+            return (out.masks[:, 0] > 0).cpu()  # the single-mask output: the prompt's guess
+
+        options = config.prompt_options if config.hard_prompts else HardPromptOptions(0)
+        point_rows = (~use_box).nonzero()[:, 0]
+        points, labels, _ = hard_prompts(gt[point_rows], predict, options, self.generator)
+        groups = []
+        if len(point_rows):
+            prompt = (points.to(self.device) * scale, labels.to(self.device), None)
+            groups.append((prompt, point_rows))
+        box_rows = use_box.nonzero()[:, 0]
+        if len(box_rows):
+            boxes = sample.boxes(chosen[box_rows].tolist()).to(self.device)
+            groups.append(((None, None, boxes), box_rows))
+        return gt.to(self.device), groups
+
+    def train_step(self, sample: Sample) -> dict[str, float]:
+        config = self.config
+        image = sample.image[None].to(self.device)
+        with torch.no_grad():
+            if self.cache is not None:
+                teacher_embedding = self.cache[sample.name].to(self.device)
+            else:
+                teacher_embedding = self.teacher.image_encoder(image)
+            if config.prompt_predictor == "teacher":
+                network, embedding = self.teacher, teacher_embedding
+                gt, groups = self.prompts(sample, network, embedding)
+            else:
+                # The student's own guesses: one extra encoder pass without gradients, in eval
+                # mode so BatchNorm statistics are updated once per step, by the trained pass.
+                with evaluating(self.student):
+                    embedding = self.student.image_encoder(image)
+                    gt, groups = self.prompts(sample, self.student, embedding)
+            teacher_outputs = [decode(self.teacher, teacher_embedding, *g) for g, _ in groups]
+        student_outputs = self.model(image, [g for g, _ in groups])
+        # Losses per prompt group, weighted by its share of the prompts.
+        total_prompts = sum(len(rows) for _, rows in groups)
+        terms: dict[str, torch.Tensor] = {}
+        for (_, rows), student, teacher in zip(groups, student_outputs, teacher_outputs):
+            group_terms = distillation_loss(student, teacher, gt[rows], config.losses)
+            for name, value in group_terms.items():
+                terms[name] = terms.get(name, 0) + value * len(rows) / total_prompts
+        (terms["total"] / config.accumulate).backward()
+        self.step += 1
+        if self.step % config.accumulate == 0:
+            if config.grad_clip:
+                nn.utils.clip_grad_norm_(self.student.parameters(), config.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, progress: bool = True) -> list[dict[str, float]]:
+        """Train until ``max_steps`` or the last epoch; returns the logged rows."""
+        from tqdm.auto import tqdm
+
+        config = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        history = []
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            disable=not progress or self.rank != 0,
+            unit="step",
+        )
+        while self.step < self.total_steps and self.epoch < config.epochs:
+            self.sampler.set_epoch(self.epoch, self.position)
+            for index in self.sampler:
+                start = time.perf_counter()
+                row = self.train_step(self.dataset[index])
+                self.position += 1
+                row.update(step=self.step, epoch=self.epoch, seconds=time.perf_counter() - start)
+                row["lr"] = self.scheduler.get_last_lr()[0]
+                history.append(row)
+                bar.update()
+                bar.set_postfix(loss=f"{row['total']:.4f}")
+                if self.rank == 0 and self.step % config.log_every == 0:
+                    self._log(row)
+                if self.step % config.checkpoint_every == 0:
+                    self.save()
+                if self.step >= self.total_steps:
+                    break
+            else:
+                self.epoch += 1
+                self.position = 0
+        bar.close()
+        self.save()
+        return history
+
+    def _log(self, row: dict) -> None:
+        path = self.out / "log.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=sorted(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state(self) -> dict:
+        return {
+            "student": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "position": self.position,
+            "config": _plain(asdict(self.config)),
+        }
+
+    def save(self) -> Path | None:
+        """Write ``last.pt`` (rank 0 only; others have the same weights) atomically."""
+        if self.rank != 0:
+            return None
+        path = self.out / "last.pt"
+        with atomic_write(path, "wb") as f:
+            torch.save(self.state(), f)
+        return path
+
+    def resume(self, path: str | os.PathLike) -> None:
+        """Continue exactly where ``path`` (a ``last.pt``) left off."""
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+
+
+def _plain(value):
+    """A config as plain dicts and scalars (what weights_only loading accepts)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    """A TrainConfig from a (YAML) mapping, nested sections included; unknown keys are errors."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+    values = dict(values)
+    if isinstance(values.get("prompt_options"), dict):
+        values["prompt_options"] = HardPromptOptions(**values["prompt_options"])
+    if isinstance(values.get("losses"), dict):
+        values["losses"] = LossWeights(**values["losses"])
+    return TrainConfig(**values)
