@@ -84,3 +84,48 @@ def test_encoder_only_training_leaves_the_decoder(data, tmp_path):
     changed = [k for k, v in student.image_encoder.state_dict().items()
                if not torch.equal(v, encoder_before[k])]  # fmt: skip
     assert changed
+
+
+def _ddp_rank(rank: int, world_size: int, data: str, out: str, init: str, seen: dict) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        config = _config(data, out, max_steps=3)
+        distiller = Distiller(small_student(SIZE), small_teacher(SIZE), config, rank, world_size)
+        names = []
+        step = distiller.train_step
+
+        def recording(sample):
+            names.append(sample.name)
+            return step(sample)
+
+        distiller.train_step = recording
+        distiller.run(progress=False)
+        # Parameters agree across ranks; BatchNorm statistics are rank 0's from the next
+        # forward on (DDP broadcasts buffers then), so they are not compared.
+        parameters = {k: v.detach().clone() for k, v in distiller.student.named_parameters()}
+        seen[rank] = (names, parameters)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo_ddp(data, tmp_path):
+    """Two ranks train together: disjoint images, identical parameters."""
+    import torch.multiprocessing as mp
+
+    manager = mp.Manager()
+    seen = manager.dict()
+    mp.spawn(
+        _ddp_rank,
+        args=(2, str(data), str(tmp_path / "out"), str(tmp_path / "init"), seen),
+        nprocs=2,
+        join=True,
+    )
+    (names0, weights0), (names1, weights1) = seen[0], seen[1]
+    assert len(names0) == len(names1) == 3
+    assert not set(names0) & set(names1)
+    for name, value in weights0.items():
+        assert torch.equal(value, weights1[name]), name
+    assert (tmp_path / "out" / "last.pt").is_file()  # written by rank 0

@@ -117,7 +117,8 @@ class Distiller:
         self._freeze_unused()
         model = StudentForward(self.student)
         if world_size > 1:
-            model = nn.parallel.DistributedDataParallel(model)
+            # Which prompt embeddings a step uses depends on its prompts (labels, boxes).
+            model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         self.model = model
         self.dataset = SA1BDataset(config.data, config.image_size, config.min_area)
         self.sampler = ShardedSampler(len(self.dataset), rank, world_size, config.seed)
