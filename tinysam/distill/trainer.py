@@ -77,6 +77,10 @@ class StudentForward(nn.Module):
         return [decode(self.sam, embedding, *group) for group in groups]
 
 
+def _float(outputs: ModelOutputs) -> ModelOutputs:
+    return ModelOutputs(*(t.float() for t in vars(outputs).values()))
+
+
 @contextlib.contextmanager
 def evaluating(module: nn.Module):
     """``module`` in eval mode for the block, then back to the mode it was in."""
@@ -148,6 +152,12 @@ class Distiller:
         elif self.config.train != "all":
             raise ValueError(f"train must be one of {', '.join(TRAINABLE)}")
 
+    def _autocast(self):
+        """bf16 autocast on GPUs (the losses are then computed in float32); off on the CPU."""
+        return torch.autocast(
+            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
+        )
+
     def _lr_factor(self, step: int) -> float:
         warmup = self.config.warmup_steps
         if step < warmup:
@@ -203,8 +213,12 @@ class Distiller:
                 with evaluating(self.student):
                     embedding = self.student.image_encoder(image)
                     gt, groups = self.prompts(sample, self.student, embedding)
-            teacher_outputs = [decode(self.teacher, teacher_embedding, *g) for g, _ in groups]
-        student_outputs = self.model(image, [g for g, _ in groups])
+            with self._autocast():
+                teacher_outputs = [decode(self.teacher, teacher_embedding, *g) for g, _ in groups]
+        with self._autocast():
+            student_outputs = self.model(image, [g for g, _ in groups])
+        student_outputs = [_float(o) for o in student_outputs]
+        teacher_outputs = [_float(o) for o in teacher_outputs]
         # Losses per prompt group, weighted by its share of the prompts.
         total_prompts = sum(len(rows) for _, rows in groups)
         terms: dict[str, torch.Tensor] = {}
