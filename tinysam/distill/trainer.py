@@ -295,7 +295,7 @@ class Distiller:
             "step": self.step,
             "epoch": self.epoch,
             "position": self.position,
-            "config": _plain(asdict(self.config)),
+            "config": asdict(self.config),  # plain dicts and scalars: weights_only loads it
         }
 
     def save(self) -> Path | None:
@@ -315,13 +315,6 @@ class Distiller:
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
-
-
-def _plain(value):
-    """A config as plain dicts and scalars (what weights_only loading accepts)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 def config_from_dict(values: dict) -> TrainConfig:

@@ -253,9 +253,8 @@ class OnnxPredictor:
         if self._use_many_prompt_decoder(coords, boxes, mask, upscale):
             scores, low_res = self._many_prompts(coords, labels, multimask_output, min_iou)
             return _same_kind(as_torch, (None, scores, low_res))
-        outputs = ["masks", "iou_predictions", "low_res_masks"] if upscale else None
-        if not upscale:
-            outputs = ["iou_predictions", "low_res_masks"]  # ORT then skips the upscaling
+        # Without "masks", ONNX Runtime skips the upscaling nodes.
+        outputs = (["masks"] if upscale else []) + ["iou_predictions", "low_res_masks"]
         decoder = self.decoders["multimask" if multimask_output else "single"]
         feeds = {
             "image_embeddings": self.features,
