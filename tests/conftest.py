@@ -14,6 +14,26 @@ REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(os.environ.get("TINYSAM_GOLDEN", REPO.parent / "shared" / "golden"))
 
 
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``tinysam ARGV`` in this process: (exit status, stdout, stderr)."""
+    from tinysam.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str, command: str) -> str:
+    """The single ``tinysam COMMAND: error: ...`` line every user error must be."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"tinysam {command}: error: ")
+    return lines[0]
+
+
 def pytest_configure(config):
     torch.set_num_threads(min(2, torch.get_num_threads()))
 

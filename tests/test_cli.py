@@ -13,21 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tinysam.cli import main
-
-from conftest import mask_iou, unpack_masks
+from conftest import mask_iou, one_error_line, run_cli, unpack_masks
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "assets" / "picture1.jpg"
-
-
-def _run(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:  # argparse's own errors
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _segment_args(checkpoint, out):
@@ -35,18 +24,11 @@ def _segment_args(checkpoint, out):
     return ["segment", SAMPLE, "--point", "365,225", "--checkpoint", checkpoint, "--out", out]
 
 
-def _one_error_line(err: str, command: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"tinysam {command}: error: ")
-    return lines[0]
-
-
 def test_segment_writes_best_mask_overlay_and_json(
     capsys, tmp_path, vit_t_checkpoint, vit_t_outputs
 ):
     out, overlay = tmp_path / "mask.png", tmp_path / "overlay.png"
-    code, stdout, _ = _run(capsys, *_segment_args(vit_t_checkpoint, out), "--overlay", overlay)
+    code, stdout, _ = run_cli(capsys, *_segment_args(vit_t_checkpoint, out), "--overlay", overlay)
     assert code == 0
     result = json.loads(stdout.strip())
     assert len(result["scores"]) == 3
@@ -70,7 +52,7 @@ def test_segment_writes_best_mask_overlay_and_json(
 
 def test_segment_all_masks_and_single_mask(capsys, tmp_path, vit_t_checkpoint):
     out = tmp_path / "m.png"
-    code, stdout, _ = _run(
+    code, stdout, _ = run_cli(
         capsys,
         "segment",
         SAMPLE,
@@ -88,7 +70,7 @@ def test_segment_all_masks_and_single_mask(capsys, tmp_path, vit_t_checkpoint):
     assert json.loads(stdout)["masks"] == [str(tmp_path / f"m_{i}.png") for i in range(3)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m_0.png", "m_1.png", "m_2.png"]
 
-    code, stdout, _ = _run(
+    code, stdout, _ = run_cli(
         capsys,
         "segment",
         SAMPLE,
@@ -130,9 +112,9 @@ def test_segment_all_masks_and_single_mask(capsys, tmp_path, vit_t_checkpoint):
 )
 def test_usage_errors(capsys, tmp_path, vit_t_checkpoint, args, message):
     os.chdir(tmp_path)
-    code, _, err = _run(capsys, *args, "--checkpoint", vit_t_checkpoint)
+    code, _, err = run_cli(capsys, *args, "--checkpoint", vit_t_checkpoint)
     assert code == 2
-    assert message in _one_error_line(err, "segment")
+    assert message in one_error_line(err, "segment")
     assert not (tmp_path / "m.png").exists()
 
 
@@ -144,7 +126,7 @@ def test_bad_checkpoints(capsys, tmp_path, golden):
         (golden / "vit_small_seed3_encoder.pth", "image encoder alone"),
         (tmp_path / "absent.pth", "checkpoint not found"),
     ]:
-        code, _, err = _run(
+        code, _, err = run_cli(
             capsys,
             "segment",
             SAMPLE,
@@ -155,18 +137,18 @@ def test_bad_checkpoints(capsys, tmp_path, golden):
             "--out",
             tmp_path / "m.png",
         )
-        assert code == 2 and message in _one_error_line(err, "segment")
+        assert code == 2 and message in one_error_line(err, "segment")
 
 
 def test_bad_device(capsys, vit_t_checkpoint):
-    code, _, err = _run(capsys, "info", "--checkpoint", vit_t_checkpoint, "--device", "gpu0")
-    assert code == 2 and "is not a torch device" in _one_error_line(err, "info")
+    code, _, err = run_cli(capsys, "info", "--checkpoint", vit_t_checkpoint, "--device", "gpu0")
+    assert code == 2 and "is not a torch device" in one_error_line(err, "info")
 
 
 def test_wrong_model_flag(capsys, tmp_path, vit_t_checkpoint):
-    code, _, err = _run(capsys, "info", "--checkpoint", vit_t_checkpoint, "--model", "vit_b")
+    code, _, err = run_cli(capsys, "info", "--checkpoint", vit_t_checkpoint, "--model", "vit_b")
     assert code == 2
-    assert "is a vit_t model, not vit_b; use --model vit_t" in _one_error_line(err, "info")
+    assert "is a vit_t model, not vit_b; use --model vit_t" in one_error_line(err, "info")
 
 
 def test_full_disk_is_one_line(capsys, tmp_path, vit_t_checkpoint, monkeypatch):
@@ -175,15 +157,15 @@ def test_full_disk_is_one_line(capsys, tmp_path, vit_t_checkpoint, monkeypatch):
 
     monkeypatch.setattr(Image.Image, "save", no_space)
     out = tmp_path / "m.png"
-    code, _, err = _run(capsys, *_segment_args(vit_t_checkpoint, out))
+    code, _, err = run_cli(capsys, *_segment_args(vit_t_checkpoint, out))
     assert code == 2
-    assert "disk full while writing" in _one_error_line(err, "segment")
+    assert "disk full while writing" in one_error_line(err, "segment")
     assert list(tmp_path.iterdir()) == []  # no partial file left behind
 
 
 def test_info_reports_source(capsys, monkeypatch, vit_t_checkpoint):
     monkeypatch.setenv("TINYSAM_CHECKPOINT", str(vit_t_checkpoint))
-    code, out, _ = _run(capsys, "info")
+    code, out, _ = run_cli(capsys, "info")
     assert code == 0
     assert "model:       vit_t" in out
     assert "parameters:  10.13 M" in out
@@ -232,7 +214,7 @@ def test_everything_folder_writes_json_and_overlay_and_resumes(
         "--stability-thresh",
         "0.3",
     ]
-    code, stdout, err = _run(capsys, *args)
+    code, stdout, err = run_cli(capsys, *args)
     assert code == 2  # the broken image is reported, the others are done
     assert "skipped broken.png" in err and "1 image(s) could not be read: broken.png" in err
     summary = json.loads(stdout)
@@ -253,41 +235,41 @@ def test_everything_folder_writes_json_and_overlay_and_resumes(
     assert np.asarray(Image.open(out / "a.png")).shape == (770, 769, 3)
 
     (out / "b.json").unlink()
-    code, stdout, _ = _run(capsys, *args)
+    code, stdout, _ = run_cli(capsys, *args)
     assert code == 0
     assert json.loads(stdout)["skipped"] == 1 and (out / "b.json").is_file()
-    code, stdout, _ = _run(capsys, *args)
+    code, stdout, _ = run_cli(capsys, *args)
     assert json.loads(stdout) == {"images": 2, "skipped": 2, "masks": 0}
 
 
 def test_everything_errors(capsys, tmp_path, vit_t_checkpoint):
-    code, _, err = _run(capsys, "everything", tmp_path / "nope", "--out", tmp_path / "o")
-    assert code == 2 and "input not found" in _one_error_line(err, "everything")
+    code, _, err = run_cli(capsys, "everything", tmp_path / "nope", "--out", tmp_path / "o")
+    assert code == 2 and "input not found" in one_error_line(err, "everything")
     (tmp_path / "empty").mkdir()
-    code, _, err = _run(capsys, "everything", tmp_path / "empty", "--out", tmp_path / "o")
-    assert code == 2 and "no images" in _one_error_line(err, "everything")
-    code, _, err = _run(
+    code, _, err = run_cli(capsys, "everything", tmp_path / "empty", "--out", tmp_path / "o")
+    assert code == 2 and "no images" in one_error_line(err, "everything")
+    code, _, err = run_cli(
         capsys, "everything", SAMPLE, "--out", tmp_path / "o", "--points-per-side", "2"
     )
-    assert code == 2 and "at least 4" in _one_error_line(err, "everything")
+    assert code == 2 and "at least 4" in one_error_line(err, "everything")
 
 
 def test_backend_onnx_segment_and_everything(capsys, tmp_path, onnx_dir, vit_t_outputs):
     out = tmp_path / "mask.png"
     onnx = ["--backend", "onnx", "--onnx-dir", onnx_dir]
     args = ["segment", SAMPLE, "--point", "365,225", "--out", out, *onnx]
-    code, stdout, _ = _run(capsys, *args)
+    code, stdout, _ = run_cli(capsys, *args)
     assert code == 0
     result = json.loads(stdout)
     assert np.allclose(result["scores"], vit_t_outputs["p0_scores"], atol=1e-4)
     expected = unpack_masks(vit_t_outputs["p0_masks"], 769)[result["best"]]
     assert mask_iou(np.asarray(Image.open(out)) == 255, expected) >= 0.999
 
-    code, stdout, _ = _run(capsys, *args[:-4], "--backend", "openvino", "--onnx-dir", onnx_dir)
+    code, stdout, _ = run_cli(capsys, *args[:-4], "--backend", "openvino", "--onnx-dir", onnx_dir)
     assert code == 0
     assert np.allclose(json.loads(stdout)["scores"], vit_t_outputs["p0_scores"], atol=1e-4)
 
-    code, stdout, _ = _run(
+    code, stdout, _ = run_cli(
         capsys, "everything", SAMPLE, "--out", tmp_path / "all", "--points-per-side", "4",
         "--pred-iou-thresh", "0.5", "--stability-thresh", "0.3", *onnx,
     )  # fmt: skip
@@ -308,18 +290,18 @@ def test_backend_onnx_segment_and_everything(capsys, tmp_path, onnx_dir, vit_t_o
 def test_backend_errors(capsys, tmp_path, monkeypatch, extra, message):
     monkeypatch.delenv("TINYSAM_ONNX_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
-    code, _, err = _run(capsys, "segment", SAMPLE, "--point", "1,2", "--out", "m.png", *extra)
+    code, _, err = run_cli(capsys, "segment", SAMPLE, "--point", "1,2", "--out", "m.png", *extra)
     assert code == 2
-    assert message in _one_error_line(err, "segment")
+    assert message in one_error_line(err, "segment")
 
 
 def test_export_errors(capsys, tmp_path, vit_t_checkpoint):
-    code, _, err = _run(
+    code, _, err = run_cli(
         capsys, "export", "--checkpoint", vit_t_checkpoint, "--out-dir", tmp_path / "x",
         "--opset", "17",
     )  # fmt: skip
-    assert code == 2 and "--opset must be at least 18" in _one_error_line(err, "export")
+    assert code == 2 and "--opset must be at least 18" in one_error_line(err, "export")
     missing = tmp_path / "no.pth"
-    code, _, err = _run(capsys, "export", "--checkpoint", missing, "--out-dir", tmp_path)
-    assert code == 2 and "no.pth" in _one_error_line(err, "export")
+    code, _, err = run_cli(capsys, "export", "--checkpoint", missing, "--out-dir", tmp_path)
+    assert code == 2 and "no.pth" in one_error_line(err, "export")
     assert not (tmp_path / "x").exists()

@@ -129,3 +129,31 @@ def test_two_process_gloo_ddp(data, tmp_path):
     for name, value in weights0.items():
         assert torch.equal(value, weights1[name]), name
     assert (tmp_path / "out" / "last.pt").is_file()  # written by rank 0
+
+
+def test_without_a_teacher_it_trains_on_the_ground_truth(data, tmp_path):
+    """teacher=None: the distillation terms are zero and the ground-truth loss falls."""
+    torch.manual_seed(0)
+    config = _config(data, tmp_path, max_steps=30)
+    history = Distiller(small_teacher(SIZE), None, config).run(progress=False)
+    assert all(row["embedding"] == row["tokens"] == row["output"] == 0 for row in history)
+    assert all(row["hard_mask_weight"] == 1 for row in history)
+    losses = [row["total"] for row in history]
+    assert sum(losses[-6:]) / 6 < 0.8 * sum(losses[:6]) / 6
+    with pytest.raises(ValueError, match="need a teacher"):
+        Distiller(small_student(SIZE), None, replace(config, prompt_predictor="teacher"))
+
+
+def test_objects_are_prompted_again_when_an_image_has_fewer(data, tmp_path):
+    config = _config(data, tmp_path, prompts_per_image=13, box_rate=0.5)
+    distiller = Distiller(small_student(SIZE), small_teacher(SIZE), config)
+    sample = distiller.dataset[0]
+    assert len(sample.annotations) < 13
+    with torch.no_grad():
+        embedding = distiller.student.image_encoder(sample.image[None])
+    gt, groups = distiller.prompts(sample, distiller.student, embedding)
+    rows = torch.cat([rows for _, rows in groups])
+    assert len(gt) == 13 and sorted(rows.tolist()) == list(range(13))
+    # Each object appears ceil or floor of 13 / objects times, as one ground truth.
+    distinct = {tuple(m.flatten().nonzero()[:, 0].tolist()) for m in gt}
+    assert len(distinct) == len(sample.annotations)

@@ -144,7 +144,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a checkpoint file safely (``weights_only``) and return its plain state dict.
 
     Accepts a bare state dict, or one wrapped under ``model``/``state_dict`` (training
-    checkpoints), with an optional DDP ``module.`` prefix.
+    checkpoints) or ``student`` (``tinysam distill`` runs), with an optional DDP ``module.``
+    prefix.
     """
     path = Path(path)
     if not path.exists():
@@ -167,7 +168,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"checkpoint {path} is corrupt or not a PyTorch file ({type(err).__name__}); "
             "download it again"
         ) from err
-    for wrapper in ("model", "state_dict"):
+    for wrapper in ("model", "state_dict", "student"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
     if not isinstance(obj, dict) or not all(
@@ -221,9 +222,16 @@ def check_model_type(
 
 
 def load_into(sam: Sam, state_dict: dict[str, torch.Tensor], model_type: str, source: str) -> None:
-    """Load strictly, turning a mismatch into one line naming the offending keys."""
+    """Load a ``model_type`` checkpoint strictly (see ``load_strict``)."""
     check_model_type(state_dict, model_type, source)
-    expected = sam.state_dict()
+    load_strict(sam, state_dict, f"the {model_type} architecture", source)
+
+
+def load_strict(
+    module: nn.Module, state_dict: dict[str, torch.Tensor], architecture: str, source: str
+) -> None:
+    """Load strictly, turning a mismatch into one line naming the offending keys."""
+    expected = module.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     wrong_shape = [
@@ -239,9 +247,9 @@ def load_into(sam: Sam, state_dict: dict[str, torch.Tensor], model_type: str, so
             if keys:
                 parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
         raise CheckpointError(
-            f"checkpoint {source} does not match the {model_type} architecture: {'; '.join(parts)}"
+            f"checkpoint {source} does not match {architecture}: {'; '.join(parts)}"
         )
-    sam.load_state_dict(state_dict, strict=True)
+    module.load_state_dict(state_dict, strict=True)
 
 
 # --------------------------------------------------------------------------- resolution

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .distill.cli import add_distill_parser, run_distill
 
 EXIT_USAGE = 2
 
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ONNX opset, at least 18 (default 20: GELU stays one op, 1.25x faster encoder)",
     )
     _add_model_args(export, backend=False)
+    add_distill_parser(sub, _Parser)
     return parser
 
 
@@ -426,6 +428,7 @@ _EXTRAS = {
     "openvino": "openvino",
     "onnx": "export",
     "onnxscript": "export",
+    "yaml": "train",
 }
 
 
@@ -449,6 +452,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_info(run_info(args))
         elif args.command == "export":
             print(json.dumps(run_export(args)))
+        elif args.command == "distill":
+            summary = run_distill(args, UsageError)
+            if summary is not None:
+                print(json.dumps(summary))
         elif args.command == "everything":
             summary = run_everything(args)
             print(json.dumps(summary))

@@ -50,14 +50,17 @@ def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).abs().mean()
 
 
-def mask_iou(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """IoU of each mask (logits > 0) with its ground truth (bool), over the last two dims.
-    An empty prediction of an empty ground truth counts as 1."""
-    pred = logits > 0
-    gt = gt.bool()
-    intersection = (pred & gt).flatten(-2).sum(-1).float()
-    union = (pred | gt).flatten(-2).sum(-1).float()
+def binary_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of boolean masks over the last two dims; two empty masks count as 1."""
+    a, b = a.bool(), b.bool()
+    intersection = (a & b).flatten(-2).sum(-1).float()
+    union = (a | b).flatten(-2).sum(-1).float()
     return torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
+
+
+def mask_iou(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """IoU of each mask (logits > 0) with its ground truth (bool)."""
+    return binary_iou(logits > 0, gt)
 
 
 def hard_mask_weight(
@@ -92,7 +95,7 @@ def dice_loss(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 
 def distillation_loss(
     student: ModelOutputs,
-    teacher: ModelOutputs,
+    teacher: ModelOutputs | None,
     gt_masks: torch.Tensor,
     weights: LossWeights | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -100,23 +103,26 @@ def distillation_loss(
 
     The ground-truth terms follow SAM: of a prompt's M masks only the one with the lowest
     focal + dice loss is trained on the ground truth (multimask ambiguity), while the IoU head
-    learns every mask's actual IoU.
+    learns every mask's actual IoU. Without a ``teacher`` the distillation terms are zero
+    (plain supervised training).
     """
     weights = weights or LossWeights()
     gt = gt_masks[:, None].expand_as(student.masks)
     with torch.no_grad():
         student_iou = mask_iou(student.masks, gt)
-        teacher_iou = mask_iou(teacher.masks, gt)
-        if weights.hard_mask_weighting:
-            h = hard_mask_weight(teacher_iou, student_iou)
-        else:
-            h = torch.ones_like(student_iou)
-    per_mask_output = (student.masks - teacher.masks).abs().flatten(-2).mean(-1)  # B x M
-    terms = {
-        "embedding": l1(student.embedding, teacher.embedding),
-        "tokens": l1(student.tokens, teacher.tokens),
-        "output": (h * per_mask_output).mean(),
-    }
+        h = torch.ones_like(student_iou)
+        if teacher is not None and weights.hard_mask_weighting:
+            h = hard_mask_weight(mask_iou(teacher.masks, gt), student_iou)
+    if teacher is None:
+        zero = student.masks.new_zeros(())
+        terms = {"embedding": zero, "tokens": zero, "output": zero}
+    else:
+        per_mask_output = (student.masks - teacher.masks).abs().flatten(-2).mean(-1)  # B x M
+        terms = {
+            "embedding": l1(student.embedding, teacher.embedding),
+            "tokens": l1(student.tokens, teacher.tokens),
+            "output": (h * per_mask_output).mean(),
+        }
     focal = focal_loss(student.masks, gt)
     dice = dice_loss(student.masks, gt)
     best = (weights.focal * focal + weights.dice * dice).argmin(dim=1, keepdim=True)

@@ -18,6 +18,7 @@ import csv
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -30,9 +31,11 @@ from ..modeling import Sam
 from .data import SA1BDataset, Sample, ShardedSampler
 from .losses import LossWeights, ModelOutputs, distillation_loss
 from .prompts import HardPromptOptions, hard_prompts
-from .teacher_cache import TeacherEmbeddings
+from .teacher_cache import CacheError, TeacherEmbeddings
 
 TRAINABLE = ("all", "encoder")
+OPTIMIZERS = ("adamw", "adam")
+STUDENT_FILE = "student.pt"  # the trained student's plain state dict, for every tinysam tool
 
 
 @dataclass
@@ -41,6 +44,10 @@ class TrainConfig:
 
     data: str = ""
     out: str = "distill-run"
+    student: str = "vit_t"  # or "small" (demo); see models.build_student
+    student_checkpoint: str | None = None  # None: from scratch; e.g. MobileSAM's weights
+    teacher: str = "vit_h"  # vit_b, vit_l, vit_h or "small" (demo)
+    teacher_checkpoint: str | None = None  # None: the published SAM weights (downloaded)
     teacher_cache: str | None = None  # None: run the teacher's encoder online (small teachers)
     image_size: int = 1024
     prompts_per_image: int = 64
@@ -60,8 +67,38 @@ class TrainConfig:
     train: str = "all"  # or "encoder": prompt encoder and mask decoder frozen
     checkpoint_every: int = 500
     log_every: int = 10
+    tensorboard: bool = True  # event files in OUT/tensorboard when tensorboard is installed
     seed: int = 0
     min_area: float = 0.0
+
+    def __post_init__(self) -> None:
+        from .models import STUDENTS, TEACHERS
+
+        choices = {
+            "student": STUDENTS,
+            "teacher": TEACHERS,
+            "optimizer": OPTIMIZERS,
+            "train": TRAINABLE,
+            "prompt_predictor": ("student", "teacher"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}"
+                )
+        positive = ("image_size", "prompts_per_image", "epochs", "accumulate")
+        positive += ("checkpoint_every", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.image_size % 16:
+            raise ValueError(f"image_size must be a multiple of 16, got {self.image_size}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1 (or null), got {self.max_steps}")
+        if not 0 <= self.box_rate <= 1:
+            raise ValueError(f"box_rate must be between 0 and 1, got {self.box_rate}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ValueError("lr must be positive, warmup_steps and grad_clip not negative")
 
 
 class StudentForward(nn.Module):
@@ -92,6 +129,12 @@ def evaluating(module: nn.Module):
         module.train(was_training)
 
 
+def to_low_res(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Input-frame masks (K x S x S bool) in the decoder's low-res frame, where the losses
+    compare masks: a pixel is in when most of the area it covers is."""
+    return F.interpolate(masks[:, None].float(), size=size, mode="area")[:, 0] > 0.5
+
+
 def decode(sam: Sam, embedding: torch.Tensor, points, labels, boxes) -> ModelOutputs:
     """Prompts (points B x N x 2 with labels B x N, or boxes B x 4) against one image
     embedding: every mask token's low-res logits, the IoU predictions and the tokens."""
@@ -104,10 +147,13 @@ def decode(sam: Sam, embedding: torch.Tensor, points, labels, boxes) -> ModelOut
 
 
 class Distiller:
+    """Trains ``student`` on ``config``'s data. ``teacher=None`` trains on the ground truth
+    alone (the distillation terms drop out): how the demo pre-trains its small teacher."""
+
     def __init__(
         self,
         student: Sam,
-        teacher: Sam,
+        teacher: Sam | None,
         config: TrainConfig,
         rank: int = 0,
         world_size: int = 1,
@@ -117,16 +163,26 @@ class Distiller:
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.student = student.to(self.device).train()
-        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        self.teacher = teacher
+        if teacher is not None:
+            self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        elif config.teacher_cache or config.prompt_predictor == "teacher":
+            raise ValueError("teacher_cache and prompt_predictor: teacher need a teacher")
         self._freeze_unused()
         model = StudentForward(self.student)
         if world_size > 1:
             # Which prompt embeddings a step uses depends on its prompts (labels, boxes).
             model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+            # TinyViT's depthwise conv weights (C x 1 x 3 x 3) get gradients whose stride on
+            # the size-1 dim differs from the bucket's: the same memory order, so DDP's
+            # warning about it is noise.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
         self.model = model
         self.dataset = SA1BDataset(config.data, config.image_size, config.min_area)
         self.sampler = ShardedSampler(len(self.dataset), rank, world_size, config.seed)
         self.cache = TeacherEmbeddings(config.teacher_cache) if config.teacher_cache else None
+        if self.cache is not None:
+            self._check_cache()
         params = [p for p in self.student.parameters() if p.requires_grad]
         optimizer_class = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[config.optimizer]
         decay = config.weight_decay if config.optimizer == "adamw" else 0.0
@@ -149,8 +205,27 @@ class Distiller:
         if self.config.train == "encoder":
             self.student.prompt_encoder.requires_grad_(False)
             self.student.mask_decoder.requires_grad_(False)
-        elif self.config.train != "all":
-            raise ValueError(f"train must be one of {', '.join(TRAINABLE)}")
+
+    def _check_cache(self) -> None:
+        """Fail now, not hours in: the cache must be this teacher's, at this size, for all data."""
+        index, where = self.cache.index, self.config.teacher_cache
+        if index.get("teacher") != self.config.teacher:
+            raise CacheError(
+                f"teacher cache {where} holds {index.get('teacher')} embeddings, "
+                f"but the teacher is {self.config.teacher}"
+            )
+        grid = self.config.image_size // 16
+        if index.get("shape", [0, grid, grid])[-2:] != [grid, grid]:
+            raise CacheError(
+                f"teacher cache {where} holds {index['shape'][-2]}x{index['shape'][-1]} "
+                f"embeddings; image_size {self.config.image_size} needs {grid}x{grid}"
+            )
+        missing = [e.name for e in self.dataset.entries if e.name not in self.cache]
+        if missing:
+            raise CacheError(
+                f"{len(missing)} of {len(self.dataset)} images (e.g. {missing[0]}) have no "
+                f"embedding in {where}; run `tinysam distill cache-teacher` on the same data"
+            )
 
     def _autocast(self):
         """bf16 autocast on GPUs (the losses are then computed in float32); off on the CPU."""
@@ -171,11 +246,15 @@ class Distiller:
         """Ground truths (K x S/4 x S/4, the low-res frame) and prompt groups for them:
         [(points, labels, None), (None, None, boxes)] with the ground-truth rows of each."""
         config = self.config
-        count = min(config.prompts_per_image, len(sample.annotations))
-        chosen = torch.randperm(len(sample.annotations), generator=self.generator)[:count]
-        full = sample.masks(chosen.tolist())
+        objects = len(sample.annotations)
+        order = torch.randperm(objects, generator=self.generator)[: config.prompts_per_image]
+        # Images with fewer objects than prompts prompt some objects again (other points).
+        repeats = math.ceil(config.prompts_per_image / objects)
+        chosen = order.repeat(repeats)[: config.prompts_per_image]
+        full = sample.masks(order.tolist()).repeat(repeats, 1, 1)[: len(chosen)]
+        count = len(chosen)
         low = network.prompt_encoder.mask_input_size
-        gt = F.interpolate(full[:, None].float(), size=low, mode="area")[:, 0] > 0.5
+        gt = to_low_res(full, low)
         use_box = torch.rand(count, generator=self.generator) < config.box_rate
         scale = full.shape[-1] / low[-1]  # points are sampled low-res, prompted full-res
 
@@ -202,7 +281,7 @@ class Distiller:
         with torch.no_grad():
             if self.cache is not None:
                 teacher_embedding = self.cache[sample.name].to(self.device)
-            else:
+            elif self.teacher is not None:
                 teacher_embedding = self.teacher.image_encoder(image)
             if config.prompt_predictor == "teacher":
                 network, embedding = self.teacher, teacher_embedding
@@ -213,12 +292,15 @@ class Distiller:
                 with evaluating(self.student):
                     embedding = self.student.image_encoder(image)
                     gt, groups = self.prompts(sample, self.student, embedding)
-            with self._autocast():
-                teacher_outputs = [decode(self.teacher, teacher_embedding, *g) for g, _ in groups]
+            teacher_outputs: list[ModelOutputs | None] = [None] * len(groups)
+            if self.teacher is not None:
+                with self._autocast():
+                    teacher_outputs = [
+                        _float(decode(self.teacher, teacher_embedding, *g)) for g, _ in groups
+                    ]
         with self._autocast():
             student_outputs = self.model(image, [g for g, _ in groups])
         student_outputs = [_float(o) for o in student_outputs]
-        teacher_outputs = [_float(o) for o in teacher_outputs]
         # Losses per prompt group, weighted by its share of the prompts.
         total_prompts = sum(len(rows) for _, rows in groups)
         terms: dict[str, torch.Tensor] = {}
@@ -255,8 +337,11 @@ class Distiller:
             self.sampler.set_epoch(self.epoch, self.position)
             for index in self.sampler:
                 start = time.perf_counter()
-                row = self.train_step(self.dataset[index])
+                sample = self.dataset[index]
                 self.position += 1
+                if not sample.annotations:  # nothing to prompt (e.g. all under min_area)
+                    continue
+                row = self.train_step(sample)
                 row.update(step=self.step, epoch=self.epoch, seconds=time.perf_counter() - start)
                 row["lr"] = self.scheduler.get_last_lr()[0]
                 history.append(row)
@@ -273,6 +358,12 @@ class Distiller:
                 self.position = 0
         bar.close()
         self.save()
+        if self.rank == 0:
+            with atomic_write(self.out / STUDENT_FILE, "wb") as f:
+                torch.save(self.student.state_dict(), f)
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
         return history
 
     def _log(self, row: dict) -> None:
@@ -283,6 +374,33 @@ class Distiller:
             if new:
                 writer.writeheader()
             writer.writerow(row)
+        writer = self._tensorboard_writer()
+        if writer is not None:
+            for name, value in row.items():
+                if name not in ("step", "epoch"):
+                    writer.add_scalar(f"train/{name}", value, row["step"])
+
+    _tensorboard = None
+    _tensorboard_missing = False
+
+    def _tensorboard_writer(self):
+        """A SummaryWriter on OUT/tensorboard, or None (off, or tensorboard not installed:
+        then one warning, and the CSV log goes on alone)."""
+        if not self.config.tensorboard or self._tensorboard_missing:
+            return None
+        if self._tensorboard is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                warnings.warn(
+                    "tensorboard is not installed, logging to log.csv only: "
+                    "pip install 'tinysam[train]'",
+                    stacklevel=2,
+                )
+                self._tensorboard_missing = True
+                return None
+            self._tensorboard = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step)
+        return self._tensorboard
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -317,15 +435,46 @@ class Distiller:
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
 
 
-def config_from_dict(values: dict) -> TrainConfig:
-    """A TrainConfig from a (YAML) mapping, nested sections included; unknown keys are errors."""
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
+_SECTIONS = {"prompt_options": HardPromptOptions, "losses": LossWeights}
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _of_type(value, allowed: list[str]) -> bool:
+    if value is None:
+        return "None" in allowed
+    if isinstance(value, bool):  # a bool is an int to Python, not to a config
+        return "bool" in allowed
+    return any(isinstance(value, _TYPES.get(t, ())) for t in allowed)
+
+
+def _checked(cls, values: dict, prefix: str = "") -> dict:
+    """``values`` with every key a field of ``cls`` and every value of the field's type."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'the config'} must be a mapping of keys")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ValueError(f"unknown config keys: {', '.join(unknown)}")
-    values = dict(values)
-    if isinstance(values.get("prompt_options"), dict):
-        values["prompt_options"] = HardPromptOptions(**values["prompt_options"])
-    if isinstance(values.get("losses"), dict):
-        values["losses"] = LossWeights(**values["losses"])
-    return TrainConfig(**values)
+        raise ValueError(
+            f"unknown config key {prefix}{unknown[0]}; known: {', '.join(sorted(known))}"
+        )
+    checked = {}
+    for name, value in values.items():
+        if name in _SECTIONS and prefix == "":
+            checked[name] = _SECTIONS[name](**_checked(_SECTIONS[name], value, f"{name}."))
+            continue
+        allowed = [t.strip() for t in str(known[name].type).split("|")]
+        if "float" in allowed and isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+        if not _of_type(value, allowed):
+            raise ValueError(
+                f"config key {prefix}{name} must be {' or '.join(allowed)}, got {value!r}"
+            )
+        checked[name] = float(value) if allowed == ["float"] else value
+    return checked
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    """A TrainConfig from a (YAML) mapping, nested sections included; unknown keys, values of
+    the wrong type and values out of range are one-line errors."""
+    return TrainConfig(**_checked(TrainConfig, values))

@@ -1,0 +1,307 @@
+"""``tinysam distill``: cache-teacher, train, demo.
+
+``train`` reads one YAML config (every key of ``TrainConfig``; ``--print-config`` writes the
+defaults) with ``--set key=value`` overrides, and runs alone or under ``torchrun`` (the
+RANK / WORLD_SIZE / LOCAL_RANK variables it sets are read; gloo on CPU, nccl on GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+TRAIN_EPILOG = """\
+examples:
+  tinysam distill train --print-config > run.yaml      # every key, with its default
+  tinysam distill train run.yaml --set lr=2e-4 --set prompt_options.accumulate=true
+  torchrun --nproc_per_node 8 -m tinysam.cli distill train run.yaml
+  tinysam distill train run.yaml --resume              # go on from OUT/last.pt
+"""
+
+
+def add_distill_parser(sub, parser_class) -> None:
+    distill = sub.add_parser(
+        "distill",
+        help="distil a TinySAM student from a SAM teacher (cache-teacher, train, demo)",
+        description=(
+            "Full-stage knowledge distillation with hard prompt sampling and hard mask "
+            "weighting (the TinySAM paper's training). Needs: pip install 'tinysam[train]'."
+        ),
+    )
+    steps = distill.add_subparsers(dest="distill_command", required=True, parser_class=parser_class)
+
+    cache = steps.add_parser(
+        "cache-teacher",
+        help="store the teacher's image embeddings (fp16 shards + index), resumable",
+        description=(
+            "Run the teacher's image encoder once per image and store the embeddings in OUT "
+            "(fp16 .npy shards with SHA-256 in index.json). An interrupted run resumes: "
+            "finished shards are kept and their images skipped."
+        ),
+        epilog="example: tinysam distill cache-teacher --teacher vit_h "
+        "--checkpoint sam_vit_h_4b8939.pth --data sa1b/ --out teacher-cache/",
+    )
+    cache.add_argument("--teacher", default="vit_h", help="vit_h (default), vit_l, vit_b, small")
+    cache.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="teacher weights (default: the published SAM file, downloaded into the cache)",
+    )
+    cache.add_argument("--data", type=Path, required=True, help="SA-1B folder or .tar shard(s)")
+    cache.add_argument("--out", type=Path, required=True, help="cache folder to write")
+    cache.add_argument(
+        "--image-size", type=int, default=1024, help="model input size (1024; small: any)"
+    )
+    cache.add_argument("--shard-size", type=int, default=64, help="embeddings per shard (64)")
+    cache.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto)")
+
+    train = steps.add_parser(
+        "train",
+        help="train a student (one YAML config, --set overrides, torchrun-ready)",
+        description=(
+            "Train a student. CONFIG is a YAML file of TrainConfig keys (see --print-config); "
+            "--set overrides any of them, nested ones with a dot. Writes OUT/last.pt "
+            "(resumable, every checkpoint_every steps), OUT/student.pt (the weights, usable "
+            "with every tinysam command), OUT/log.csv and OUT/tensorboard/."
+        ),
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("config", type=Path, nargs="?", help="YAML config file")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (VALUE read as YAML); repeatable",
+    )
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        metavar="CHECKPOINT",
+        help="continue exactly from CHECKPOINT (default: OUT/last.pt)",
+    )
+    train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto)")
+    train.add_argument(
+        "--print-config", action="store_true", help="print the full config as YAML and exit"
+    )
+
+    demo = steps.add_parser(
+        "demo",
+        help="the whole pipeline on synthetic data with small models, in minutes on a CPU",
+        description=(
+            "Write synthetic SA-1B-format data, train a small SAM-ViT teacher on its ground "
+            "truth, cache its embeddings, distil a quarter-width TinyViT student, and print "
+            "student-teacher and student-ground-truth mask IoU on held-out images before and "
+            "after. --ablation distils four students (hard prompt sampling and hard mask "
+            "weighting each on and off) and prints the paper's Table 3 in miniature. OUT "
+            "keeps every stage; a second run reuses the data, teacher and cache."
+        ),
+        epilog="example: tinysam distill demo --out demo/ --ablation",
+    )
+    demo.add_argument("--out", type=Path, default=Path("tinysam-distill-demo"), help="folder")
+    demo.add_argument("--steps", type=int, default=300, help="student training steps (300)")
+    demo.add_argument("--teacher-steps", type=int, default=800, help="teacher steps (800)")
+    demo.add_argument("--image-size", type=int, default=128, help="model input size (128)")
+    demo.add_argument("--train-images", type=int, default=48, help="training images (48)")
+    demo.add_argument("--eval-images", type=int, default=12, help="held-out images (12)")
+    demo.add_argument("--prompts", type=int, default=16, help="prompts per image (16)")
+    demo.add_argument("--lr", type=float, default=5e-4, help="learning rate (5e-4)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--no-hard-prompts", action="store_true", help="plain point prompts, no hard sampling"
+    )
+    demo.add_argument(
+        "--no-hard-mask-weighting", action="store_true", help="weight every mask equally"
+    )
+    demo.add_argument(
+        "--ablation", action="store_true", help="all four on/off combinations, one table"
+    )
+    demo.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+
+
+def run_distill(args: argparse.Namespace, usage_error) -> dict | None:
+    """Run a ``tinysam distill`` command; returns the JSON summary (None when it printed)."""
+    if args.distill_command == "cache-teacher":
+        return _cache_teacher(args, usage_error)
+    if args.distill_command == "train":
+        return _train(args, usage_error)
+    return _demo(args, usage_error)
+
+
+def _device(name: str, usage_error, local_rank: int = 0):
+    import torch
+
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise usage_error(f"--device {name!r} is not a torch device") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise usage_error("--device cuda asked for, but this torch build sees no CUDA GPU")
+    return device
+
+
+def _cache_teacher(args, usage_error) -> dict:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .data import SA1BDataset
+    from .models import build_teacher
+    from .teacher_cache import cache_teacher, read_index
+
+    if args.shard_size < 1:
+        raise usage_error("--shard-size must be at least 1")
+    device = _device(args.device, usage_error)
+    dataset = SA1BDataset(args.data, args.image_size)
+    names = [entry.name for entry in dataset.entries]
+    index = read_index(args.out)
+    done = {n for shard in index["shards"] for n in shard["names"]} if index else set()
+    todo = sum(name not in done for name in names)
+    teacher = build_teacher(
+        args.teacher, args.image_size, args.checkpoint, progress=sys.stderr.isatty()
+    )
+    encoder = teacher.image_encoder.to(device)
+
+    def encode(image: torch.Tensor) -> torch.Tensor:
+        return encoder(image.to(device))
+
+    with tqdm(total=todo, unit="image", disable=not sys.stderr.isatty()) as bar:
+        index = cache_teacher(
+            encode, dataset, args.out, args.teacher, args.shard_size, names, bar.update
+        )
+    return {
+        "teacher": args.teacher,
+        "images": len(names),
+        "cached_now": todo,
+        "skipped": len(names) - todo,
+        "shards": len(index["shards"]),
+        "out": str(args.out),
+    }
+
+
+def _read_config(args, usage_error):
+    import yaml
+
+    from .trainer import config_from_dict
+
+    values: dict = {}
+    if args.config is not None:
+        try:
+            values = yaml.safe_load(args.config.read_text()) or {}
+        except yaml.YAMLError as err:
+            message = str(err).splitlines()[0]
+            raise usage_error(f"{args.config} is not valid YAML: {message}") from err
+        if not isinstance(values, dict):
+            raise usage_error(f"{args.config} must hold a mapping of config keys")
+    for override in args.overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key:
+            raise usage_error(f"--set wants KEY=VALUE, got {override!r}")
+        section = values
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            section = section.setdefault(parent, {})
+            if not isinstance(section, dict):
+                raise usage_error(f"--set {key}: {parent} is not a section")
+        try:
+            section[leaf] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            section[leaf] = text
+    return config_from_dict(values)
+
+
+def _train(args, usage_error) -> dict | None:
+    config = _read_config(args, usage_error)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(asdict(config), sort_keys=False), end="")
+        return None
+    if not config.data:
+        raise usage_error("no training data: set data: in the config or --set data=DIR")
+
+    import torch
+    import torch.distributed as dist
+
+    from .models import build_student, build_teacher
+    from .trainer import Distiller
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = _device(args.device, usage_error, int(os.environ.get("LOCAL_RANK", "0")))
+    if world_size > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        student = build_student(config.student, config.image_size, config.student_checkpoint)
+        teacher = build_teacher(
+            config.teacher,
+            config.image_size,
+            config.teacher_checkpoint,
+            with_image_encoder=config.teacher_cache is None,
+            progress=sys.stderr.isatty() and rank == 0,
+        )
+        distiller = Distiller(student, teacher, config, rank, world_size, device)
+        if args.resume is not None:
+            checkpoint = Path(args.resume) if args.resume else Path(config.out) / "last.pt"
+            if not checkpoint.is_file():
+                raise usage_error(f"nothing to resume: {checkpoint} does not exist")
+            distiller.resume(checkpoint)
+        history = distiller.run(progress=sys.stderr.isatty())
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+    if rank != 0:
+        return None  # one summary per run, from rank 0
+    last = history[-1] if history else {}
+    return {
+        "steps": distiller.step,
+        "loss": last.get("total"),
+        "out": config.out,
+        "student": str(Path(config.out) / "student.pt"),
+    }
+
+
+def _demo(args, usage_error) -> None:
+    import torch
+
+    from .demo import DemoOptions, results_table, run_demo
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise usage_error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    for name in ("steps", "teacher_steps", "train_images", "eval_images", "prompts"):
+        if getattr(args, name) < 1:
+            raise usage_error(f"--{name.replace('_', '-')} must be at least 1")
+    options = DemoOptions(
+        out=args.out,
+        image_size=args.image_size,
+        train_images=args.train_images,
+        eval_images=args.eval_images,
+        teacher_steps=args.teacher_steps,
+        steps=args.steps,
+        prompts_per_image=args.prompts,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    if args.ablation:
+        variants = [(False, False), (True, False), (False, True), (True, True)]
+    else:
+        variants = [(not args.no_hard_prompts, not args.no_hard_mask_weighting)]
+
+    def say(text: str) -> None:
+        print(f"tinysam distill demo: {text}", file=sys.stderr, flush=True)
+
+    results = run_demo(options, variants, progress=sys.stderr.isatty(), say=say)
+    print(results_table(results))
+    print(f"\n(results also in {args.out / 'results.json'})")
+    return None

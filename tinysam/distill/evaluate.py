@@ -1,0 +1,86 @@
+"""How close a student's masks are to its teacher's and to the ground truth, on fixed prompts.
+
+Every object of every image gets one point prompt (a pixel of its mask, drawn with a fixed seed)
+and one box prompt (its ground-truth box). A point is answered as ``SamPredictor`` answers it by
+default (three candidates, the one with the best predicted IoU kept); a box by the single-mask
+output. Masks are compared in the decoder's low-res frame, where the losses compare them too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..modeling import Sam
+from .data import SA1BDataset
+from .losses import binary_iou
+from .prompts import sample_points
+from .trainer import decode, evaluating, to_low_res
+
+PROMPT_KINDS = ("point", "box")
+
+
+@dataclass
+class Agreement:
+    """Mean IoUs over ``prompts`` prompts of one kind."""
+
+    student_teacher: float
+    student_gt: float
+    teacher_gt: float
+    prompts: int
+
+
+def _chosen_mask(masks: torch.Tensor, iou: torch.Tensor, multimask: bool) -> torch.Tensor:
+    if not multimask:
+        return masks[:, 0] > 0
+    best = iou[:, 1:].argmax(dim=1)
+    return masks[torch.arange(len(masks)), 1 + best] > 0
+
+
+@torch.no_grad()
+def evaluate_agreement(
+    student: Sam,
+    teacher: Sam,
+    dataset: SA1BDataset,
+    objects_per_image: int = 16,
+    seed: int = 0,
+) -> dict[str, Agreement]:
+    """``{"point": Agreement, "box": Agreement}`` over the first ``objects_per_image`` objects
+    of every image. Both models must have their image encoders."""
+    generator = torch.Generator().manual_seed(seed)
+    sums = {kind: torch.zeros(3, dtype=torch.float64) for kind in PROMPT_KINDS}
+    counts = dict.fromkeys(PROMPT_KINDS, 0)
+    device = next(student.parameters()).device
+    with evaluating(student), evaluating(teacher):
+        for index in range(len(dataset)):
+            sample = dataset[index]
+            chosen = list(range(min(objects_per_image, len(sample.annotations))))
+            if not chosen:
+                continue
+            image = sample.image[None].to(device)
+            embeddings = {
+                "student": student.image_encoder(image),
+                "teacher": teacher.image_encoder(image),
+            }
+            full = sample.masks(chosen)
+            gt = to_low_res(full, student.prompt_encoder.mask_input_size)
+            points, _ = sample_points(full, generator)
+            ones = torch.ones(len(chosen), 1, device=device)
+            prompts = {
+                "point": (points[:, None].to(device), ones, None),
+                "box": (None, None, sample.boxes(chosen).to(device)),
+            }
+            for kind, prompt in prompts.items():
+                masks = {}
+                for name, network in (("student", student), ("teacher", teacher)):
+                    out = decode(network, embeddings[name], *prompt)
+                    masks[name] = _chosen_mask(out.masks, out.iou, kind == "point").cpu()
+                pairs = ((masks["student"], masks["teacher"]), (masks["student"], gt))
+                pairs += ((masks["teacher"], gt),)
+                sums[kind] += torch.stack([binary_iou(a, b).sum() for a, b in pairs]).double()
+                counts[kind] += len(chosen)
+    return {
+        kind: Agreement(*(float(v) / max(1, counts[kind]) for v in sums[kind]), counts[kind])
+        for kind in PROMPT_KINDS
+    }
