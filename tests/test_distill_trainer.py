@@ -157,3 +157,18 @@ def test_objects_are_prompted_again_when_an_image_has_fewer(data, tmp_path):
     # Each object appears ceil or floor of 13 / objects times, as one ground truth.
     distinct = {tuple(m.flatten().nonzero()[:, 0].tolist()) for m in gt}
     assert len(distinct) == len(sample.annotations)
+
+
+def test_agreement_of_a_model_with_itself_and_with_another(data):
+    from tinysam.distill.data import SA1BDataset
+    from tinysam.distill.evaluate import evaluate_agreement
+
+    dataset = SA1BDataset(data, SIZE)
+    teacher = small_teacher(SIZE)
+    same = evaluate_agreement(teacher, teacher, dataset, objects_per_image=3)
+    other = evaluate_agreement(small_student(SIZE), teacher, dataset, objects_per_image=3)
+    for kind in ("point", "box"):
+        assert same[kind].prompts == other[kind].prompts == 3 * len(dataset)
+        assert same[kind].student_teacher == 1.0
+        assert same[kind].student_gt == same[kind].teacher_gt == other[kind].teacher_gt
+        assert other[kind].student_teacher < 1.0

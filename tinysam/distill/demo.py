@@ -4,8 +4,9 @@
 2. a small SAM-ViT teacher, first trained on the training images' ground truth (a random
    teacher has nothing to teach);
 3. its embeddings cached as ``cache-teacher`` does for ViT-H;
-4. a quarter-width TinyViT student distilled from the cache, with hard prompt sampling and hard
-   mask weighting each on or off;
+4. a quarter-width TinyViT student distilled from the cache, its prompt encoder and mask
+   decoder starting as copies of the teacher's (as MobileSAM's do of SAM's), with hard prompt
+   sampling and hard mask weighting each on or off;
 5. student-teacher and student-ground-truth mask IoU on the held-out images, before and after.
 
 Every stage's output stays in OUT; a second run reuses the data, the teacher and its cache.
@@ -126,7 +127,7 @@ def run_demo(
     size = options.image_size
     evaluation = SA1BDataset(held_out, size)
     teacher = build_teacher(SMALL, size, teacher_path)
-    before = evaluate_agreement(small_student(size), teacher, evaluation, seed=options.seed)
+    before = None  # every variant starts from the same student
     results = []
     for hard_prompts, hard_mask_weighting in variants:
         name = VARIANTS[hard_prompts, hard_mask_weighting]
@@ -140,10 +141,13 @@ def run_demo(
             teacher_cache=str(cache),
             hard_prompts=hard_prompts,
             losses=replace(LossWeights(), hard_mask_weighting=hard_mask_weighting),
+            decoder_from_teacher=True,
         )
         cached_teacher = build_teacher(SMALL, size, teacher_path, with_image_encoder=False)
         torch.manual_seed(options.seed)
         distiller = Distiller(small_student(size), cached_teacher, config)
+        if before is None:
+            before = evaluate_agreement(distiller.student, teacher, evaluation, seed=options.seed)
         history = distiller.run(progress=progress)
         after = evaluate_agreement(distiller.student, teacher, evaluation, seed=options.seed)
         final_loss = sum(row["total"] for row in history[-10:]) / len(history[-10:])

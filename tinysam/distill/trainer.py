@@ -46,6 +46,9 @@ class TrainConfig:
     out: str = "distill-run"
     student: str = "vit_t"  # or "small" (demo); see models.build_student
     student_checkpoint: str | None = None  # None: from scratch; e.g. MobileSAM's weights
+    # Start the student's prompt encoder and mask decoder as copies of the teacher's (the
+    # MobileSAM recipe; the paper does not say). Off: they start as the checkpoint has them.
+    decoder_from_teacher: bool = False
     teacher: str = "vit_h"  # vit_b, vit_l, vit_h or "small" (demo)
     teacher_checkpoint: str | None = None  # None: the published SAM weights (downloaded)
     teacher_cache: str | None = None  # None: run the teacher's encoder online (small teachers)
@@ -168,6 +171,11 @@ class Distiller:
             self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         elif config.teacher_cache or config.prompt_predictor == "teacher":
             raise ValueError("teacher_cache and prompt_predictor: teacher need a teacher")
+        if config.decoder_from_teacher:
+            if teacher is None:
+                raise ValueError("decoder_from_teacher needs a teacher")
+            for part in ("prompt_encoder", "mask_decoder"):
+                getattr(self.student, part).load_state_dict(getattr(teacher, part).state_dict())
         self._freeze_unused()
         model = StudentForward(self.student)
         if world_size > 1:
