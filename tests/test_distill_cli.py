@@ -201,3 +201,18 @@ def test_demo_prints_before_and_after(capsys, tmp_path):
                            "--prompts", 4)  # fmt: skip
     assert code == 0, err
     assert (tmp_path / "teacher" / "student.pt").stat().st_mtime_ns == stamp
+
+
+def test_students_start_from_checkpoints(tmp_path, vit_t_checkpoint):
+    """A previous run's student.pt or last.pt for the small student; TinySAM/MobileSAM
+    weights (vit_t layout, here the golden checkpoint) for vit_t."""
+    from tinysam.distill.models import build_student, small_student
+
+    trained = small_student(SIZE, seed=7)
+    torch.save({"student": trained.state_dict(), "step": 3}, tmp_path / "last.pt")
+    loaded = build_student("small", SIZE, tmp_path / "last.pt")
+    for name, value in trained.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[name]), name
+    vit_t = build_student("vit_t", 1024, vit_t_checkpoint)
+    expected = read_state_dict(vit_t_checkpoint)
+    assert all(torch.equal(v, expected[k]) for k, v in vit_t.state_dict().items())

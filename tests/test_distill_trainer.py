@@ -172,3 +172,14 @@ def test_agreement_of_a_model_with_itself_and_with_another(data):
         assert same[kind].student_teacher == 1.0
         assert same[kind].student_gt == same[kind].teacher_gt == other[kind].teacher_gt
         assert other[kind].student_teacher < 1.0
+
+
+def test_decoder_from_teacher_copies_prompt_encoder_and_decoder(data, tmp_path):
+    teacher = small_teacher(SIZE)
+    config = _config(data, tmp_path, decoder_from_teacher=True)
+    student = Distiller(small_student(SIZE), teacher, config).student
+    for part in ("prompt_encoder", "mask_decoder"):
+        ours, theirs = getattr(student, part).state_dict(), getattr(teacher, part).state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in ours.items())
+    with pytest.raises(ValueError, match="needs a teacher"):
+        Distiller(small_student(SIZE), None, config)
