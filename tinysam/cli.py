@@ -197,13 +197,23 @@ def _load(args: argparse.Namespace):
         if args.threads < 1:
             raise UsageError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
+    device = torch_device(args.device)
+    return load_model(args.model, args.checkpoint, device=device, progress=sys.stderr.isatty())
+
+
+def torch_device(name: str, local_rank: int = 0):
+    """``--device``: a torch device that exists here; ``auto`` is this rank's GPU if any."""
+    import torch
+
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(args.device)
+        device = torch.device(name)
     except RuntimeError as err:
-        raise UsageError(f"--device {args.device!r} is not a torch device") from err
+        raise UsageError(f"--device {name!r} is not a torch device") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for, but this torch build sees no CUDA GPU")
-    return load_model(args.model, args.checkpoint, device=device, progress=sys.stderr.isatty())
+    return device
 
 
 def _predictor(args: argparse.Namespace):
@@ -453,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "export":
             print(json.dumps(run_export(args)))
         elif args.command == "distill":
-            summary = run_distill(args, UsageError)
+            summary = run_distill(args)
             if summary is not None:
                 print(json.dumps(summary))
         elif args.command == "everything":

@@ -125,40 +125,27 @@ def add_distill_parser(sub, parser_class) -> None:
     demo.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
 
 
-def run_distill(args: argparse.Namespace, usage_error) -> dict | None:
+def run_distill(args: argparse.Namespace) -> dict | None:
     """Run a ``tinysam distill`` command; returns the JSON summary (None when it printed)."""
     if args.distill_command == "cache-teacher":
-        return _cache_teacher(args, usage_error)
+        return _cache_teacher(args)
     if args.distill_command == "train":
-        return _train(args, usage_error)
-    return _demo(args, usage_error)
+        return _train(args)
+    return _demo(args)
 
 
-def _device(name: str, usage_error, local_rank: int = 0):
-    import torch
-
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise usage_error(f"--device {name!r} is not a torch device") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise usage_error("--device cuda asked for, but this torch build sees no CUDA GPU")
-    return device
-
-
-def _cache_teacher(args, usage_error) -> dict:
+def _cache_teacher(args) -> dict:
     import torch
     from tqdm.auto import tqdm
 
+    from ..cli import UsageError, torch_device
     from .data import SA1BDataset
     from .models import build_teacher
     from .teacher_cache import cache_teacher, read_index
 
     if args.shard_size < 1:
-        raise usage_error("--shard-size must be at least 1")
-    device = _device(args.device, usage_error)
+        raise UsageError("--shard-size must be at least 1")
+    device = torch_device(args.device)
     dataset = SA1BDataset(args.data, args.image_size)
     names = [entry.name for entry in dataset.entries]
     index = read_index(args.out)
@@ -186,9 +173,10 @@ def _cache_teacher(args, usage_error) -> dict:
     }
 
 
-def _read_config(args, usage_error):
+def _read_config(args):
     import yaml
 
+    from ..cli import UsageError
     from .trainer import config_from_dict
 
     values: dict = {}
@@ -197,19 +185,19 @@ def _read_config(args, usage_error):
             values = yaml.safe_load(args.config.read_text()) or {}
         except yaml.YAMLError as err:
             message = str(err).splitlines()[0]
-            raise usage_error(f"{args.config} is not valid YAML: {message}") from err
+            raise UsageError(f"{args.config} is not valid YAML: {message}") from err
         if not isinstance(values, dict):
-            raise usage_error(f"{args.config} must hold a mapping of config keys")
+            raise UsageError(f"{args.config} must hold a mapping of config keys")
     for override in args.overrides:
         key, sep, text = override.partition("=")
         if not sep or not key:
-            raise usage_error(f"--set wants KEY=VALUE, got {override!r}")
+            raise UsageError(f"--set wants KEY=VALUE, got {override!r}")
         section = values
         *parents, leaf = key.split(".")
         for parent in parents:
             section = section.setdefault(parent, {})
             if not isinstance(section, dict):
-                raise usage_error(f"--set {key}: {parent} is not a section")
+                raise UsageError(f"--set {key}: {parent} is not a section")
         try:
             section[leaf] = yaml.safe_load(text)
         except yaml.YAMLError:
@@ -217,15 +205,17 @@ def _read_config(args, usage_error):
     return config_from_dict(values)
 
 
-def _train(args, usage_error) -> dict | None:
-    config = _read_config(args, usage_error)
+def _train(args) -> dict | None:
+    from ..cli import UsageError, torch_device
+
+    config = _read_config(args)
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(asdict(config), sort_keys=False), end="")
         return None
     if not config.data:
-        raise usage_error("no training data: set data: in the config or --set data=DIR")
+        raise UsageError("no training data: set data: in the config or --set data=DIR")
 
     import torch
     import torch.distributed as dist
@@ -235,7 +225,7 @@ def _train(args, usage_error) -> dict | None:
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    device = _device(args.device, usage_error, int(os.environ.get("LOCAL_RANK", "0")))
+    device = torch_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
     if world_size > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -253,7 +243,7 @@ def _train(args, usage_error) -> dict | None:
         if args.resume is not None:
             checkpoint = Path(args.resume) if args.resume else Path(config.out) / "last.pt"
             if not checkpoint.is_file():
-                raise usage_error(f"nothing to resume: {checkpoint} does not exist")
+                raise UsageError(f"nothing to resume: {checkpoint} does not exist")
             distiller.resume(checkpoint)
         history = distiller.run(progress=sys.stderr.isatty())
     finally:
@@ -270,18 +260,19 @@ def _train(args, usage_error) -> dict | None:
     }
 
 
-def _demo(args, usage_error) -> None:
+def _demo(args) -> None:
     import torch
 
+    from ..cli import UsageError
     from .demo import DemoOptions, results_table, run_demo
 
     if args.threads is not None:
         if args.threads < 1:
-            raise usage_error("--threads must be at least 1")
+            raise UsageError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
     for name in ("steps", "teacher_steps", "train_images", "eval_images", "prompts"):
         if getattr(args, name) < 1:
-            raise usage_error(f"--{name.replace('_', '-')} must be at least 1")
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     options = DemoOptions(
         out=args.out,
         image_size=args.image_size,
