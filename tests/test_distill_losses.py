@@ -10,10 +10,12 @@ import torch
 from tinysam.distill.losses import (
     LossWeights,
     ModelOutputs,
+    chosen_masks,
     dice_loss,
     distillation_loss,
     focal_loss,
     hard_mask_weight,
+    mask_candidates,
     mask_iou,
 )
 
@@ -93,3 +95,20 @@ def test_gradients_reach_the_student_only_through_the_loss_terms():
     distillation_loss(student, teacher, gt)["total"].backward()
     for t in (student.embedding, student.tokens, student.masks, student.iou):
         assert t.grad is not None and t.grad.abs().sum() > 0
+
+
+def test_ground_truth_trains_the_masks_sam_answers_with():
+    """One point: the best of masks 1-3; boxes and several points: mask 0 alone."""
+    gt = _gt()
+    perfect = torch.where(gt, 30.0, -30.0)
+    masks = torch.stack([-perfect, -perfect, perfect, -perfect], dim=1)  # only mask 2 is right
+    student = ModelOutputs(torch.zeros(1, 8, 4, 4), torch.zeros(4, 7, 8), masks, torch.ones(4, 4))
+    one_point = distillation_loss(student, None, gt, candidates=mask_candidates(1))
+    box = distillation_loss(student, None, gt, candidates=mask_candidates(0))
+    assert one_point["focal"] < 1e-6 and one_point["dice"] < 1e-6
+    assert box["focal"] > 1.0 and box["dice"] > 0.9
+    assert mask_candidates(2) == mask_candidates(0) == slice(0, 1)
+
+    iou = torch.tensor([[0.9, 0.1, 0.8, 0.2]]).expand(4, 4)
+    assert torch.equal(chosen_masks(masks, iou, mask_candidates(1)), gt)  # mask 2, not mask 0
+    assert torch.equal(chosen_masks(masks, iou, mask_candidates(0)), ~gt)

@@ -1,9 +1,9 @@
 """How close a student's masks are to its teacher's and to the ground truth, on fixed prompts.
 
 Every object of every image gets one point prompt (a pixel of its mask, drawn with a fixed seed)
-and one box prompt (its ground-truth box). A point is answered as ``SamPredictor`` answers it by
-default (three candidates, the one with the best predicted IoU kept); a box by the single-mask
-output. Masks are compared in the decoder's low-res frame, where the losses compare them too.
+and one box prompt (its ground-truth box), answered as ``SamPredictor`` answers them (one point:
+the best of three candidates by predicted IoU; a box: the single-mask output). Masks are
+compared in the decoder's low-res frame, where the losses compare them too.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from ..modeling import Sam
 from .data import SA1BDataset
-from .losses import binary_iou
+from .losses import binary_iou, chosen_masks, mask_candidates
 from .prompts import sample_points
 from .trainer import decode, evaluating, to_low_res
 
@@ -29,13 +29,6 @@ class Agreement:
     student_gt: float
     teacher_gt: float
     prompts: int
-
-
-def _chosen_mask(masks: torch.Tensor, iou: torch.Tensor, multimask: bool) -> torch.Tensor:
-    if not multimask:
-        return masks[:, 0] > 0
-    best = iou[:, 1:].argmax(dim=1)
-    return masks[torch.arange(len(masks)), 1 + best] > 0
 
 
 @torch.no_grad()
@@ -75,7 +68,8 @@ def evaluate_agreement(
                 masks = {}
                 for name, network in (("student", student), ("teacher", teacher)):
                     out = decode(network, embeddings[name], *prompt)
-                    masks[name] = _chosen_mask(out.masks, out.iou, kind == "point").cpu()
+                    candidates = mask_candidates(1 if kind == "point" else 0)
+                    masks[name] = chosen_masks(out.masks, out.iou, candidates).cpu()
                 pairs = ((masks["student"], masks["teacher"]), (masks["student"], gt))
                 pairs += ((masks["teacher"], gt),)
                 sums[kind] += torch.stack([binary_iou(a, b).sum() for a, b in pairs]).double()

@@ -93,17 +93,32 @@ def dice_loss(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     return 1 - (numerator + 1) / (denominator + 1)
 
 
+def mask_candidates(points_per_prompt: int) -> slice:
+    """The masks a prompt is answered with, as SAM trains and predicts: the three multimask
+    outputs for one point (ambiguous), the single-mask output for anything more specific."""
+    return slice(1, None) if points_per_prompt == 1 else slice(0, 1)
+
+
+def chosen_masks(masks: torch.Tensor, iou: torch.Tensor, candidates: slice) -> torch.Tensor:
+    """Each prompt's answer (B x H x W bool): of its ``candidates`` masks, the one with the best
+    predicted IoU, as ``SamPredictor`` returns it first."""
+    best = iou[:, candidates].argmax(dim=1) + (candidates.start or 0)
+    return masks[torch.arange(len(masks)), best] > 0
+
+
 def distillation_loss(
     student: ModelOutputs,
     teacher: ModelOutputs | None,
     gt_masks: torch.Tensor,
     weights: LossWeights | None = None,
+    candidates: slice = slice(None),
 ) -> dict[str, torch.Tensor]:
     """Every term and the total. ``gt_masks`` is B x 4h x 4w (bool), one per prompt.
 
-    The ground-truth terms follow SAM: of a prompt's M masks only the one with the lowest
-    focal + dice loss is trained on the ground truth (multimask ambiguity), while the IoU head
-    learns every mask's actual IoU. Without a ``teacher`` the distillation terms are zero
+    The ground-truth terms follow SAM: of a prompt's ``candidates`` masks only the one with the
+    lowest focal + dice loss is trained on the ground truth (SAM: masks 1-3 for a single point,
+    mask 0 for boxes and several points, see ``mask_candidates``), while the IoU head learns every
+    mask's actual IoU. Without a ``teacher`` the distillation terms are zero
     (plain supervised training).
     """
     weights = weights or LossWeights()
@@ -123,8 +138,8 @@ def distillation_loss(
             "tokens": l1(student.tokens, teacher.tokens),
             "output": (h * per_mask_output).mean(),
         }
-    focal = focal_loss(student.masks, gt)
-    dice = dice_loss(student.masks, gt)
+    focal = focal_loss(student.masks[:, candidates], gt[:, candidates])
+    dice = dice_loss(student.masks[:, candidates], gt[:, candidates])
     best = (weights.focal * focal + weights.dice * dice).argmin(dim=1, keepdim=True)
     terms["focal"] = focal.gather(1, best).mean()
     terms["dice"] = dice.gather(1, best).mean()

@@ -29,7 +29,13 @@ from torch import nn
 from ..io import atomic_write
 from ..modeling import Sam
 from .data import SA1BDataset, Sample, ShardedSampler
-from .losses import LossWeights, ModelOutputs, distillation_loss
+from .losses import (
+    LossWeights,
+    ModelOutputs,
+    chosen_masks,
+    distillation_loss,
+    mask_candidates,
+)
 from .prompts import HardPromptOptions, hard_prompts
 from .teacher_cache import CacheError, TeacherEmbeddings
 
@@ -268,7 +274,8 @@ class Distiller:
 
         def predict(rows, points, labels):
             out = decode(network, embedding, points.to(self.device) * scale, labels, None)
-            return (out.masks[:, 0] > 0).cpu()  # the single-mask output: the prompt's guess
+            candidates = mask_candidates(points.shape[1])
+            return chosen_masks(out.masks, out.iou, candidates).cpu()  # what a user would see
 
         options = config.prompt_options if config.hard_prompts else HardPromptOptions(0)
         point_rows = (~use_box).nonzero()[:, 0]
@@ -312,8 +319,9 @@ class Distiller:
         # Losses per prompt group, weighted by its share of the prompts.
         total_prompts = sum(len(rows) for _, rows in groups)
         terms: dict[str, torch.Tensor] = {}
-        for (_, rows), student, teacher in zip(groups, student_outputs, teacher_outputs):
-            group_terms = distillation_loss(student, teacher, gt[rows], config.losses)
+        for (prompt, rows), student, teacher in zip(groups, student_outputs, teacher_outputs):
+            candidates = mask_candidates(0 if prompt[0] is None else prompt[0].shape[1])
+            group_terms = distillation_loss(student, teacher, gt[rows], config.losses, candidates)
             for name, value in group_terms.items():
                 terms[name] = terms.get(name, 0) + value * len(rows) / total_prompts
         (terms["total"] / config.accumulate).backward()
