@@ -15,6 +15,7 @@ Every stage's output stays in OUT; a second run reuses the data, the teacher and
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -106,6 +107,7 @@ def prepare(options: DemoOptions, progress: bool = True, say: Callable[[str], No
             box_rate=0.5,
         )
         Distiller(small_teacher(size), None, config).run(progress=progress)
+        shutil.rmtree(out / "teacher_cache", ignore_errors=True)  # a new teacher's cache is stale
     cache = out / "teacher_cache"
     teacher = build_teacher(SMALL, size, teacher_path)
     dataset = SA1BDataset(train, size)
