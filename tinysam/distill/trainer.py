@@ -208,6 +208,8 @@ class Distiller:
         self.epoch = 0
         self.position = 0  # images of this epoch already used by this rank
         self.out = Path(config.out)
+        self._tensorboard = None  # opened at the first log line (rank 0)
+        self._tensorboard_missing = False
 
     # ------------------------------------------------------------------ setup
 
@@ -395,9 +397,6 @@ class Distiller:
             for name, value in row.items():
                 if name not in ("step", "epoch"):
                     writer.add_scalar(f"train/{name}", value, row["step"])
-
-    _tensorboard = None
-    _tensorboard_missing = False
 
     def _tensorboard_writer(self):
         """A SummaryWriter on OUT/tensorboard, or None (off, or tensorboard not installed:
