@@ -122,7 +122,8 @@ class SamPredictor:
         points = None if point_coords is None else (point_coords, point_labels)
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
         selected = slice(1, None) if multimask_output else slice(0, 1)
-        if mask_input is None and sparse.shape[0] >= MANY_PROMPTS:
+        many = getattr(self.model.mask_decoder, "supports_many_prompts", True)
+        if mask_input is None and sparse.shape[0] >= MANY_PROMPTS and many:
             decoder = self._many_prompt_decoder(dense)
             scores = decoder.decode(sparse)[0][:, selected]
             rows = None if min_iou is None else (scores > min_iou).any(dim=1).nonzero()[:, 0]

@@ -318,11 +318,15 @@ def export_onnx(
     model_type: str,
     opset: int = DEFAULT_OPSET,
     step: Callable[[str], None] | None = None,
+    many_prompt_decoder: bool = True,
+    rewrite: Callable | None = None,
+    extra: dict | None = None,
 ) -> dict:
     """Write the encoder, both decoders and the manifest to ``out_dir``; returns the manifest.
 
     ``step(name)`` is called before each file (for a progress bar). The manifest is written
-    last, so a directory with one holds a complete export.
+    last, so a directory with one holds a complete export. ``rewrite`` transforms each graph
+    before it is saved (the int8 rewrite), ``extra`` is merged into the manifest.
     """
     if opset < MIN_OPSET:
         raise ValueError(
@@ -333,19 +337,26 @@ def export_onnx(
     out_dir.mkdir(parents=True, exist_ok=True)
     sam = sam.to("cpu").eval()
     (out_dir / MANIFEST).unlink(missing_ok=True)
+    rewrite = rewrite or (lambda model: model)
     if step:
         step(ENCODER_FILE)
-    save_onnx(export_encoder(sam, opset), out_dir / ENCODER_FILE)
+    save_onnx(rewrite(export_encoder(sam, opset)), out_dir / ENCODER_FILE)
     for variant, name in DECODER_FILES.items():
         if step:
             step(name)
-        save_onnx(export_decoder(sam, variant == "multimask", opset), out_dir / name)
-    if step:
-        step(MANY_PROMPT_FILE)
-    decode_model, masks_model = export_many_prompt_decoder(sam, opset)
-    save_onnx(decode_model, out_dir / MANY_PROMPT_FILE)
-    save_onnx(masks_model, out_dir / MANY_PROMPT_MASKS_FILE)
+        save_onnx(rewrite(export_decoder(sam, variant == "multimask", opset)), out_dir / name)
     manifest = describe(sam, model_type, opset)
+    if many_prompt_decoder:
+        if step:
+            step(MANY_PROMPT_FILE)
+        decode_model, masks_model = export_many_prompt_decoder(sam, opset)
+        save_onnx(rewrite(decode_model), out_dir / MANY_PROMPT_FILE)
+        save_onnx(rewrite(masks_model), out_dir / MANY_PROMPT_MASKS_FILE)
+    else:
+        for stale in (MANY_PROMPT_FILE, MANY_PROMPT_MASKS_FILE):
+            (out_dir / stale).unlink(missing_ok=True)
+        del manifest["many_prompt_decoder"]
+    manifest.update(extra or {})
     with atomic_write(out_dir / MANIFEST, "w") as f:
         json.dump(manifest, f, indent=2)
     return manifest

@@ -52,6 +52,15 @@ def session_options(threads: int | None = None):
     return options
 
 
+# ONNX Runtime fuses MatMul + bias Add into a float Gemm before its QDQ fusions look at the
+# MatMul, which then never becomes an integer product: int8 graphs run with that fusion off.
+INT8_DISABLED_OPTIMIZERS = ["MatMulAddFusion"]
+
+
+def disabled_optimizers(quantized: bool) -> list[str]:
+    return list(INT8_DISABLED_OPTIMIZERS) if quantized else []
+
+
 def _physical_cores() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -135,10 +144,14 @@ class OnnxPredictor:
         options = session_options(threads)
         providers = providers or ["CPUExecutionProvider"]
 
+        skipped = disabled_optimizers("quantization" in self.manifest)
+
         def session(name: str):
             path = self.model_dir / name
             try:
-                return ort.InferenceSession(str(path), options, providers=providers)
+                return ort.InferenceSession(
+                    str(path), options, providers=providers, disabled_optimizers=skipped
+                )
             except Exception as err:  # onnxruntime raises its own untyped errors
                 first = str(err).splitlines()[0] if str(err) else type(err).__name__
                 raise OnnxModelError(f"cannot load {path}: {first}; export again") from err

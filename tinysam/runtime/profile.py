@@ -13,7 +13,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from .predictor import session_options
+from .predictor import disabled_optimizers, session_options
 
 # Op types that should not survive in our graphs, and why each is slow.
 SLOW_OPS = {
@@ -47,17 +47,26 @@ def slow_ops(model_path: str | os.PathLike, threads: int | None = None) -> dict[
 
 
 def op_times(
-    model_path: str | os.PathLike, feeds: dict, runs: int = 3, threads: int | None = None
+    model_path: str | os.PathLike,
+    feeds: dict,
+    runs: int = 3,
+    threads: int | None = None,
+    quantized: bool = False,
 ) -> list[tuple[str, float, int, str]]:
     """Mean milliseconds per run by op type, after one warm-up run: (op, ms, nodes, provider),
-    slowest first."""
+    slowest first. ``quantized``: an int8 graph, run as ``OnnxPredictor`` runs it."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
         options = session_options(threads)
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
-        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            str(model_path),
+            options,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=disabled_optimizers(quantized),
+        )
         session.run(None, feeds)
         for _ in range(runs):
             session.run(None, feeds)
