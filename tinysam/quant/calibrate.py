@@ -60,9 +60,7 @@ class LayerRecord:
         """Samples joined over calls; gradients missing for a call (an output the loss does not
         reach) count as zeros."""
         out = torch.cat(self.out)
-        grads = [
-            self.grad.get(i, torch.zeros_like(o)) for i, o in enumerate(self.out)
-        ]
+        grads = [self.grad.get(i, torch.zeros_like(o)) for i, o in enumerate(self.out)]
         joined = {"a": torch.cat(self.a), "out": out, "grad": torch.cat(grads)}
         if self.b:
             joined["b"] = torch.cat(self.b)
@@ -137,9 +135,7 @@ class Recorder:
         return out
 
 
-def grid_prompts(
-    size: tuple[int, int], count: int, generator: torch.Generator
-) -> torch.Tensor:
+def grid_prompts(size: tuple[int, int], count: int, generator: torch.Generator) -> torch.Tensor:
     """``count`` points of the everything grid over an image of ``size`` (H, W) in the resized
     frame, as count x 1 x 2 (x, y)."""
     h, w = size
@@ -150,9 +146,7 @@ def grid_prompts(
     return grid[pick][:, None, :]
 
 
-def fisher_loss(
-    masks: torch.Tensor, iou: torch.Tensor, generator: torch.Generator
-) -> torch.Tensor:
+def fisher_loss(masks: torch.Tensor, iou: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Negative log-likelihood of outputs sampled from the model's own predictions; its squared
     gradients estimate the diagonal Fisher information (the KL task loss's Hessian)."""
     with torch.no_grad():
@@ -200,7 +194,9 @@ def collect(
                 embedding = model.image_encoder(x.requires_grad_())
                 points = grid_prompts(size, prompts_per_image, generator).to(model.device)
                 labels = torch.ones(points.shape[:2], dtype=torch.int, device=model.device)
-                sparse, dense = model.prompt_encoder(points=(points, labels), boxes=None, masks=None)
+                sparse, dense = model.prompt_encoder(
+                    points=(points, labels), boxes=None, masks=None
+                )
                 masks, iou = model.mask_decoder.predict_masks(
                     embedding,
                     model.prompt_encoder.get_dense_pe(),

@@ -151,9 +151,7 @@ def _drop_unused_initializers(model) -> None:
     kept = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    constants = [
-        n for n in graph.node if not (n.op_type == "Constant" and n.output[0] not in used)
-    ]
+    constants = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] not in used)]
     if len(constants) != len(graph.node):
         del graph.node[:]
         graph.node.extend(constants)

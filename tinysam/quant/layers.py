@@ -185,7 +185,6 @@ def is_post_gelu(x: torch.Tensor) -> bool:
     return bool(getattr(x, "_tinysam_post_gelu", False))
 
 
-WEIGHT_LAYERS = (QuantLinear, QuantConv2d, QuantConvTranspose2d)
 FLOAT_TO_QUANT = {
     nn.Linear: QuantLinear,
     nn.Conv2d: QuantConv2d,

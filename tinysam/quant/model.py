@@ -17,12 +17,10 @@ import math
 import torch
 from torch import nn
 
-from ..modeling import Sam
-from ..modeling import tiny_vit, transformer
+from ..modeling import Sam, tiny_vit, transformer
 from ..modeling.mask_decoder import MaskDecoder
 from .layers import (
     FLOAT_TO_QUANT,
-    WEIGHT_LAYERS,
     QuantGELU,
     QuantLayer,
     QuantMatMul,
@@ -196,9 +194,7 @@ def set_quantization(
         if unknown:
             raise ValueError(f"no quantized layer matches {unknown}")
         chosen = {
-            n: m
-            for n, m in chosen.items()
-            if any(n == p or n.startswith(p + ".") for p in layers)
+            n: m for n, m in chosen.items() if any(n == p or n.startswith(p + ".") for p in layers)
         }
     for layer in chosen.values():
         for role, quantizer in quantizers(layer).items():
@@ -224,4 +220,3 @@ def float_output(layer: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
     if isinstance(layer, QuantMatMul):
         return inputs[0] @ inputs[1]
     return layer.float_forward(inputs[0])
-
