@@ -316,7 +316,19 @@ def load_model(
     download: bool = True,
     progress: bool = True,
 ) -> tuple[Sam, ResolvedCheckpoint]:
-    """Resolve, read and load a checkpoint; the model type defaults to what the file holds."""
+    """Resolve, read and load a checkpoint; the model type defaults to what the file holds.
+
+    A folder written by ``tinysam quantize`` (or its ``quantized.pt``) loads as the
+    fake-quantized model it describes."""
+    if checkpoint is not None:
+        from .quant.store import is_quantized_checkpoint, load_quantized
+
+        if is_quantized_checkpoint(checkpoint):
+            sam = load_quantized(checkpoint, device)
+            found = sam.quant_config["model_type"]
+            if model_type is not None and model_type != found:
+                raise CheckpointError(f"{checkpoint} is a quantized {found}, not {model_type}")
+            return sam, ResolvedCheckpoint(Path(checkpoint), "argument")
     resolved = resolve_checkpoint(
         model_type or "vit_t", checkpoint, download=download, progress=progress
     )

@@ -16,6 +16,7 @@ import numpy as np
 
 from . import __version__
 from .distill.cli import add_distill_parser, run_distill
+from .quant.cli import add_quantize_parser, run_quantize
 
 EXIT_USAGE = 2
 
@@ -153,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(export, backend=False)
     add_distill_parser(sub, _Parser)
+    add_quantize_parser(sub)
     return parser
 
 
@@ -462,6 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_info(run_info(args))
         elif args.command == "export":
             print(json.dumps(run_export(args)))
+        elif args.command == "quantize":
+            print(json.dumps(run_quantize(args)))
         elif args.command == "distill":
             summary = run_distill(args)
             if summary is not None:

@@ -1,0 +1,165 @@
+"""Quantized models on disk, as tensors and JSON (never pickled modules).
+
+A directory holds ``quantized.pt``, the prepared model's state dict with every calibrated
+weight stored as int8 (its per-channel scales beside it as ``<layer>.weight_quant.scale``) and
+the activation scales as buffers, and ``quant.json``: model type, bit widths, every
+quantizer's role, twin kind and scale in readable form, and how it was calibrated. The JSON is
+written last, so a directory with one holds a complete model. Loading rebuilds the
+architecture, prepares it, dequantizes the weights and loads strictly with
+``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..build import (
+    CheckpointError,
+    build_sam_model,
+    load_strict,
+    read_state_dict,
+    sam_model_registry,
+)
+from ..io import atomic_write
+from ..modeling import Sam
+from .layers import QuantLayer
+from .model import prepare, quant_layers, quantizers
+from .quantizers import qrange
+
+WEIGHTS_FILE = "quantized.pt"
+CONFIG_FILE = "quant.json"
+FORMAT = "tinysam-quant"
+FORMAT_VERSION = 1
+
+
+def _weight_shape(scale: torch.Tensor, weight: torch.Tensor, axis: int) -> torch.Tensor:
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    return scale.reshape(shape)
+
+
+def describe_layers(model: Sam) -> dict:
+    """Every quantizer's role, twin kind and scale (weights: count and range of scales)."""
+    layers = {}
+    for name, layer in quant_layers(model).items():
+        entry = {"kind": layer.kind}
+        for role, quantizer in quantizers(layer).items():
+            if not quantizer.calibrated:
+                continue
+            if role == "weight":
+                scale = quantizer.scale
+                entry[role] = {
+                    "bits": quantizer.bits,
+                    "axis": quantizer.axis,
+                    "channels": scale.numel(),
+                    "scale_min": float(scale.min()),
+                    "scale_max": float(scale.max()),
+                }
+            else:
+                entry[role] = {
+                    "bits": quantizer.bits,
+                    "twin": quantizer.twin,
+                    "scale": quantizer.value,
+                }
+        layers[name] = entry
+    return layers
+
+
+def save_quantized(model: Sam, out_dir: str | os.PathLike, model_type: str, **info) -> Path:
+    """Write ``quantized.pt`` and ``quant.json`` to ``out_dir``; ``info`` (calibration and
+    search settings, results) goes into the JSON."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CONFIG_FILE).unlink(missing_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    for name, layer in quant_layers(model).items():
+        if isinstance(layer, QuantLayer) and layer.weight_quant.calibrated:
+            wq = layer.weight_quant
+            lo, hi = qrange(wq.bits)
+            scale = _weight_shape(wq.scale, layer.weight, wq.axis)
+            state[f"{name}.weight"] = (
+                torch.round(layer.weight.detach() / scale).clamp(lo, hi).to(torch.int8).cpu()
+            )
+    with atomic_write(out_dir / WEIGHTS_FILE, "wb") as f:
+        torch.save(state, f)
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_type": model_type,
+        "bits": dict(model.quant_bits),
+        "layers": describe_layers(model),
+        **info,
+    }
+    with atomic_write(out_dir / CONFIG_FILE, "w") as f:
+        json.dump(config, f, indent=2)
+    return out_dir
+
+
+def read_config(path: str | os.PathLike) -> tuple[Path, dict]:
+    """The directory of a quantized model (given it or a file in it) and its ``quant.json``."""
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(
+            f"{directory} holds no {CONFIG_FILE}: not a quantized model (run tinysam quantize)"
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{config_path} is not readable JSON ({err}); quantize again")
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CheckpointError(f"{config_path} is not a tinysam quantized model description")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{config_path} has format version {config.get('format_version')}; this tinysam "
+            f"reads version {FORMAT_VERSION}: quantize again"
+        )
+    return directory, config
+
+
+def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    return (directory / CONFIG_FILE).is_file() and (path.is_dir() or path.name == WEIGHTS_FILE)
+
+
+def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") -> Sam:
+    """A fake-quantized model from a directory written by ``save_quantized`` (or its
+    ``quantized.pt``); ``model.quant_config`` holds the JSON."""
+    directory, config = read_config(path)
+    model_type = config.get("model_type")
+    if model_type not in sam_model_registry:
+        raise CheckpointError(f"{directory / CONFIG_FILE} names unknown model type {model_type!r}")
+    bits = config.get("bits", {})
+    model = prepare(build_sam_model(model_type), bits.get("weight", 8), bits.get("activation", 8))
+    state = read_state_dict(directory / WEIGHTS_FILE)
+    layers = quant_layers(model)
+    described = config.get("layers", {})
+    for name, entry in described.items():
+        layer = layers.get(name)
+        if layer is None:
+            raise CheckpointError(f"{directory} describes a layer {name} the model lacks")
+        if "weight" in entry:
+            key = f"{name}.weight"
+            scale = state.get(f"{name}.weight_quant.scale")
+            if key not in state or state[key].dtype != torch.int8 or scale is None:
+                raise CheckpointError(f"{directory / WEIGHTS_FILE}: {key} is not an int8 weight")
+            axis = layer.weight_quant.axis
+            state[key] = state[key].float() * _weight_shape(scale, state[key], axis)
+    load_strict(model, state, f"a quantized {model_type}", str(directory / WEIGHTS_FILE))
+    for name, entry in described.items():
+        for role, quantizer in quantizers(layers[name]).items():
+            if role not in entry:
+                continue
+            if role == "weight":
+                quantizer.set_scale(quantizer.scale.clone())
+            else:
+                quantizer.twin = entry[role].get("twin", "none")
+                quantizer.set_scale(quantizer.scale.clone())
+    model.quant_config = config
+    return model.to(device)
