@@ -21,7 +21,6 @@ from pathlib import Path
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse
-import statistics
 import tempfile
 import time
 
@@ -30,24 +29,12 @@ import torch
 
 from tinysam import SamPredictor, build_sam_vit_t
 from tinysam.io import load_image
+from tinysam.perf import interleaved_medians
 from tinysam.runtime import OnnxPredictor
 from tinysam.runtime.export import export_onnx
 from tinysam.runtime.profile import op_times, slow_ops
 
 IMAGE = Path(__file__).resolve().parents[1] / "assets" / "picture1.jpg"
-
-
-def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each function, runs alternating between them after one warm-up each."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def openvino_encoder(onnx_dir: Path, threads: int):

@@ -53,7 +53,8 @@ def add_quantize_parser(sub) -> None:
     q.add_argument(
         "--no-twin",
         action="store_true",
-        help="one scale for post-softmax / post-GELU inputs too (default: two groups, as the paper)",
+        help="one scale for post-softmax / post-GELU inputs too (default: two groups, as "
+        "the paper)",
     )
     q.add_argument("--test", type=Path, help="images for the report (default: the calibration set)")
     q.add_argument("--test-prompts", type=int, default=16, help="report prompts per image (16)")

@@ -111,7 +111,9 @@ def read_config(path: str | os.PathLike) -> tuple[Path, dict]:
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{config_path} is not readable JSON ({err}); quantize again")
+        raise CheckpointError(
+            f"{config_path} is not readable JSON ({err}); quantize again"
+        ) from err
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise CheckpointError(f"{config_path} is not a tinysam quantized model description")
     if config.get("format_version") != FORMAT_VERSION:
