@@ -14,8 +14,9 @@ EPILOG = """\
 examples:
   tinysam quantize --checkpoint tinysam_42.3.pth --calib sa1b_8/ --out q-tinysam/
   tinysam quantize --checkpoint tinysam_42.3.pth --calib imgs/ --out w6a6/ --bits 6
-  tinysam segment --checkpoint q-tinysam/ --image photo.jpg --point 400,300
-  tinysam segment --backend onnx --onnx-dir q-tinysam/onnx --image photo.jpg --point 400,300
+  tinysam segment photo.jpg --checkpoint q-tinysam/ --point 400,300 --out mask.png
+  tinysam segment photo.jpg --backend onnx --onnx-dir q-tinysam/onnx --point 400,300 \
+      --out mask.png
 """
 
 

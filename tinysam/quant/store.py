@@ -81,9 +81,9 @@ def save_quantized(model: Sam, out_dir: str | os.PathLike, model_type: str, **in
             wq = layer.weight_quant
             lo, hi = qrange(wq.bits)
             scale = _weight_shape(wq.scale, layer.weight, wq.axis)
-            state[f"{name}.weight"] = (
-                torch.round(layer.weight.detach() / scale).clamp(lo, hi).to(torch.int8).cpu()
-            )
+            # Through the quantizer itself, so every rounding tie goes the way it does in use.
+            grid = wq(layer.weight.detach()) / scale
+            state[f"{name}.weight"] = torch.round(grid).clamp(lo, hi).to(torch.int8).cpu()
     with atomic_write(out_dir / WEIGHTS_FILE, "wb") as f:
         torch.save(state, f)
     config = {
@@ -102,6 +102,8 @@ def save_quantized(model: Sam, out_dir: str | os.PathLike, model_type: str, **in
 def read_config(path: str | os.PathLike) -> tuple[Path, dict]:
     """The directory of a quantized model (given it or a file in it) and its ``quant.json``."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"quantized model not found: {path}")
     directory = path if path.is_dir() else path.parent
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():

@@ -1,0 +1,403 @@
+"""Post-training quantization: quantizers, the prepared model, calibration records, the scale
+search, saved models, the int8 ONNX export and ``tinysam quantize``.
+
+The golden checkpoint and images are the calibration and test data. Searches run with few
+candidates here (the method is the same at any grid size); one ``tinysam quantize`` run is
+shared by the tests that read its outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from tinysam import SamPredictor
+from tinysam.quant.calibrate import collect, fisher_loss
+from tinysam.quant.layers import QuantConv2d, QuantConvTranspose2d, QuantLinear, QuantMatMul
+from tinysam.quant.model import (
+    prepare,
+    quant_layers,
+    set_deploy,
+    set_quantization,
+)
+from tinysam.quant.quantizers import GELU_MIN, ActQuantizer, fake_quant, twin_quant
+from tinysam.quant.search import SearchConfig, search_scales
+
+from conftest import one_error_line, run_cli
+
+FAST = SearchConfig(candidates=12, rounds=2)
+
+
+# ---------------------------------------------------------------------------- quantizers
+
+
+def test_fake_quant_is_the_symmetric_uniform_quantizer():
+    x = torch.tensor([-2.0, -0.26, -0.04, 0.0, 0.05, 0.16, 1.0, 3.0])
+    got = fake_quant(x, 0.1, 4)  # grid -0.8 .. 0.7
+    want = torch.clamp(torch.round(x / 0.1), -8, 7) * 0.1
+    assert torch.allclose(got, want)
+    assert got.min() == pytest.approx(-0.8) and got.max() == pytest.approx(0.7)
+
+
+def test_twin_softmax_keeps_small_probabilities_and_large_ones():
+    probs = torch.tensor([1e-4, 3e-4, 2e-3, 0.4, 0.97])
+    twin = twin_quant(probs, 1e-4, "softmax", 8)
+    one_scale = fake_quant(probs, 1 / 127, 8)
+    # The low group resolves what one scale rounds to zero; the high group still reaches ~1.
+    assert twin[:3].tolist() == pytest.approx([1e-4, 3e-4, 2e-3], rel=1e-3)
+    assert one_scale[:3].tolist() == [0.0, 0.0, 0.0]
+    assert twin[3:].tolist() == pytest.approx(probs[3:].tolist(), abs=0.5 / 127)
+
+
+def test_twin_gelu_gives_negatives_their_own_scale():
+    x = torch.tensor([-0.17, -0.05, -0.001, 0.0, 0.5, 6.0])
+    got = twin_quant(x, 0.05, "gelu", 8)
+    negative = GELU_MIN / 128
+    assert got[:3].tolist() == pytest.approx(
+        (torch.round(x[:3] / negative) * negative).tolist(), abs=1e-7
+    )
+    assert got[3:].tolist() == pytest.approx([0.0, 0.5, 6.0], abs=1e-6)
+    assert got[1] != 0  # one 0.05 scale would round -0.05 ... to -0.05; -0.001 vanishes either way
+
+
+def test_quantizer_inactive_until_calibrated_and_rejects_bad_scales():
+    q = ActQuantizer(8)
+    x = torch.randn(10)
+    assert torch.equal(q(x), x)
+    with pytest.raises(ValueError, match="positive"):
+        q.set_scale(0.0)
+    q.set_scale(0.01)
+    assert not torch.equal(q(x), x)
+    q.enabled = False
+    assert torch.equal(q(x), x)
+
+
+# ---------------------------------------------------------------------------- prepared model
+
+
+def test_prepared_model_without_scales_is_the_float_model(vit_t_model, golden_image):
+    qmodel = prepare(vit_t_model)
+    kinds = {type(m) for m in quant_layers(qmodel).values()}
+    assert kinds == {QuantLinear, QuantConv2d, QuantConvTranspose2d, QuantMatMul}
+    assert not any(n.startswith("prompt_encoder") for n in quant_layers(qmodel))
+    ref, got = SamPredictor(vit_t_model), SamPredictor(qmodel)
+    ref.set_image(golden_image)
+    got.set_image(golden_image)
+    assert torch.allclose(got.features, ref.features, atol=1e-4)
+    point = (np.array([[300, 200]]), np.array([1]))
+    _, ref_scores, ref_logits = ref.predict(*point)
+    _, scores, logits = got.predict(*point)
+    assert np.abs(logits - ref_logits).max() < 1e-3
+    assert np.abs(scores - ref_scores).max() < 1e-4
+    # the float model is untouched
+    assert not quant_layers(vit_t_model)
+
+
+def test_prepare_rejects_bit_widths_out_of_range(vit_t_model):
+    with pytest.raises(ValueError, match="between 2 and 8"):
+        prepare(vit_t_model, weight_bits=16)
+
+
+@pytest.fixture(scope="module")
+def calibrated(vit_t_model, golden):
+    """The golden model calibrated on picture1 (few prompts and rows) and searched."""
+    from tinysam.io import load_image
+
+    qmodel = prepare(vit_t_model)
+    image = load_image(golden / "images" / "picture1.jpg")
+    records = collect(qmodel, [image], prompts_per_image=4, rows=96, slices=2, seed=0)
+    results = search_scales(qmodel, records, FAST)
+    return qmodel, records, results
+
+
+def test_records_reproduce_each_layer_as_a_grouped_matrix_product(calibrated):
+    """input_rows / matrix / output_rows describe every layer kind exactly (conv, depthwise,
+    transposed conv, linear, products), so the search scores the real computation."""
+    qmodel, records, _ = calibrated
+    layers = quant_layers(qmodel)
+    assert set(records) == set(layers) - {"image_encoder.head"}  # the unused classifier
+    seen = set()
+    for name, record in records.items():
+        data = record.tensors()
+        layer = layers[name]
+        if isinstance(layer, QuantMatMul):
+            approx = data["a"] @ data["b"]
+        else:
+            weight = layer.weight.detach()
+            bias = 0 if layer.bias is None else layer.bias.detach()[layer.column_channel()]
+            approx = torch.einsum("rgk,gok->rgo", data["a"], layer.matrix(weight)).flatten(1)
+            approx = approx + bias
+            seen.add((layer.kind, getattr(layer, "groups", 1) > 1))
+        scale = data["out"].abs().max()
+        assert (approx - data["out"]).abs().max() <= 1e-4 * scale + 1e-5, name
+        assert data["grad"].abs().sum() > 0, f"{name} got no gradient"
+    assert {("conv", True), ("conv", False), ("linear", False), ("conv_transpose", False)} <= seen
+
+
+def test_post_gelu_and_post_softmax_inputs_get_twin_quantizers(calibrated):
+    qmodel, _, results = calibrated
+    twins = {r.name: r.twin for r in results}
+    assert twins["image_encoder.layers.1.blocks.0.mlp.fc2"] == "gelu"
+    assert twins["image_encoder.layers.0.blocks.0.conv2"] == "gelu"  # after the expand conv
+    assert twins["image_encoder.layers.1.blocks.0.mlp.fc1"] == "none"  # after a LayerNorm
+    assert twins["image_encoder.layers.1.blocks.0.attn.weighted"] == "softmax"
+    assert twins["mask_decoder.transformer.layers.0.cross_attn_token_to_image.weighted"] == (
+        "softmax"
+    )
+    assert twins["mask_decoder.output_upscaling.3"] == "gelu"
+
+
+def test_search_beats_min_max_scales_on_its_objective(calibrated):
+    _, _, results = calibrated
+    assert len(results) == 153
+    for r in results:
+        assert r.searched_distance <= r.minmax_distance * (1 + 1e-6), r.name
+    better = [r for r in results if r.searched_distance < 0.99 * r.minmax_distance]
+    assert len(better) > 0.8 * len(results)
+    assert all(r.weighted for r in results)  # every layer got Fisher weights
+
+
+def test_fisher_loss_gradients_are_nonzero_at_the_float_model():
+    logits = torch.randn(2, 4, 8, 8, requires_grad=True)
+    iou = torch.rand(2, 4, requires_grad=True)
+    fisher_loss(logits, iou, torch.Generator().manual_seed(0)).backward()
+    assert logits.grad.abs().sum() > 0 and iou.grad.abs().sum() > 0
+
+
+def test_quantized_masks_agree_with_float_and_switches_work(calibrated, vit_t_model, golden):
+    from tinysam.io import load_image
+    from tinysam.quant.report import mask_agreement
+
+    qmodel, _, _ = calibrated
+    image = load_image(golden / "images" / "picture3.jpg")  # not a calibration image
+    result = mask_agreement(SamPredictor(vit_t_model), {"q": SamPredictor(qmodel)}, [image], 8)
+    assert result["q"]["point"].mean_iou > 0.9
+    assert result["q"]["box"].mean_iou > 0.9
+    assert result["q"]["point"].prompts == 8 and result["q"]["box"].prompts > 0
+
+    ref, got = SamPredictor(vit_t_model), SamPredictor(qmodel)
+    ref.set_image(image)
+    got.set_image(image)
+    assert not torch.allclose(got.features, ref.features, atol=1e-3)  # it does quantize
+    set_quantization(qmodel, False, layers=["image_encoder"])
+    try:
+        got.set_image(image)
+        assert torch.allclose(got.features, ref.features, atol=1e-4)
+    finally:
+        set_quantization(qmodel, True)
+    with pytest.raises(ValueError, match="no quantized layer"):
+        set_quantization(qmodel, False, layers=["image_encoder.nope"])
+
+
+def test_everything_generator_runs_on_the_quantized_model(calibrated, vit_t_model, golden):
+    from tinysam import SamAutomaticMaskGenerator
+    from tinysam.io import load_image
+
+    qmodel, _, _ = calibrated
+    image = load_image(golden / "images" / "picture2.jpg")
+    options = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    masks = SamAutomaticMaskGenerator(qmodel, **options).generate(image)
+    reference = SamAutomaticMaskGenerator(vit_t_model, **options).generate(image)
+    assert masks and all(m["segmentation"].shape == image.shape[:2] for m in masks)
+    assert abs(len(masks) - len(reference)) <= max(2, len(reference) // 4)
+
+
+def test_six_bit_model_runs_and_is_further_from_float(vit_t_model, golden, calibrated):
+    from tinysam.io import load_image
+
+    image = load_image(golden / "images" / "picture1.jpg")
+    q6 = prepare(vit_t_model, weight_bits=6, act_bits=6)
+    search_scales(q6, collect(q6, [image], 4, rows=96, slices=2), FAST)
+    assert q6.image_encoder.layers[1].blocks[0].mlp.fc1.weight_quant.bits == 6
+    ref, p8, p6 = (SamPredictor(m) for m in (vit_t_model, calibrated[0], q6))
+    errors = []
+    for p in (p8, p6):
+        p.set_image(image)
+    ref.set_image(image)
+    for p in (p8, p6):
+        errors.append(float((p.features - ref.features).norm() / ref.features.norm()))
+    assert errors[0] < errors[1] < 0.5
+
+
+# ---------------------------------------------------------------------------- saved models
+
+
+def test_saved_model_reloads_identically_with_int8_weights(calibrated, tmp_path, golden_image):
+    from tinysam.quant.store import load_quantized, save_quantized
+
+    qmodel, _, _ = calibrated
+    save_quantized(qmodel, tmp_path, "vit_t", note="test")
+    state = torch.load(tmp_path / "quantized.pt", weights_only=True)
+    assert state["image_encoder.layers.1.blocks.0.mlp.fc1.weight"].dtype == torch.int8
+    assert state["image_encoder.head.weight"].dtype == torch.float32  # never calibrated
+    config = json.loads((tmp_path / "quant.json").read_text())
+    assert config["model_type"] == "vit_t" and config["note"] == "test"
+    fc2 = config["layers"]["image_encoder.layers.1.blocks.0.mlp.fc2"]
+    assert fc2["input"]["twin"] == "gelu" and fc2["weight"]["channels"] == 128
+
+    reloaded = load_quantized(tmp_path / "quantized.pt")
+    a, b = SamPredictor(qmodel), SamPredictor(reloaded)
+    a.set_image(golden_image)
+    b.set_image(golden_image)
+    assert torch.allclose(a.features, b.features, atol=1e-5)
+    point = (np.array([[250, 300]]), np.array([1]))
+    assert np.allclose(a.predict(*point)[2], b.predict(*point)[2], atol=1e-4)
+
+
+def test_broken_quantized_folders_give_one_line_errors(calibrated, tmp_path):
+    from tinysam.build import CheckpointError
+    from tinysam.quant.store import load_quantized, save_quantized
+
+    qmodel, _, _ = calibrated
+    save_quantized(qmodel, tmp_path, "vit_t")
+    (tmp_path / "quant.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not readable JSON"):
+        load_quantized(tmp_path)
+    save_quantized(qmodel, tmp_path, "vit_t")
+    (tmp_path / "quantized.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_quantized(tmp_path)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_quantized(tmp_path / "elsewhere")
+    (tmp_path / "quant.json").unlink()
+    with pytest.raises(CheckpointError, match="no quant.json"):
+        load_quantized(tmp_path)
+
+
+def test_onnx_export_refuses_other_bit_widths(vit_t_model, tmp_path):
+    from tinysam.quant.export import export_quantized_onnx
+
+    with pytest.raises(ValueError, match="needs 8-bit"):
+        export_quantized_onnx(prepare(vit_t_model, 6, 6), tmp_path, "vit_t")
+
+
+# ---------------------------------------------------------------------------- tinysam quantize
+
+
+@pytest.fixture(scope="module")
+def quantize_run(golden, vit_t_checkpoint, tmp_path_factory):
+    """One `tinysam quantize` run: calibration on picture1, report on picture3, ONNX export."""
+    from tinysam.cli import main
+
+    root = tmp_path_factory.mktemp("quantize")
+    calib, test = root / "calib", root / "test"
+    calib.mkdir()
+    test.mkdir()
+    shutil.copy(golden / "images" / "picture1.jpg", calib)
+    shutil.copy(golden / "images" / "picture3.jpg", test)
+    out = root / "out"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(
+            ["quantize", "--checkpoint", str(vit_t_checkpoint), "--calib", str(calib)]
+            + ["--test", str(test), "--out", str(out), "--candidates", "10", "--rounds", "1"]
+            + ["--prompts", "4", "--rows", "64", "--test-prompts", "8"]
+        )
+    assert code == 0
+    return out, json.loads(stdout.getvalue())
+
+
+def test_quantize_writes_model_onnx_and_report(quantize_run):
+    out, summary = quantize_run
+    for name in ("quantized.pt", "quant.json", "report.md", "report.json", "onnx/encoder.onnx"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["layers"]) == 153 and report["test_images"] == ["picture3.jpg"]
+    assert not report["test_is_calibration_set"]
+    for name, kinds in report["agreement"].items():
+        for kind in ("point", "box"):
+            assert kinds[kind]["mean_iou"] > 0.9, (name, kind, kinds[kind])
+    assert set(summary["agreement"]) == set(report["agreement"])
+    assert "| layer |" in (out / "report.md").read_text()
+    config = json.loads((out / "quant.json").read_text())
+    assert config["search"]["candidates"] == 10 and config["calibration"]["images"] == [
+        "picture1.jpg"
+    ]
+
+
+def test_int8_onnx_runs_integer_kernels_and_agrees_with_deploy_mode(quantize_run, golden):
+    import onnx
+    import onnxruntime as ort
+
+    from tinysam.io import load_image
+    from tinysam.quant.report import mask_agreement
+    from tinysam.quant.store import load_quantized
+    from tinysam.runtime import OnnxPredictor
+    from tinysam.runtime.predictor import disabled_optimizers, session_options
+
+    out, _ = quantize_run
+    model = onnx.load(out / "onnx" / "encoder.onnx")
+    int8 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert len(int8) >= 79  # every conv and linear weight of the encoder
+    assert not any(
+        n.op_type == "QuantizeLinear" and "weight" in n.input[0] for n in model.graph.node
+    )
+
+    options = session_options(2)
+    optimized = out / "optimized.onnx"
+    options.optimized_model_filepath = str(optimized)
+    ort.InferenceSession(
+        str(out / "onnx" / "encoder.onnx"), options, disabled_optimizers=disabled_optimizers(True)
+    )
+    ops = {n.op_type for n in onnx.load(optimized).graph.node}
+    assert {"QLinearConv", "MatMulIntegerToFloat"} <= ops
+    assert "Gemm" not in ops and "Conv" not in ops  # nothing fell back to float kernels
+
+    image = load_image(golden / "images" / "picture3.jpg")
+    deploy = load_quantized(out)
+    set_deploy(deploy)
+    onnx_predictor = OnnxPredictor(out / "onnx")
+    sim = SamPredictor(deploy)
+    sim.set_image(image)
+    onnx_predictor.set_image(image)
+    got = torch.as_tensor(onnx_predictor.get_image_embedding())
+    rel = float((got - sim.features).norm() / sim.features.norm())
+    assert rel < 0.08  # rounding differences (x/s vs x*(1/s), int32 bias) compound, see note
+    agreement = mask_agreement(sim, {"onnx": onnx_predictor}, [image], 8)
+    assert agreement["onnx"]["point"].mean_iou > 0.9
+    assert agreement["onnx"]["box"].mean_iou > 0.9
+
+
+def test_segment_accepts_a_quantized_folder(quantize_run, golden, capsys, tmp_path):
+    out, _ = quantize_run
+    code, stdout, err = run_cli(
+        capsys,
+        "segment",
+        golden / "images" / "picture3.jpg",
+        "--checkpoint",
+        out,
+        "--point",
+        "300,200",
+        "--out",
+        tmp_path / "mask.png",
+    )
+    assert code == 0, err
+    assert (tmp_path / "mask.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--calib", "MISSING"], "is not a folder of images"),
+        (["--calib", "EMPTY"], "no images"),
+        (["--calib", "CALIB", "--bits", "12"], "between 2 and 8"),
+        (["--calib", "CALIB", "--rows", "0"], "--rows must be at least 1"),
+    ],
+)
+def test_quantize_usage_errors(extra, message, capsys, tmp_path, golden, vit_t_checkpoint):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "calib").mkdir()
+    shutil.copy(golden / "images" / "picture1.jpg", tmp_path / "calib")
+    paths = {"MISSING": tmp_path / "nope", "EMPTY": tmp_path / "empty", "CALIB": tmp_path / "calib"}
+    argv = [paths.get(a, a) for a in extra]
+    code, _, err = run_cli(
+        capsys, "quantize", "--checkpoint", vit_t_checkpoint, "--out", tmp_path / "o", *argv
+    )
+    assert code == 2
+    assert message in one_error_line(err, "quantize")
