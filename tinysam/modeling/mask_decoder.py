@@ -76,6 +76,24 @@ class MaskDecoder(nn.Module):
         per prompt set (BxCxhxw). ``return_tokens`` adds the two-way transformer's output tokens
         (B x T x C), which distillation compares.
         """
+        hs, image_tokens, (c, h, w) = self.run_transformer(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+        )
+        batch = hs.shape[0]
+        first = _conv_transpose_2x2(image_tokens.view(batch, h, w, c), self.output_upscaling[0])
+        masks = self.masks_from_first_upscale(first, hs[:, 1 : 1 + self.num_mask_tokens, :])
+        iou = self.iou_prediction_head(hs[:, 0, :])
+        return (masks, iou, hs) if return_tokens else (masks, iou)
+
+    def run_transformer(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+        """Output tokens + prompt tokens through the two-way transformer: returns the tokens
+        B x T x C, the image tokens B x hw x C and the image's (C, h, w)."""
         batch = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.unsqueeze(0).expand(batch, -1, -1)
@@ -90,13 +108,8 @@ class MaskDecoder(nn.Module):
             # the batch until they first attend to the prompts.
             dense_prompt_embeddings = dense_prompt_embeddings[:1]
         src = image_embeddings + dense_prompt_embeddings
-        c, h, w = src.shape[1:]
-
-        hs, image_tokens = self.transformer(src, image_pe, tokens)  # image_tokens: B x hw x C
-        first = _conv_transpose_2x2(image_tokens.view(batch, h, w, c), self.output_upscaling[0])
-        masks = self.masks_from_first_upscale(first, hs[:, 1 : 1 + self.num_mask_tokens, :])
-        iou = self.iou_prediction_head(hs[:, 0, :])
-        return (masks, iou, hs) if return_tokens else (masks, iou)
+        hs, image_tokens = self.transformer(src, image_pe, tokens)
+        return hs, image_tokens, tuple(src.shape[1:])
 
     def masks_from_first_upscale(
         self, first: torch.Tensor, mask_tokens_out: torch.Tensor

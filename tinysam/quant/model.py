@@ -85,18 +85,10 @@ class QuantMaskDecoder(MaskDecoder):
         dense_prompt_embeddings: torch.Tensor,
         return_tokens: bool = False,
     ) -> tuple[torch.Tensor, ...]:
-        batch = sparse_prompt_embeddings.shape[0]
-        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        tokens = torch.cat((output_tokens.expand(batch, -1, -1), sparse_prompt_embeddings), dim=1)
-        if image_embeddings.shape[0] not in (1, batch):
-            raise ValueError(
-                f"image_embeddings has batch {image_embeddings.shape[0]}; expected 1 or {batch}"
-            )
-        if image_embeddings.shape[0] == 1 and dense_prompt_embeddings.stride(0) == 0:
-            dense_prompt_embeddings = dense_prompt_embeddings[:1]
-        src = image_embeddings + dense_prompt_embeddings
-        c, h, w = src.shape[1:]
-        hs, image_tokens = self.transformer(src, image_pe, tokens)
+        hs, image_tokens, (c, h, w) = self.run_transformer(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+        )
+        batch = hs.shape[0]
         upscaled = self.output_upscaling(image_tokens.transpose(1, 2).reshape(batch, c, h, w))
         hyper_in = torch.stack(
             [mlp(hs[:, 1 + i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
