@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tinysam import SamPredictor
-from tinysam.quant.calibrate import collect, fisher_loss
+from tinysam.quant.calibrate import answer_boxes, collect, fisher_loss
 from tinysam.quant.layers import QuantConv2d, QuantConvTranspose2d, QuantLinear, QuantMatMul
 from tinysam.quant.model import (
     prepare,
@@ -161,6 +161,16 @@ def test_search_beats_min_max_scales_on_its_objective(calibrated):
     better = [r for r in results if r.searched_distance < 0.99 * r.minmax_distance]
     assert len(better) > 0.8 * len(results)
     assert all(r.weighted for r in results)  # every layer got Fisher weights
+
+
+def test_calibration_boxes_surround_the_answered_masks():
+    masks = torch.full((2, 4, 256, 256), -5.0)
+    masks[0, 2, 10:20, 30:50] = 5.0  # the best multimask output of prompt 0
+    masks[0, 0, :, :] = 5.0  # the single-mask output is not what a point prompt answers
+    iou = torch.tensor([[0.99, 0.1, 0.9, 0.2], [0.5, 0.5, 0.5, 0.5]])
+    boxes = answer_boxes(masks, iou, 1024)
+    assert boxes[0].tolist() == [120.0, 40.0, 200.0, 80.0]
+    assert boxes[1].tolist() == [0.0, 0.0, 1024.0, 1024.0]  # empty answer: the whole frame
 
 
 def test_fisher_loss_gradients_are_nonzero_at_the_float_model():

@@ -15,8 +15,10 @@ IoU prediction a Bernoulli probability, clipped to [0.001, 0.999]). The search t
 ``sum(g^2 * (O_quantized - O)^2)`` per layer.
 
 Decoder prompts: the everything mode's point grid (``prompts_per_image`` points drawn from a
-32x32 grid over the image, one positive point each, all four mask outputs). Any folder of
-images calibrates; no annotations are needed.
+32x32 grid over the image, one positive point each) and, in a second decoder pass, boxes around
+the float model's answers to those points (the paper's COCO protocol prompts with boxes, and
+the decoder reacts to boxes differently); all four mask outputs of both enter the loss. Any
+folder of images calibrates; no annotations are needed.
 """
 
 from __future__ import annotations
@@ -160,6 +162,33 @@ def fisher_loss(masks: torch.Tensor, iou: torch.Tensor, generator: torch.Generat
     return mask_loss + (iou * iou_grad).sum()
 
 
+def _decode(model: nn.Module, embedding: torch.Tensor, points=None, boxes=None):
+    """All four masks and IoUs, with the prompt tokens as leaves that need gradients (so the
+    decoder's token-only layers get gradients too)."""
+    sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=None)
+    return model.mask_decoder.predict_masks(
+        embedding, model.prompt_encoder.get_dense_pe(), sparse.detach().requires_grad_(), dense
+    )
+
+
+def answer_boxes(masks: torch.Tensor, iou: torch.Tensor, image_size: int) -> torch.Tensor:
+    """XYXY boxes (in the encoder's frame) around the masks one-point prompts are answered
+    with (the best multimask output by predicted IoU); an empty answer gets the whole frame."""
+    with torch.no_grad():
+        best = iou[:, 1:].argmax(dim=1) + 1
+        chosen = masks[torch.arange(len(best)), best] > 0
+        scale = image_size / chosen.shape[-1]  # low-res logits are 4x below the input
+        boxes = []
+        for mask in chosen:
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            if len(xs) == 0:
+                boxes.append(torch.tensor([0.0, 0.0, image_size, image_size]))
+            else:
+                box = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+                boxes.append(box.float() * scale)
+        return torch.stack(boxes).to(masks.device)
+
+
 def encoder_input(model: nn.Module, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
     """An RGB uint8 image as the encoder's normalised, padded input (as SamPredictor does)."""
     transform = ResizeLongestSide(model.image_encoder.img_size)
@@ -194,16 +223,12 @@ def collect(
                 embedding = model.image_encoder(x.requires_grad_())
                 points = grid_prompts(size, prompts_per_image, generator).to(model.device)
                 labels = torch.ones(points.shape[:2], dtype=torch.int, device=model.device)
-                sparse, dense = model.prompt_encoder(
-                    points=(points, labels), boxes=None, masks=None
-                )
-                masks, iou = model.mask_decoder.predict_masks(
-                    embedding,
-                    model.prompt_encoder.get_dense_pe(),
-                    sparse.detach().requires_grad_(),
-                    dense,
-                )
-                fisher_loss(masks, iou, generator).backward()
+                masks, iou = _decode(model, embedding, points=(points, labels))
+                boxes = answer_boxes(masks, iou, model.image_encoder.img_size)
+                box_masks, box_iou = _decode(model, embedding, boxes=boxes)
+                loss = fisher_loss(masks, iou, generator)
+                loss = loss + fisher_loss(box_masks, box_iou, generator)
+                loss.backward()
     finally:
         for layer in layers.values():
             layer.recorder = None
