@@ -349,7 +349,14 @@ def test_int8_onnx_runs_integer_kernels_and_agrees_with_deploy_mode(quantize_run
         n.op_type == "QuantizeLinear" and "weight" in n.input[0] for n in model.graph.node
     )
 
-    options = session_options(2)
+    weight_zero_points = [
+        n.input[2]
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0].endswith("_int8")
+    ]
+    assert len(weight_zero_points) == len(set(weight_zero_points))  # see test below
+
+    options = session_options(2, quantized=True)
     optimized = out / "optimized.onnx"
     options.optimized_model_filepath = str(optimized)
     ort.InferenceSession(
@@ -372,6 +379,46 @@ def test_int8_onnx_runs_integer_kernels_and_agrees_with_deploy_mode(quantize_run
     agreement = mask_agreement(sim, {"onnx": onnx_predictor}, [image], 8)
     assert agreement["onnx"]["point"].mean_iou > 0.9
     assert agreement["onnx"]["box"].mean_iou > 0.9
+
+
+def test_int8_sessions_do_not_saturate_without_vnni():
+    """u8 x s8 products of values at the ends of their ranges: x86 CPUs without VNNI saturate
+    them at int16 unless the session asks for exact kernels (``session.x64quantprecision``)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tinysam.runtime.predictor import disabled_optimizers, session_options
+
+    k, n = 64, 16
+    weight = np.full((k, n), 127, np.int8)
+    graph = helper.make_graph(
+        [
+            helper.make_node("QuantizeLinear", ["x", "s", "zx"], ["xq"]),
+            helper.make_node("DequantizeLinear", ["xq", "s", "zx"], ["xd"]),
+            helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"]),
+            helper.make_node("MatMul", ["xd", "wd"], ["y"]),
+        ],
+        "saturation",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, n])],
+        [
+            numpy_helper.from_array(np.array(1.0, np.float32), "s"),
+            numpy_helper.from_array(np.array(128, np.uint8), "zx"),
+            numpy_helper.from_array(weight, "w"),
+            numpy_helper.from_array(np.ones(n, np.float32), "sw"),
+            numpy_helper.from_array(np.zeros(n, np.int8), "zw"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    session = ort.InferenceSession(
+        model.SerializeToString(),
+        session_options(1, quantized=True),
+        disabled_optimizers=disabled_optimizers(True),
+    )
+    x = np.full((4, k), 127.0, np.float32)
+    (y,) = session.run(None, {"x": x})
+    np.testing.assert_array_equal(y, np.full((4, n), 127.0 * 127 * k, np.float32))
 
 
 def test_segment_accepts_a_quantized_folder(quantize_run, golden, capsys, tmp_path):

@@ -58,7 +58,7 @@ def op_times(
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
-        options = session_options(threads)
+        options = session_options(threads, quantized)
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
         session = ort.InferenceSession(
