@@ -384,7 +384,6 @@ def test_int8_onnx_runs_integer_kernels_and_agrees_with_deploy_mode(quantize_run
 def test_int8_sessions_do_not_saturate_without_vnni():
     """u8 x s8 products of values at the ends of their ranges: x86 CPUs without VNNI saturate
     them at int16 unless the session asks for exact kernels (``session.x64quantprecision``)."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 

@@ -62,7 +62,6 @@ def session_options(threads: int | None = None, quantized: bool = False):
     return options
 
 
-
 # ONNX Runtime fuses MatMul + bias Add into a float Gemm before its QDQ fusions look at the
 # MatMul, which then never becomes an integer product: int8 graphs run with that fusion off.
 INT8_DISABLED_OPTIMIZERS = ["MatMulAddFusion"]
