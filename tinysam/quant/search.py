@@ -137,13 +137,27 @@ def _search_weight_layer(
     layer.weight_quant.set_scale(s_w)
     if layer.kind in DEPLOY_OUTPUT_KINDS:
         layer.output_quant.set_scale(_search_output(data["out"], objective, bits_a, config))
+    return _result(name, layer.kind, twin, len(a), minmax, final, objective)
+
+
+def _result(
+    name: str,
+    kind: str,
+    twin: str,
+    samples: int,
+    minmax: tuple[float, float],
+    final: torch.Tensor,
+    objective: _Objective,
+) -> LayerResult:
+    """The report row of a layer: min-max (distance, error) against the searched output."""
+    searched = float(objective.per_column(final).sum())
     return LayerResult(
         name,
-        layer.kind,
+        kind,
         twin,
-        len(a),
+        samples,
         minmax[0],
-        float(objective.per_column(final).sum()),
+        searched,
         minmax[1],
         objective.rel_error(final),
         objective.weighted,
@@ -194,17 +208,7 @@ def _search_matmul(
     layer.a_quant.twin = twin
     layer.a_quant.set_scale(s_a)
     layer.b_quant.set_scale(s_b)
-    return LayerResult(
-        name,
-        layer.kind,
-        twin,
-        len(a),
-        minmax[0],
-        best,
-        minmax[1],
-        objective.rel_error(a_q @ b_q),
-        objective.weighted,
-    )
+    return _result(name, layer.kind, twin, len(a), minmax, a_q @ b_q, objective)
 
 
 def search_layer(
