@@ -16,6 +16,7 @@ import numpy as np
 
 from . import __version__
 from .distill.cli import add_distill_parser, run_distill
+from .evaluation.cli import add_bench_parser, add_eval_parser, run_bench, run_eval
 from .quant.cli import add_quantize_parser, run_quantize
 
 EXIT_USAGE = 2
@@ -155,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(export, backend=False)
     add_distill_parser(sub, _Parser)
     add_quantize_parser(sub)
+    add_eval_parser(sub, _Parser, _add_model_args)
+    add_bench_parser(sub, _add_model_args)
     return parser
 
 
@@ -292,6 +295,16 @@ def run_segment(args: argparse.Namespace) -> dict:
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def image_folder(folder: Path, limit: int | None = None, what: str = "folder") -> list[Path]:
+    """The images of a folder, sorted by name (the first ``limit``); none is an error."""
+    if not folder.is_dir():
+        raise UsageError(f"{what} {folder} is not a folder of images")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise UsageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+    return paths[:limit] if limit else paths
 
 
 def run_everything(args: argparse.Namespace) -> dict:
@@ -441,6 +454,8 @@ _EXTRAS = {
     "onnx": "export",
     "onnxscript": "export",
     "yaml": "train",
+    "scipy": "eval",
+    "matplotlib": "eval",
 }
 
 
@@ -466,6 +481,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(run_export(args)))
         elif args.command == "quantize":
             print(json.dumps(run_quantize(args)))
+        elif args.command == "eval":
+            print(json.dumps(run_eval(args, _predictor)))
+        elif args.command == "bench":
+            print(json.dumps(run_bench(args, _load)))
         elif args.command == "distill":
             summary = run_distill(args)
             if summary is not None:

@@ -70,23 +70,12 @@ def add_quantize_parser(sub) -> None:
     q.add_argument("--threads", type=int, help="torch CPU threads")
 
 
-def _images(folder: Path, limit: int | None, what: str) -> list[Path]:
-    from ..cli import IMAGE_SUFFIXES, UsageError
-
-    if not folder.is_dir():
-        raise UsageError(f"{what} {folder} is not a folder of images")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise UsageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
-    return paths[:limit] if limit else paths
-
-
 def run_quantize(args: argparse.Namespace) -> dict:
     import torch
     from tqdm.auto import tqdm
 
     from ..build import load_model
-    from ..cli import UsageError
+    from ..cli import UsageError, image_folder
     from ..io import atomic_write, load_image
     from ..predictor import SamPredictor
     from .calibrate import collect
@@ -107,8 +96,8 @@ def run_quantize(args: argparse.Namespace) -> dict:
     config = SearchConfig(
         args.theta_low, args.theta_high, args.candidates, args.rounds, twin=not args.no_twin
     )
-    calib_paths = _images(args.calib, args.images, "--calib")
-    test_paths = _images(args.test, None, "--test") if args.test else calib_paths
+    calib_paths = image_folder(args.calib, args.images, "--calib")
+    test_paths = image_folder(args.test, None, "--test") if args.test else calib_paths
     show = sys.stderr.isatty()
     sam, resolved = load_model(args.model, args.checkpoint, progress=show)
     model_type = args.model or _model_type(sam)

@@ -1,0 +1,102 @@
+"""Parameters, FLOPs and latency of the image encoder and the mask decoder, per backend.
+
+FLOPs are counted by ``torch.utils.flop_counter`` on one 1024x1024 image and one point prompt
+(a multiply-add counts as two FLOPs; the paper's MACs are half). Latency is the median of
+``repeats`` runs after a warm-up, through the predictors users call (``set_image`` for the
+encoder, ``predict`` with one point for the decoder), so pre- and post-processing are included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..perf import interleaved_medians
+
+
+@dataclass
+class ModelCost:
+    encoder_parameters: int
+    decoder_parameters: int
+    prompt_encoder_parameters: int
+    encoder_flops: int
+    decoder_flops: int
+
+
+def _parameters(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def count_costs(sam) -> ModelCost:
+    """Parameters and FLOPs of one image embedding and one one-point decode."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next(sam.parameters()).device
+    size = sam.image_encoder.img_size
+    with torch.no_grad(), FlopCounterMode(display=False) as encoder_counter:
+        embedding = sam.image_encoder(torch.zeros(1, 3, size, size, device=device))
+    # With autograd on: under no_grad, views of parameters (the no-mask embedding) keep
+    # requires_grad without a grad_fn, which FlopCounterMode's module tracker rejects.
+    point = (torch.tensor([[[size / 2, size / 2]]], device=device), torch.ones(1, 1))
+    with FlopCounterMode(display=False) as decoder_counter:
+        sparse, dense = sam.prompt_encoder(points=point, boxes=None, masks=None)
+        sam.mask_decoder(
+            image_embeddings=embedding,
+            image_pe=sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=True,
+        )
+    return ModelCost(
+        _parameters(sam.image_encoder),
+        _parameters(sam.mask_decoder),
+        _parameters(sam.prompt_encoder),
+        encoder_counter.get_total_flops(),
+        decoder_counter.get_total_flops(),
+    )
+
+
+@dataclass
+class Latency:
+    backend: str
+    encoder_ms: float
+    decoder_ms: float
+
+
+def measure_latency(predictors: dict, image: np.ndarray, repeats: int = 5) -> list[Latency]:
+    """Encoder and one-point decoder medians per predictor, runs of the backends alternating
+    so that a noisy machine slows them alike."""
+    h, w = image.shape[:2]
+    point = np.array([[w / 2, h / 2]], np.float32)
+    label = np.ones(1, np.float32)
+    for predictor in predictors.values():  # predict needs an image
+        predictor.set_image(image)
+    encoder = interleaved_medians(
+        {name: (lambda p=p: p.set_image(image)) for name, p in predictors.items()}, repeats
+    )
+    decoder = interleaved_medians(
+        {
+            name: (lambda p=p: p.predict(point_coords=point, point_labels=label))
+            for name, p in predictors.items()
+        },
+        repeats,
+    )
+    return [Latency(name, encoder[name] * 1e3, decoder[name] * 1e3) for name in predictors]
+
+
+def bench_table(cost: ModelCost, latencies: list[Latency]) -> str:
+    lines = [
+        f"parameters: image encoder {cost.encoder_parameters / 1e6:.2f} M, "
+        f"prompt encoder {cost.prompt_encoder_parameters / 1e3:.1f} K, "
+        f"mask decoder {cost.decoder_parameters / 1e6:.2f} M",
+        f"FLOPs: image encoder {cost.encoder_flops / 1e9:.1f} G "
+        f"({cost.encoder_flops / 2e9:.1f} G MACs), one-point decode "
+        f"{cost.decoder_flops / 1e9:.2f} G",
+        "",
+        "| backend | encoder ms | decoder ms (one point) |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {r.backend} | {r.encoder_ms:.1f} | {r.decoder_ms:.1f} |" for r in latencies]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,243 @@
+"""Zero-shot instance segmentation: detector boxes as prompts, scored as COCO or LVIS masks.
+
+The paper's protocol (``METHOD.md`` §4): every box of a detector's results file (ViTDet-H's
+``coco_instances_results_vitdet.json``) prompts the model; of the three masks of the multi-output
+mode the one with the highest predicted IoU is kept (``single_mask`` takes the single-mask output
+instead); the mask inherits the detection's category and score.
+
+Each image's results are written atomically to ``parts/<image_id>.json`` as soon as they exist,
+so a killed run resumes where it stopped and its final results equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..io import atomic_write, load_image
+
+COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+LVIS_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+PARTS = "parts"
+RESULTS = "results.json"
+
+
+class DatasetError(ValueError):
+    """A ground-truth or detections file that cannot be used (one line saying why)."""
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError as err:
+        raise DatasetError(f"{what} not found: {path}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{what} {path} is not valid JSON ({err})") from err
+
+
+def image_files(annotations: str | os.PathLike) -> dict[int, str]:
+    """``{image_id: file name}`` of a COCO or LVIS ground-truth file (LVIS names its images
+    by ``coco_url``; the file is the URL's last part)."""
+    data = _read_json(Path(annotations), "annotations file")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DatasetError(f"{annotations} has no 'images' list: not a COCO/LVIS annotations file")
+    files = {}
+    for image in data["images"]:
+        name = image.get("file_name") or str(image.get("coco_url", "")).rsplit("/", 1)[-1]
+        if "id" not in image or not name:
+            raise DatasetError(f"{annotations}: an image entry lacks 'id' or a file name")
+        files[int(image["id"])] = name
+    return files
+
+
+def is_lvis(annotations: str | os.PathLike) -> bool:
+    """LVIS ground truth marks its categories with a frequency (rare/common/frequent)."""
+    data = _read_json(Path(annotations), "annotations file")
+    categories = data.get("categories") or [{}]
+    return "frequency" in categories[0]
+
+
+@dataclass
+class Detection:
+    category_id: int
+    score: float
+    box_xyxy: tuple[float, float, float, float]
+
+
+def load_detections(path: str | os.PathLike, min_score: float = 0.0) -> dict[int, list[Detection]]:
+    """Detections grouped by image, each image's in file order."""
+    data = _read_json(Path(path), "detections file")
+    if not isinstance(data, list):
+        raise DatasetError(f"{path} is not a COCO results list (a JSON array of detections)")
+    grouped: dict[int, list[Detection]] = defaultdict(list)
+    for i, det in enumerate(data):
+        try:
+            x, y, w, h = (float(v) for v in det["bbox"])
+            det_ = Detection(int(det["category_id"]), float(det["score"]), (x, y, x + w, y + h))
+            image_id = int(det["image_id"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise DatasetError(
+                f"{path}: detection {i} needs image_id, category_id, score and bbox [x, y, w, h]"
+            ) from err
+        if not np.all(np.isfinite([*det_.box_xyxy, det_.score])) or w < 0 or h < 0:
+            raise DatasetError(f"{path}: detection {i} has a non-finite or negative box")
+        if det_.score >= min_score:
+            grouped[image_id].append(det_)
+    return dict(grouped)
+
+
+def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
+    """COCO compressed RLEs (counts as JSON strings) of NxHxW boolean masks."""
+    from pycocotools import mask as mask_utils
+
+    if len(masks) == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return list(rles)
+
+
+def segment_boxes(
+    predictor, image: np.ndarray, boxes_xyxy: np.ndarray, single_mask: bool = False
+) -> np.ndarray:
+    """One mask per box (NxHxW bool), all boxes of the image in one decoder batch."""
+    import torch
+
+    predictor.set_image(image)
+    if len(boxes_xyxy) == 0:
+        return np.zeros((0, *image.shape[:2]), dtype=bool)
+    boxes = predictor.transform.apply_boxes(np.asarray(boxes_xyxy, np.float32), image.shape[:2])
+    masks, scores, _ = predictor.predict_torch(
+        None, None, boxes=torch.as_tensor(boxes), multimask_output=not single_mask
+    )
+    masks, scores = torch.as_tensor(masks), torch.as_tensor(scores)
+    best = scores.argmax(dim=1)
+    return masks[torch.arange(len(best)), best].cpu().numpy().astype(bool)
+
+
+def _part_path(out_dir: Path, image_id: int) -> Path:
+    return out_dir / PARTS / f"{image_id}.json"
+
+
+def segment_detections(
+    predictor,
+    annotations: str | os.PathLike,
+    detections: str | os.PathLike,
+    images_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    single_mask: bool = False,
+    limit: int | None = None,
+    progress: bool | None = None,
+    after_image: Callable[[int], None] | None = None,
+) -> Path:
+    """Masks for every detection; returns the COCO results file (``OUT/results.json``).
+
+    Images already in ``OUT/parts`` are skipped (resume). ``limit``: the first N images of the
+    annotations file only. ``after_image(image_id)`` is called after each image is saved.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    files = image_files(annotations)
+    by_image = load_detections(detections)
+    unknown = set(by_image) - set(files)
+    if unknown:
+        raise DatasetError(
+            f"{len(unknown)} image id(s) of the detections are not in the annotations file "
+            f"(e.g. {min(unknown)}): detections and annotations are from different datasets"
+        )
+    ids = sorted(files)[:limit] if limit else sorted(files)
+    todo = [i for i in ids if not _part_path(out_dir, i).exists()]
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(todo, unit="image", desc="segmenting boxes", disable=not show)
+    for image_id in bar:
+        dets = by_image.get(image_id, [])
+        if dets:
+            path = Path(images_dir) / files[image_id]
+            image = load_image(path)
+            boxes = np.array([d.box_xyxy for d in dets], np.float32)
+            masks = segment_boxes(predictor, image, boxes, single_mask)
+            rles = encode_masks(masks)
+        else:
+            rles = []
+        results = [
+            {
+                "image_id": image_id,
+                "category_id": d.category_id,
+                "segmentation": r,
+                "score": d.score,
+            }
+            for d, r in zip(dets, rles)
+        ]
+        with atomic_write(_part_path(out_dir, image_id), "w") as f:
+            json.dump(results, f)
+        if after_image is not None:
+            after_image(image_id)
+    return merge_parts(out_dir, ids)
+
+
+def merge_parts(out_dir: Path, ids: Iterable[int]) -> Path:
+    """Join the per-image parts, in image-id order, into ``OUT/results.json`` (atomically)."""
+    results = []
+    for image_id in ids:
+        with open(_part_path(out_dir, image_id), encoding="utf-8") as f:
+            results.extend(json.load(f))
+    path = out_dir / RESULTS
+    with atomic_write(path, "w") as f:
+        json.dump(results, f)
+    return path
+
+
+def coco_mask_ap(
+    annotations: str | os.PathLike,
+    results: str | os.PathLike,
+    image_ids: Iterable[int] | None = None,
+) -> dict[str, float]:
+    """pycocotools' mask AP (``segm``) of a results file, on ``image_ids`` (default: all the
+    annotated images; a run with ``limit`` passes the images it segmented)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(annotations))
+        dets = _read_json(Path(results), "results file")
+        if not dets:
+            return dict.fromkeys(COCO_METRICS, 0.0)
+        dt = gt.loadRes(dets)
+        evaluator = COCOeval(gt, dt, iouType="segm")
+        if image_ids is not None:
+            evaluator.params.imgIds = sorted(image_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: float(v) for name, v in zip(COCO_METRICS, evaluator.stats[:6])}
+
+
+def lvis_mask_ap(annotations: str | os.PathLike, results: str | os.PathLike) -> dict[str, float]:
+    """The LVIS API's mask AP (federated: only categories verified present or absent count)."""
+    try:
+        from lvis import LVIS, LVISEval, LVISResults
+    except ImportError as err:
+        raise ImportError(
+            "LVIS scoring needs the LVIS API: pip install lvis (it also needs opencv-python)",
+            name="lvis",
+        ) from err
+    gt = LVIS(str(annotations))
+    dt = LVISResults(gt, str(results))
+    evaluator = LVISEval(gt, dt, iou_type="segm")
+    evaluator.run()
+    stats = evaluator.get_results()
+    return {name: float(stats[name]) for name in LVIS_METRICS if name in stats}
