@@ -80,6 +80,12 @@ def add_eval_parser(sub, parser_class, add_model_args) -> None:
     every.add_argument("--out", type=Path, required=True, help="output folder")
     every.add_argument("--points-per-side", type=int, default=32, help="grid size (32)")
     every.add_argument("--match-iou", type=float, default=0.9, help="match threshold (0.9)")
+    every.add_argument(
+        "--pred-iou-thresh", type=float, default=0.88, help="keep masks above this IoU (0.88)"
+    )
+    every.add_argument(
+        "--stability-thresh", type=float, default=0.95, help="stability score cutoff (0.95)"
+    )
     every.add_argument("--limit", type=int, help="only the first N images")
     add_model_args(every, backend=True)
 
@@ -128,7 +134,12 @@ def run_eval(args: argparse.Namespace, predictor_from_args) -> dict:
     from .everything import compare_everything, everything_table
 
     rows = compare_everything(
-        predictor_from_args(args), images, args.points_per_side, args.match_iou
+        predictor_from_args(args),
+        images,
+        args.points_per_side,
+        args.match_iou,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_thresh,
     )
     table = everything_table(rows)
     _out_file(args.out / "everything.md", table)

@@ -65,13 +65,15 @@ def compare_everything(
     points_per_side: int = 32,
     match_iou: float = MATCH_IOU,
     progress: bool | None = None,
+    **filters: float,
 ) -> list[ImageComparison]:
+    """One row per image; ``filters``: the generators' thresholds (``pred_iou_thresh``...)."""
     from tqdm.auto import tqdm
 
     from ..everything import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator
 
     shared = _CachedEmbedding(predictor)
-    options = {"points_per_side": points_per_side, "output_mode": "coco_rle"}
+    options = {"points_per_side": points_per_side, "output_mode": "coco_rle", **filters}
     dense_gen = SamAutomaticMaskGenerator(shared, **options)
     hier_gen = SamHierarchicalMaskGenerator(shared, **options)
     show = sys.stderr.isatty() if progress is None else progress
