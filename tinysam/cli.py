@@ -18,6 +18,7 @@ from . import __version__
 from .distill.cli import add_distill_parser, run_distill
 from .evaluation.cli import add_bench_parser, add_eval_parser, run_bench, run_eval
 from .quant.cli import add_quantize_parser, run_quantize
+from .serve.cli import add_serve_parser, run_serve
 
 EXIT_USAGE = 2
 
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_parser(sub)
     add_eval_parser(sub, _Parser, _add_model_args)
     add_bench_parser(sub, _add_model_args)
+    add_serve_parser(sub, _add_model_args)
     return parser
 
 
@@ -456,6 +458,9 @@ _EXTRAS = {
     "yaml": "train",
     "scipy": "eval",
     "matplotlib": "eval",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "multipart": "serve",
 }
 
 
@@ -483,6 +488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(run_quantize(args)))
         elif args.command == "eval":
             print(json.dumps(run_eval(args, _predictor)))
+        elif args.command == "serve":
+            run_serve(args, _predictor)
         elif args.command == "bench":
             print(json.dumps(run_bench(args, _load)))
         elif args.command == "distill":

@@ -1,0 +1,211 @@
+"""The web demo's JSON API: uploads, prompts, limits, concurrency and the embedding cache."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="the serve extra: pip install 'tinysam[serve]'")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from tinysam.serve.app import DemoService, create_app  # noqa: E402
+
+EMBEDDING_BYTES = 256 * 64 * 64 * 4
+
+
+@pytest.fixture(scope="module")
+def predictor(vit_t_checkpoint):
+    from tinysam import SamPredictor, build_sam_vit_t
+
+    return SamPredictor(build_sam_vit_t(vit_t_checkpoint).eval())
+
+
+def client_for(predictor, **limits) -> tuple[TestClient, DemoService]:
+    service = DemoService(predictor, everything_points=8, **limits)
+    return TestClient(create_app(service)), service
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def noise_image(seed: int, size=(96, 128)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+
+
+def upload(client: TestClient, data: bytes, name: str = "a.png"):
+    return client.post("/api/images", files={"file": (name, data, "image/png")})
+
+
+def decode_mask(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64)))) > 127
+
+
+def test_click_returns_the_predictors_mask(predictor, golden):
+    client, _ = client_for(predictor)
+    data = (golden / "images" / "picture1.jpg").read_bytes()
+    info = upload(client, data, "picture1.jpg").json()
+    assert (info["width"], info["height"]) == (769, 770)
+    response = client.post(
+        f"/api/images/{info['image_id']}/predict", json={"points": [[300, 200]], "labels": [1]}
+    )
+    assert response.status_code == 200
+    body = response.json()
+    mask = decode_mask(body["mask_png"])
+    from tinysam.io import load_image
+
+    predictor.set_image(load_image(golden / "images" / "picture1.jpg"))
+    masks, scores, _ = predictor.predict(
+        point_coords=np.array([[300.0, 200.0]]), point_labels=np.array([1.0])
+    )
+    np.testing.assert_array_equal(mask, masks[np.argmax(scores)])
+    assert body["area"] == int(mask.sum()) and body["score"] == pytest.approx(scores.max())
+    from pycocotools import mask as mask_utils
+
+    rle = dict(body["rle"], counts=body["rle"]["counts"].encode())
+    np.testing.assert_array_equal(mask_utils.decode(rle).astype(bool), mask)
+    # A second upload of the same bytes is served from the cache (same id).
+    assert upload(client, data).json()["image_id"] == info["image_id"]
+
+
+def test_box_and_negative_points(predictor):
+    client, _ = client_for(predictor)
+    image_id = upload(client, png_bytes(noise_image(1))).json()["image_id"]
+    body = {"points": [[20, 20], [60, 40]], "labels": [1, 0], "box": [5, 5, 90, 80]}
+    response = client.post(f"/api/images/{image_id}/predict", json=body)
+    assert response.status_code == 200
+    assert decode_mask(response.json()["mask_png"]).shape == (96, 128)
+
+
+@pytest.mark.parametrize(
+    "data, status, message",
+    [
+        (b"", 400, "empty"),
+        (b"this is not an image", 415, "not an image"),
+        (png_bytes(noise_image(0))[:60], 415, "not an image"),  # truncated PNG
+    ],
+)
+def test_bad_uploads_get_json_errors(predictor, data, status, message):
+    client, _ = client_for(predictor)
+    response = upload(client, data)
+    assert response.status_code == status and message in response.json()["error"]
+
+
+def test_oversize_uploads_and_images_are_refused(predictor):
+    client, _ = client_for(predictor, max_upload_bytes=10_000, max_pixels=100 * 100)
+    big_file = png_bytes(noise_image(2, (200, 200)))
+    response = upload(client, big_file)
+    assert response.status_code == 413 and "limit" in response.json()["error"]
+    flat = png_bytes(np.zeros((120, 120, 3), np.uint8))  # small file, too many pixels
+    assert len(flat) < 10_000
+    response = upload(client, flat)
+    assert response.status_code == 413 and "pixels" in response.json()["error"]
+    assert client.get("/api/health").json()["ok"]  # still serving
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"points": [[1, 2, 3]], "labels": [1]}, 400, "[x, y]"),
+        ({"points": [[1, 2]], "labels": []}, 400, "labels"),
+        ({"points": [], "labels": []}, 400, "at least one point or a box"),
+        ({"points": [[1, "x"]], "labels": [1]}, 422, "malformed request"),
+        ({"box": [1, 2, 3]}, 400, "box must be"),
+        (b'{"points": [[1e999, 2]], "labels": [1]}', 400, "NaN or infinite"),
+        (b'{"points": [[NaN, 2]], "labels": [1]}', 400, "NaN or infinite"),
+    ],
+)
+def test_malformed_prompts_get_json_errors(predictor, body, status, message):
+    client, _ = client_for(predictor)
+    image_id = upload(client, png_bytes(noise_image(3))).json()["image_id"]
+    url = f"/api/images/{image_id}/predict"
+    if isinstance(body, bytes):  # JSON the client would refuse to write
+        response = client.post(url, content=body, headers={"Content-Type": "application/json"})
+    else:
+        response = client.post(url, json=body)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+
+
+def test_unknown_image_and_non_json_body(predictor):
+    client, _ = client_for(predictor)
+    response = client.post("/api/images/nope/predict", json={"points": [[1, 2]], "labels": [1]})
+    assert response.status_code == 404 and "upload it again" in response.json()["error"]
+    image_id = upload(client, png_bytes(noise_image(4))).json()["image_id"]
+    response = client.post(
+        f"/api/images/{image_id}/predict",
+        content=b"{not json",
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 422 and "malformed" in response.json()["error"]
+
+
+def test_concurrent_requests_on_different_images(predictor):
+    client, _ = client_for(predictor)
+    images = [noise_image(10 + k) for k in range(2)]
+    ids = [upload(client, png_bytes(im)).json()["image_id"] for im in images]
+    prompts = [[[30, 40]], [[100, 20]], [[64, 64]]]
+
+    def ask(image_id, point):
+        response = client.post(
+            f"/api/images/{image_id}/predict", json={"points": point, "labels": [1]}
+        )
+        assert response.status_code == 200
+        return decode_mask(response.json()["mask_png"])
+
+    expected = {(i, k): ask(ids[i], p) for i in range(2) for k, p in enumerate(prompts)}
+    got, errors = {}, []
+
+    def worker(i: int) -> None:
+        try:
+            for _ in range(2):
+                for k, p in enumerate(prompts):
+                    got[(i, k)] = ask(ids[i], p)
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in (0, 1, 0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for key, mask in expected.items():
+        np.testing.assert_array_equal(got[key], mask)
+
+
+def test_cache_evicts_the_least_recently_used_image(predictor):
+    per_image = EMBEDDING_BYTES + 96 * 128 * 3
+    client, service = client_for(predictor, cache_bytes=2 * per_image + 10)
+    a, b, c = (upload(client, png_bytes(noise_image(20 + k))).json()["image_id"] for k in range(3))
+    assert a not in service.cache and b in service.cache and c in service.cache
+    point = {"points": [[5, 5]], "labels": [1]}
+    assert client.post(f"/api/images/{a}/predict", json=point).status_code == 404
+    assert client.post(f"/api/images/{b}/predict", json=point).status_code == 200  # b is fresh
+    upload(client, png_bytes(noise_image(20)))  # a again: c is now the oldest
+    assert a in service.cache and b in service.cache and c not in service.cache
+    assert service.cache.nbytes <= service.cache.max_bytes
+
+
+def test_everything_returns_annotations_and_an_overlay(predictor):
+    client, _ = client_for(predictor)
+    image_id = upload(client, png_bytes(noise_image(5))).json()["image_id"]
+    body = client.post(f"/api/images/{image_id}/everything").json()
+    assert body["count"] == len(body["annotations"])
+    overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay_png"])))
+    assert overlay.size == (128, 96)
+
+
+def test_page_and_openapi_are_served(predictor):
+    client, _ = client_for(predictor)
+    page = client.get("/")
+    assert page.status_code == 200 and "<canvas" in page.text
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/api/images", "/api/images/{image_id}/predict"} <= set(paths)

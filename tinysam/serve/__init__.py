@@ -1,0 +1,1 @@
+"""``tinysam serve``: the interactive web demo and the JSON API under it."""
