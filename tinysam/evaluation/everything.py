@@ -43,22 +43,6 @@ def recovered_masks(dense: list[dict], hierarchical: list[dict], match_iou: floa
     return int((ious.max(axis=1) >= match_iou).sum())
 
 
-class _CachedEmbedding:
-    """A predictor whose ``set_image`` for an image already set is free (both modes share it)."""
-
-    def __init__(self, predictor) -> None:
-        self._predictor = predictor
-        self._image: np.ndarray | None = None
-
-    def set_image(self, image: np.ndarray, *args, **kwargs) -> None:
-        if self._image is not image:
-            self._predictor.set_image(image, *args, **kwargs)
-            self._image = image
-
-    def __getattr__(self, name: str):
-        return getattr(self._predictor, name)
-
-
 def compare_everything(
     predictor,
     images: list[Path],
@@ -70,9 +54,13 @@ def compare_everything(
     """One row per image; ``filters``: the generators' thresholds (``pred_iou_thresh``...)."""
     from tqdm.auto import tqdm
 
-    from ..everything import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator
+    from ..everything import (
+        SamAutomaticMaskGenerator,
+        SamHierarchicalMaskGenerator,
+        SharedEmbedding,
+    )
 
-    shared = _CachedEmbedding(predictor)
+    shared = SharedEmbedding(predictor)
     options = {"points_per_side": points_per_side, "output_mode": "coco_rle", **filters}
     dense_gen = SamAutomaticMaskGenerator(shared, **options)
     hier_gen = SamHierarchicalMaskGenerator(shared, **options)

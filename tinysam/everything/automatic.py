@@ -67,6 +67,23 @@ class GenerationStats:
     covered_fraction: float | None = None  # hierarchical: share of the image covered by round 1
 
 
+class SharedEmbedding:
+    """A predictor whose ``set_image`` skips the image it already holds (the same array
+    object), so several generators, or a cache that restored the embedding, share one encode."""
+
+    def __init__(self, predictor, current: np.ndarray | None = None) -> None:
+        self._predictor = predictor
+        self._image = current
+
+    def set_image(self, image: np.ndarray, *args, **kwargs) -> None:
+        if self._image is not image:
+            self._predictor.set_image(image, *args, **kwargs)
+            self._image = image
+
+    def __getattr__(self, name: str):
+        return getattr(self._predictor, name)
+
+
 class SamAutomaticMaskGenerator:
     def __init__(
         self,

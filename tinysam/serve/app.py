@@ -158,7 +158,7 @@ class DemoService:
         }
 
     def everything(self, image_id: str) -> dict[str, Any]:
-        from ..everything import SamHierarchicalMaskGenerator
+        from ..everything import SamHierarchicalMaskGenerator, SharedEmbedding
         from ..everything.masks import rle_to_mask
         from ..visualize import draw_masks
 
@@ -166,7 +166,7 @@ class DemoService:
         with self._lock:
             restore(self.predictor, cached)
             generator = SamHierarchicalMaskGenerator(
-                _NoEncode(self.predictor),
+                SharedEmbedding(self.predictor, current=cached.image),
                 points_per_side=self.everything_points,
                 output_mode="uncompressed_rle",
             )
@@ -189,19 +189,6 @@ class DemoService:
             "overlay_png": rgb_png(draw_masks(cached.image, masks)),
             "annotations": annotations,
         }
-
-
-class _NoEncode:
-    """The predictor, with ``set_image`` a no-op: its image was restored from the cache."""
-
-    def __init__(self, predictor) -> None:
-        self._predictor = predictor
-
-    def set_image(self, image, *args, **kwargs) -> None:
-        pass
-
-    def __getattr__(self, name: str):
-        return getattr(self._predictor, name)
 
 
 def _coco_rle(mask: np.ndarray) -> dict[str, Any]:
