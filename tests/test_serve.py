@@ -209,3 +209,22 @@ def test_page_and_openapi_are_served(predictor):
     assert page.status_code == 200 and "<canvas" in page.text
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/api/images", "/api/images/{image_id}/predict"} <= set(paths)
+
+
+def test_onnx_backend_serves_two_images_alternately(onnx_dir):
+    from tinysam.runtime import OnnxPredictor
+
+    client, service = client_for(OnnxPredictor(onnx_dir, threads=2))
+    images = [noise_image(30), noise_image(31)]
+    ids = [upload(client, png_bytes(im)).json()["image_id"] for im in images]
+    direct = OnnxPredictor(onnx_dir, threads=2)
+    for image_id, image in [*zip(ids, images), *zip(ids, images)]:
+        body = client.post(
+            f"/api/images/{image_id}/predict", json={"points": [[40, 30]], "labels": [1]}
+        ).json()
+        direct.set_image(image)
+        masks, scores, _ = direct.predict(
+            point_coords=np.array([[40.0, 30.0]]), point_labels=np.array([1.0])
+        )
+        np.testing.assert_array_equal(decode_mask(body["mask_png"]), masks[np.argmax(scores)])
+    assert len(service.cache) == 2
