@@ -228,3 +228,18 @@ def test_onnx_backend_serves_two_images_alternately(onnx_dir):
         )
         np.testing.assert_array_equal(decode_mask(body["mask_png"]), masks[np.argmax(scores)])
     assert len(service.cache) == 2
+
+
+def test_serve_cli_refuses_a_busy_port(capsys):
+    import socket
+
+    from tinysam.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["serve", "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot listen on 127.0.0.1" in err and len(err.strip().splitlines()) == 1
+    assert main(["serve", "--port", "70000"]) == 2

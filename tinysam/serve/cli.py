@@ -42,6 +42,7 @@ def run_serve(args: argparse.Namespace, predictor_from_args) -> None:
         raise UsageError("--cache-mb, --max-upload-mb and --max-pixels must be positive")
     if args.everything_points < 4:
         raise UsageError("--everything-points must be at least 4")
+    _check_port(args.host, args.port)
     import uvicorn
 
     from .app import DemoService, create_app
@@ -60,3 +61,24 @@ def run_serve(args: argparse.Namespace, predictor_from_args) -> None:
         )
     print(f"tinysam serve: http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
     uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail with one line before loading a model if the address cannot be listened on."""
+    import socket
+
+    from ..cli import UsageError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise UsageError(f"--host {host!r} is not an address here ({err.strerror})") from err
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise UsageError(
+                f"cannot listen on {host}:{port} ({err.strerror}); pick another --port"
+            ) from err
