@@ -238,18 +238,35 @@ def test_lvis_scoring_calls_the_lvis_api(dataset, monkeypatch):
     class LVISEval:
         def __init__(self, gt, dt, iou_type):
             calls["iou_type"] = iou_type
+            self.params = types.SimpleNamespace(img_ids=[1, 2, 3])
 
         def run(self):
-            calls["ran"] = True
+            calls["ran"] = self.params.img_ids
 
         def get_results(self):
             return {"AP": 0.5, "APr": 0.25, "APc": 0.5, "APf": 0.75, "AP50": 0.6}
 
     stand_in = types.SimpleNamespace(LVIS=LVIS, LVISResults=LVISResults, LVISEval=LVISEval)
     monkeypatch.setitem(sys.modules, "lvis", stand_in)
-    metrics = lvis_mask_ap("gt.json", "results.json")
-    assert calls == {"gt": "gt.json", "results": "results.json", "iou_type": "segm", "ran": True}
+    metrics = lvis_mask_ap("gt.json", "results.json", image_ids=[2, 1])
+    assert calls == {"gt": "gt.json", "results": "results.json", "iou_type": "segm", "ran": [1, 2]}
     assert metrics == {"AP": 0.5, "AP50": 0.6, "APr": 0.25, "APc": 0.5, "APf": 0.75}
+
+
+def test_lvis_ground_truth_is_recognised(dataset, tmp_path):
+    from tinysam.evaluation.instances import image_files, is_lvis
+
+    root, annotations, _ = dataset
+    assert not is_lvis(annotations)
+    gt = json.loads(annotations.read_text())
+    for category in gt["categories"]:
+        category["frequency"] = "f"
+    for image in gt["images"]:  # LVIS names images by their COCO URL
+        image["coco_url"] = f"http://images.cocodataset.org/val2017/{image.pop('file_name')}"
+    lvis_gt = tmp_path / "lvis.json"
+    lvis_gt.write_text(json.dumps(gt))
+    assert is_lvis(lvis_gt)
+    assert image_files(lvis_gt)[2] == "scene2.png"
 
 
 def test_eval_instances_cli_with_the_golden_model(dataset, vit_t_checkpoint):

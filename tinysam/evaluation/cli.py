@@ -174,7 +174,7 @@ def _instances(args, predictor_from_args) -> dict:
     )
     ids = sorted(image_files(args.annotations))[: args.limit] if args.limit else None
     if lvis:
-        metrics = lvis_mask_ap(args.annotations, results)
+        metrics = lvis_mask_ap(args.annotations, results, ids)
     else:
         metrics = coco_mask_ap(args.annotations, results, ids)
     summary = {"dataset": "lvis" if lvis else "coco", "results": str(results), **metrics}

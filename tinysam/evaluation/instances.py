@@ -226,8 +226,13 @@ def coco_mask_ap(
     return {name: float(v) for name, v in zip(COCO_METRICS, evaluator.stats[:6])}
 
 
-def lvis_mask_ap(annotations: str | os.PathLike, results: str | os.PathLike) -> dict[str, float]:
-    """The LVIS API's mask AP (federated: only categories verified present or absent count)."""
+def lvis_mask_ap(
+    annotations: str | os.PathLike,
+    results: str | os.PathLike,
+    image_ids: Iterable[int] | None = None,
+) -> dict[str, float]:
+    """The LVIS API's mask AP (federated: only categories verified present or absent count),
+    on ``image_ids`` (default: all the annotated images)."""
     try:
         from lvis import LVIS, LVISEval, LVISResults
     except ImportError as err:
@@ -238,6 +243,8 @@ def lvis_mask_ap(annotations: str | os.PathLike, results: str | os.PathLike) -> 
     gt = LVIS(str(annotations))
     dt = LVISResults(gt, str(results))
     evaluator = LVISEval(gt, dt, iou_type="segm")
+    if image_ids is not None:
+        evaluator.params.img_ids = sorted(image_ids)
     evaluator.run()
     stats = evaluator.get_results()
     return {name: float(stats[name]) for name in LVIS_METRICS if name in stats}
