@@ -151,6 +151,7 @@ def run_eval(args: argparse.Namespace, predictor_from_args) -> dict:
 def _instances(args, predictor_from_args) -> dict:
     from .instances import (
         coco_mask_ap,
+        ground_truth,
         image_files,
         is_lvis,
         lvis_mask_ap,
@@ -161,18 +162,19 @@ def _instances(args, predictor_from_args) -> dict:
         from ..cli import UsageError
 
         raise UsageError(f"images {args.images} is not a folder")
-    image_files(args.annotations)  # fail on a bad ground-truth file before loading a model
-    lvis = is_lvis(args.annotations) if args.dataset == "auto" else args.dataset == "lvis"
+    gt = ground_truth(args.annotations)  # a bad file fails before a model is loaded
+    lvis = is_lvis(gt) if args.dataset == "auto" else args.dataset == "lvis"
     results = segment_detections(
         predictor_from_args(args),
-        args.annotations,
+        gt,
         args.detections,
         args.images,
         args.out,
         single_mask=args.single_mask,
         limit=args.limit,
     )
-    ids = sorted(image_files(args.annotations))[: args.limit] if args.limit else None
+    ids = sorted(image_files(gt))[: args.limit] if args.limit else None
+    del gt  # the scorers read the file their own way
     if lvis:
         metrics = lvis_mask_ap(args.annotations, results, ids)
     else:
@@ -184,10 +186,12 @@ def _instances(args, predictor_from_args) -> dict:
 
 def _clicks(args, predictor_from_args) -> dict:
     from .clicks import plot_curves, point_miou
+    from .instances import ground_truth
 
+    gt = ground_truth(args.annotations)  # a bad file fails before a model is loaded
     curve = point_miou(
         predictor_from_args(args),
-        args.annotations,
+        gt,
         args.images,
         clicks=args.clicks,
         max_masks=args.max_masks,

@@ -97,7 +97,7 @@ class ClickCurve:
 
 def point_miou(
     predictor,
-    annotations: str | os.PathLike,
+    annotations: str | os.PathLike | dict,
     images_dir: str | os.PathLike,
     clicks: int = 9,
     max_masks: int | None = None,
@@ -112,13 +112,15 @@ def point_miou(
     from pycocotools.coco import COCO
     from tqdm.auto import tqdm
 
-    from .instances import image_files
+    from .instances import ground_truth, image_files
 
     if clicks < 1:
         raise ValueError("clicks must be at least 1")
-    files = image_files(annotations)
+    files = image_files(gt := ground_truth(annotations))  # checked: one-line errors
     with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO(str(annotations))
+        coco = COCO()
+        coco.dataset = gt
+        coco.createIndex()
     chosen: list[tuple[int, dict]] = []
     for image_id in sorted(files):
         for ann in coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=False)):

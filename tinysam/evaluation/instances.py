@@ -44,25 +44,39 @@ def _read_json(path: Path, what: str) -> Any:
         raise DatasetError(f"{what} {path} is not valid JSON ({err})") from err
 
 
-def image_files(annotations: str | os.PathLike) -> dict[int, str]:
-    """``{image_id: file name}`` of a COCO or LVIS ground-truth file (LVIS names its images
-    by ``coco_url``; the file is the URL's last part)."""
-    data = _read_json(Path(annotations), "annotations file")
+def ground_truth(annotations: str | os.PathLike | dict) -> dict:
+    """The parsed annotations (read once: LVIS's file is ~1 GB of JSON), checked for images."""
+    data = (
+        annotations
+        if isinstance(annotations, dict)
+        else _read_json(Path(annotations), "annotations file")
+    )
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise DatasetError(f"{annotations} has no 'images' list: not a COCO/LVIS annotations file")
+        raise DatasetError(
+            f"{_name(annotations)} has no 'images' list: not a COCO/LVIS annotations file"
+        )
+    return data
+
+
+def _name(annotations) -> str:
+    return "the annotations" if isinstance(annotations, dict) else str(annotations)
+
+
+def image_files(annotations: str | os.PathLike | dict) -> dict[int, str]:
+    """``{image_id: file name}`` of COCO or LVIS ground truth (LVIS names its images by
+    ``coco_url``; the file is the URL's last part)."""
     files = {}
-    for image in data["images"]:
+    for image in ground_truth(annotations)["images"]:
         name = image.get("file_name") or str(image.get("coco_url", "")).rsplit("/", 1)[-1]
         if "id" not in image or not name:
-            raise DatasetError(f"{annotations}: an image entry lacks 'id' or a file name")
+            raise DatasetError(f"{_name(annotations)}: an image entry lacks 'id' or a file name")
         files[int(image["id"])] = name
     return files
 
 
-def is_lvis(annotations: str | os.PathLike) -> bool:
+def is_lvis(annotations: str | os.PathLike | dict) -> bool:
     """LVIS ground truth marks its categories with a frequency (rare/common/frequent)."""
-    data = _read_json(Path(annotations), "annotations file")
-    categories = data.get("categories") or [{}]
+    categories = ground_truth(annotations).get("categories") or [{}]
     return "frequency" in categories[0]
 
 
@@ -131,7 +145,7 @@ def _part_path(out_dir: Path, image_id: int) -> Path:
 
 def segment_detections(
     predictor,
-    annotations: str | os.PathLike,
+    annotations: str | os.PathLike | dict,
     detections: str | os.PathLike,
     images_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
