@@ -58,16 +58,10 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
         raise ApiError(415, "not an image Pillow can read (send a JPEG, PNG, WebP, ...)") from None
 
 
-def mask_png(mask: np.ndarray) -> str:
-    """A boolean mask as a base64 PNG (0/255 gray)."""
+def png_base64(pixels: np.ndarray) -> str:
+    """An HxW (gray) or HxWx3 uint8 array as a base64 PNG, ready for JSON and data: URLs."""
     buffer = io.BytesIO()
-    Image.fromarray(mask.astype(np.uint8) * 255).save(buffer, format="PNG", optimize=False)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def rgb_png(image: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
+    Image.fromarray(pixels).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -153,7 +147,7 @@ class DemoService:
             "width": int(w),
             "height": int(h),
             "area": int(masks[best].sum()),
-            "mask_png": mask_png(masks[best]),
+            "mask_png": png_base64(masks[best].astype(np.uint8) * 255),
             "rle": _coco_rle(masks[best]),
         }
 
@@ -186,7 +180,7 @@ class DemoService:
             )
         return {
             "count": len(annotations),
-            "overlay_png": rgb_png(draw_masks(cached.image, masks)),
+            "overlay_png": png_base64(draw_masks(cached.image, masks)),
             "annotations": annotations,
         }
 
