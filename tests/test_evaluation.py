@@ -198,6 +198,8 @@ def test_resume_after_interruption_gives_identical_results(dataset):
     resumed = segment_detections(second, annotations, dets, images, out)
     assert second.batches == [1, 3]  # image 1 was not redone
     assert resumed.read_bytes() == whole.read_bytes()
+    with pytest.raises(DatasetError, match="holds a run with other settings"):
+        segment_detections(BoxFillPredictor(), annotations, dets, images, out, single_mask=True)
 
 
 def test_bad_detection_files_get_one_line_errors(tmp_path, dataset):

@@ -28,6 +28,7 @@ COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 LVIS_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 PARTS = "parts"
 RESULTS = "results.json"
+RUN = "run.json"
 
 
 class DatasetError(ValueError):
@@ -171,6 +172,7 @@ def segment_detections(
             f"(e.g. {min(unknown)}): detections and annotations are from different datasets"
         )
     ids = sorted(files)[:limit] if limit else sorted(files)
+    _check_run(out_dir, {"detections": Path(detections).name, "single_mask": single_mask})
     todo = [i for i in ids if not _part_path(out_dir, i).exists()]
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(todo, unit="image", desc="segmenting boxes", disable=not show)
@@ -198,6 +200,22 @@ def segment_detections(
         if after_image is not None:
             after_image(image_id)
     return merge_parts(out_dir, ids)
+
+
+def _check_run(out_dir: Path, settings: dict) -> None:
+    """Parts of a run with other settings must not mix with this one's (resume only the same
+    run). The model is the caller's to keep the same."""
+    path = out_dir / RUN
+    if path.exists():
+        previous = _read_json(path, "run settings")
+        if previous != settings:
+            raise DatasetError(
+                f"{out_dir} holds a run with other settings ({previous}); use another --out, "
+                "or empty it to start over"
+            )
+    else:
+        with atomic_write(path, "w") as f:
+            json.dump(settings, f)
 
 
 def merge_parts(out_dir: Path, ids: Iterable[int]) -> Path:
