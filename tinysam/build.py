@@ -99,6 +99,10 @@ def build_image_encoder(model_type: str) -> nn.Module:
     )
 
 
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 def build_sam_model(model_type: str, checkpoint: str | os.PathLike | None = None) -> Sam:
     """Build ``model_type`` in eval mode; load ``checkpoint`` strictly if given."""
     if checkpoint is None:

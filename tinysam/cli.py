@@ -404,20 +404,17 @@ def run_export(args: argparse.Namespace) -> dict:
 
 
 def run_info(args: argparse.Namespace) -> dict:
-    from .build import detect_model_type
+    from .build import count_parameters, detect_model_type
 
     sam, resolved = _load(args)
     model_type = detect_model_type(sam.state_dict())
 
-    def count(module) -> int:
-        return sum(p.numel() for p in module.parameters())
-
     return {
         "model": model_type,
-        "parameters": count(sam),
-        "image_encoder_parameters": count(sam.image_encoder),
-        "prompt_encoder_parameters": count(sam.prompt_encoder),
-        "mask_decoder_parameters": count(sam.mask_decoder),
+        "parameters": count_parameters(sam),
+        "image_encoder_parameters": count_parameters(sam.image_encoder),
+        "prompt_encoder_parameters": count_parameters(sam.prompt_encoder),
+        "mask_decoder_parameters": count_parameters(sam.mask_decoder),
         "checkpoint": str(resolved.path),
         "checkpoint_source": resolved.source,
     }

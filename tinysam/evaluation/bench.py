@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..build import count_parameters
 from ..perf import interleaved_medians
 
 
@@ -22,10 +23,6 @@ class ModelCost:
     prompt_encoder_parameters: int
     encoder_flops: int
     decoder_flops: int
-
-
-def _parameters(module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def count_costs(sam) -> ModelCost:
@@ -50,9 +47,9 @@ def count_costs(sam) -> ModelCost:
             multimask_output=True,
         )
     return ModelCost(
-        _parameters(sam.image_encoder),
-        _parameters(sam.mask_decoder),
-        _parameters(sam.prompt_encoder),
+        count_parameters(sam.image_encoder),
+        count_parameters(sam.mask_decoder),
+        count_parameters(sam.prompt_encoder),
         encoder_counter.get_total_flops(),
         decoder_counter.get_total_flops(),
     )
