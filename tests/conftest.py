@@ -11,7 +11,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("TINYSAM_GOLDEN", REPO.parent / "shared" / "golden"))
+# The reference outputs ship with the tests (tests/golden/README.md); TINYSAM_GOLDEN may point
+# at another copy.
+GOLDEN = Path(os.environ.get("TINYSAM_GOLDEN") or REPO / "tests" / "golden")
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

@@ -1,4 +1,4 @@
-"""The distillation losses and hard mask weighting (METHOD.md §1)."""
+"""The distillation losses and hard mask weighting (docs/method.md §1)."""
 
 from __future__ import annotations
 

@@ -24,13 +24,14 @@ MODEL_FILES = (
     "decoder_single.onnx",
     "decoder_many.onnx",
     "decoder_many_masks.onnx",
+    "upscale_masks.onnx",
 )
 
 
 def test_export_writes_the_contract(onnx_dir):
     manifest = json.loads((onnx_dir / MANIFEST).read_text())
     assert manifest["model_type"] == "vit_t" and manifest["opset"] == 20
-    for variant, masks in (("multimask", 3), ("single", 1)):
+    for variant, masks in (("multimask", 4), ("single", 1)):  # segment-anything's counts
         decoder = manifest["decoders"][variant]
         assert decoder["num_masks"] == masks
         model = onnx.load(onnx_dir / decoder["file"])
@@ -110,8 +111,6 @@ def test_matches_torch_on_point_batches(onnx_predictor, predictor):
 def test_many_prompt_graph_matches_torch(onnx_predictor, predictor, monkeypatch):
     """Bulk one-point prompts (the everything mode's call) take decoder_many.onnx, in chunks
     of 16; same numbers as the torch predictor and as the web-demo decoder graph."""
-    import tinysam.runtime.predictor as runtime
-
     generator = torch.Generator().manual_seed(2)
     coords = torch.rand(21, 1, 2, generator=generator) * 1000
     labels = torch.ones(21, 1)
@@ -148,7 +147,7 @@ def test_many_prompt_graph_matches_torch(onnx_predictor, predictor, monkeypatch)
     assert 0 < int(made.sum()) < 21
     assert (ours[2][made] - reference[2][made]).abs().max() < LOGIT_TOL
     assert calls == [16, 5, 16, 5, 16, 5]
-    monkeypatch.setattr(runtime, "MANY_PROMPTS", 1 << 30)  # the web-demo graph instead
+    monkeypatch.setattr(onnx_predictor, "many_prompts", 1 << 30)  # the plain decoder instead
     plain = onnx_predictor.predict_torch(coords, labels, multimask_output=False, upscale=False)
     assert calls == [16, 5, 16, 5, 16, 5]
     assert (plain[2] - full[2]).abs().max() < LOGIT_TOL

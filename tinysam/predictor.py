@@ -9,38 +9,38 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .checks import as_rgb_uint8, check_prompt_batch, single_prompt_batch
+from .checks import check_prompt_batch
 from .modeling import Sam
 from .modeling.many_prompts import ManyPromptDecoder
 from .perf import tune_allocator
-from .transforms import ResizeLongestSide
+from .predictor_base import DEFAULT_MANY_PROMPTS, PredictorBase
 
-# Batches at least this large (without mask prompts) use ManyPromptDecoder.
-MANY_PROMPTS = 8
+# Kept for code that reads it; the threshold is the ``many_prompts`` constructor argument.
+MANY_PROMPTS = DEFAULT_MANY_PROMPTS
 
 
-class SamPredictor:
-    def __init__(self, sam_model: Sam) -> None:
+class SamPredictor(PredictorBase):
+    """``PredictorBase`` on a PyTorch ``Sam`` (any device)."""
+
+    def __init__(self, sam_model: Sam, many_prompts: int = DEFAULT_MANY_PROMPTS) -> None:
         if sam_model.device.type == "cpu":
             tune_allocator()  # ~1.5x faster CPU inference; see tinysam/perf.py
         self.model = sam_model
-        self.transform = ResizeLongestSide(sam_model.image_encoder.img_size)
-        self.reset_image()
+        self.image_format = sam_model.image_format
+        super().__init__(sam_model.image_encoder.img_size, many_prompts)
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
-    def set_image(self, image: np.ndarray | Image.Image, image_format: str = "RGB") -> None:
-        """Encode an image (HxWx3 uint8, RGB or BGR; HxW; HxWx4; or a PIL image)."""
-        rgb = as_rgb_uint8(image, image_format)
-        if self.model.image_format == "BGR":
-            rgb = np.ascontiguousarray(rgb[:, :, ::-1])
-        resized = self.transform.apply_image(rgb)
+    @property
+    def mask_input_size(self) -> tuple[int, int]:
+        return tuple(self.model.prompt_encoder.mask_input_size)
+
+    def _encode(self, resized: np.ndarray, original_size: tuple[int, int]) -> None:
         tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
-        self.set_torch_image(tensor, rgb.shape[:2])
+        self.set_torch_image(tensor, original_size)
 
     @torch.no_grad()
     def set_torch_image(
@@ -62,38 +62,17 @@ class SamPredictor:
         self.features = self.model.image_encoder(encoder_input)
         self.is_image_set = True
 
-    def predict(
-        self,
-        point_coords: np.ndarray | None = None,
-        point_labels: np.ndarray | None = None,
-        box: np.ndarray | None = None,
-        mask_input: np.ndarray | None = None,
-        multimask_output: bool = True,
-        return_logits: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Masks for prompts given in original-image pixels.
-
-        Returns masks CxHxW (bool, or float logits with ``return_logits``), scores C and
-        low-res logits Cx256x256; C is 3 with ``multimask_output``, else 1.
-        """
-        self._require_image()
-        prompts = single_prompt_batch(
-            point_coords,
-            point_labels,
-            box,
-            mask_input,
-            self.transform,
-            self.original_size,
-            self.model.prompt_encoder.mask_input_size,
-        )
-        coords_t, labels_t, box_t, mask_t = (
+    def _prompt_arrays(self, coords, labels, boxes, mask) -> tuple:
+        return tuple(
             None if a is None else torch.as_tensor(a, dtype=dtype, device=self.device)
-            for a, dtype in zip(prompts, (torch.float, torch.int, torch.float, torch.float))
+            for a, dtype in zip(
+                (coords, labels, boxes, mask), (torch.float, torch.int, torch.float, torch.float)
+            )
         )
-        masks, scores, low_res = self.predict_torch(
-            coords_t, labels_t, box_t, mask_t, multimask_output, return_logits=return_logits
-        )
-        return masks[0].cpu().numpy(), scores[0].cpu().numpy(), low_res[0].cpu().numpy()
+
+    @staticmethod
+    def _numpy(value) -> np.ndarray:
+        return value.cpu().numpy()
 
     @torch.no_grad()
     def predict_torch(
@@ -123,7 +102,7 @@ class SamPredictor:
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
         selected = slice(1, None) if multimask_output else slice(0, 1)
         many = getattr(self.model.mask_decoder, "supports_many_prompts", True)
-        if mask_input is None and sparse.shape[0] >= MANY_PROMPTS and many:
+        if mask_input is None and sparse.shape[0] >= self.many_prompts and many:
             decoder = self._many_prompt_decoder(dense)
             scores = decoder.decode(sparse)[0][:, selected]
             rows = None if min_iou is None else (scores > min_iou).any(dim=1).nonzero()[:, 0]
@@ -171,16 +150,8 @@ class SamPredictor:
 
     def get_image_embedding(self) -> torch.Tensor:
         """The current image's embedding, 1xCxHxW (256x64x64)."""
-        self._require_image()
-        return self.features
+        return super().get_image_embedding()
 
     def reset_image(self) -> None:
-        self.is_image_set = False
-        self.features = None
+        super().reset_image()
         self._many: ManyPromptDecoder | None = None
-        self.original_size = None
-        self.input_size = None
-
-    def _require_image(self) -> None:
-        if not self.is_image_set:
-            raise RuntimeError("no image set: call set_image(image) before predicting")

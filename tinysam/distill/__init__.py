@@ -1,4 +1,4 @@
-"""Full-stage knowledge distillation of a TinySAM student from a SAM teacher (METHOD.md §1).
+"""Full-stage knowledge distillation of a TinySAM student from a SAM teacher (docs/method.md §1).
 
 ``data`` (SA-1B folders and tar shards, rank-aware sampler), ``synthetic`` (SA-1B-format test
 data), ``teacher_cache`` (stored teacher embeddings), ``losses``, ``prompts`` (hard prompt

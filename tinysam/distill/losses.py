@@ -1,4 +1,4 @@
-"""TinySAM's full-stage distillation losses (``METHOD.md`` §1), with the ground-truth terms.
+"""TinySAM's full-stage distillation losses (``docs/method.md`` §1), with the ground-truth terms.
 
     L_total   = L_distill + focal·L_focal + dice·L_dice + iou·L_iou
     L_distill = α·ℓ1(embeddings) + β·ℓ1(two-way transformer output tokens)

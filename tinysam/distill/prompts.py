@@ -1,4 +1,4 @@
-"""Hard prompt sampling (``METHOD.md`` §1): points inside the ground truth first, then, for a
+"""Hard prompt sampling (``docs/method.md`` §1): points inside the ground truth first, then, for a
 random number of rounds (0-9 per prompt), points from what the current prediction misses.
 
     P_0 ~ M_gt;   M_i = predict(P_i);   P_{i+1} ~ M_gt − M_i

@@ -1,6 +1,6 @@
 """Zero-shot instance segmentation: detector boxes as prompts, scored as COCO or LVIS masks.
 
-The paper's protocol (``METHOD.md`` §4): every box of a detector's results file (ViTDet-H's
+The paper's protocol (``docs/method.md`` §4): every box of a detector's results file (ViTDet-H's
 ``coco_instances_results_vitdet.json``) prompts the model; of the three masks of the multi-output
 mode the one with the highest predicted IoU is kept (``single_mask`` takes the single-mask output
 instead); the mask inherits the detection's category and score.

@@ -1,5 +1,5 @@
 """Fake-quantized layers: every matrix multiplication ``O = A . B`` of the model with a quantizer
-on each side (METHOD.md §2).
+on each side (docs/method.md §2).
 
 Linear, convolution and transposed convolution layers quantize their input (per tensor) and
 their weight (per output channel); ``QuantMatMul`` quantizes both activations (the attention

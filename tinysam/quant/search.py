@@ -1,4 +1,4 @@
-"""The alternating grid search of the two scales of every ``O = A . B`` (METHOD.md §2).
+"""The alternating grid search of the two scales of every ``O = A . B`` (docs/method.md §2).
 
 Each side's candidates are ``linspace(theta_low, theta_high, n) * max|X| / 2^(b-1)``; the two
 sides are searched alternately for ``rounds`` rounds (A first), each keeping the best scale

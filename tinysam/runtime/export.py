@@ -2,16 +2,21 @@
 (1 mask), ``decoder_many.onnx`` + ``decoder_many_masks.onnx`` (bulk one-point prompts, for the
 everything mode) and ``tinysam_onnx.json`` describing them.
 
-The decoders keep the input/output contract of segment-anything's web-demo decoder, so tools
-made for it work unchanged: ``image_embeddings`` 1x256x64x64, ``point_coords`` BxNx2 in the
+``decoder.onnx`` and ``decoder_single.onnx`` are segment-anything's ONNX decoder
+(``scripts/export_onnx_model.py``, without and with ``--return-single-mask``), so code written
+for it gets the same masks: ``image_embeddings`` 1x256x64x64, ``point_coords`` BxNx2 in the
 1024-frame (boxes as two corners labelled 2 and 3; without a box, a padding point (0, 0)
 labelled -1 ends the list), ``point_labels`` BxN, ``mask_input`` 1x1x256x256 with
 ``has_mask_input`` [1] (0 or 1), ``orig_im_size`` [2] (H, W) -> ``masks`` BxMxHxW logits at the
-original size, ``iou_predictions`` BxM, ``low_res_masks`` BxMx256x256. B (prompt sets, one
-mask input shared by all) and N are dynamic; segment-anything's demo uses B = 1.
+original size, ``iou_predictions`` BxM, ``low_res_masks`` BxMx256x256. ``decoder.onnx`` returns
+all four mask tokens (M = 4: token 0 is the single-mask output, 1-3 the multimask ones);
+``decoder_single.onnx`` returns one (M = 1), chosen as segment-anything's export chooses: the
+best of tokens 1-3 by predicted IoU when the prompt has at most two points (N <= 2, the padding
+point or the box corners included), token 0 otherwise. B (prompt sets, one mask input shared
+by all) and N are dynamic; segment-anything's notebook uses B = 1.
 
-The single-mask variant outputs mask token 0, as ``SamPredictor.predict(multimask_output=False)``
-(segment-anything's ``return_single_mask`` instead picks by a score heuristic).
+``upscale_masks.onnx`` is ours: ``low_res_masks`` BxMx256x256 + ``orig_im_size`` -> ``masks``;
+``OnnxPredictor`` upscales only the masks it returns with it.
 
 Needs torch, onnx and onnxscript (``pip install tinysam[export]``). Exported with torch's
 dynamo exporter; from opset 20 GELU is one ONNX op instead of five (1.25x faster encoder here).
@@ -34,6 +39,8 @@ from ..modeling import Sam
 MANIFEST = "tinysam_onnx.json"
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILES = {"multimask": "decoder.onnx", "single": "decoder_single.onnx"}
+UPSCALE_FILE = "upscale_masks.onnx"
+FORMAT_VERSION = 2  # 2: decoders as segment-anything's export (4 masks / its single-mask rule)
 MANY_PROMPT_FILE = "decoder_many.onnx"
 MANY_PROMPT_MASKS_FILE = "decoder_many_masks.onnx"
 DEFAULT_OPSET = 20
@@ -54,18 +61,20 @@ DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
 
 
 class DecoderGraph(nn.Module):
-    """Prompt encoder and mask decoder behind segment-anything's web-demo decoder inputs.
+    """Prompt encoder and mask decoder behind segment-anything's ONNX decoder inputs.
 
-    Returns IoU predictions and low-res logits; ``masks`` (upscaled to ``orig_im_size``) is
-    added as plain ONNX ``Resize`` nodes afterwards (``add_mask_upscaling``), because its
-    output size is data, which torch's exporter would have to trace as a guess.
+    Returns IoU predictions and low-res logits of all four mask tokens, or (``single``) of the
+    one segment-anything's export picks (see the module doc). ``masks`` (upscaled to
+    ``orig_im_size``) is added as plain ONNX ``Resize`` nodes afterwards
+    (``add_mask_upscaling``), because its output size is data, which torch's exporter would
+    have to trace as a guess.
     """
 
-    def __init__(self, sam: Sam, multimask: bool) -> None:
+    def __init__(self, sam: Sam, single: bool) -> None:
         super().__init__()
         self.prompt_encoder = sam.prompt_encoder
         self.mask_decoder = sam.mask_decoder
-        self.selected = slice(1, None) if multimask else slice(0, 1)
+        self.single = single
 
     def forward(
         self,
@@ -82,7 +91,23 @@ class DecoderGraph(nn.Module):
         low_res, iou = self.mask_decoder.predict_masks(
             image_embeddings, prompts.get_dense_pe(), sparse, dense
         )
-        return iou[:, self.selected], low_res[:, self.selected]
+        if not self.single:
+            return iou, low_res
+        return select_single_mask(iou, low_res, point_labels)
+
+
+def select_single_mask(
+    iou: torch.Tensor, low_res: torch.Tensor, point_labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """segment-anything's single-mask choice, without control flow: token 0's score is moved by
+    1000 * (points - 2.5), so it wins from three points on and loses up to two (the padding
+    point and box corners count)."""
+    points = torch.ones_like(point_labels).sum(dim=1, keepdim=True)
+    score = torch.cat([iou[:, :1] + (points - 2.5) * 1000.0, iou[:, 1:]], dim=1)
+    best = torch.argmax(score, dim=1, keepdim=True)
+    size = low_res.shape[-2:]
+    masks = torch.gather(low_res, 1, best[:, :, None, None].expand(-1, -1, *size))
+    return torch.gather(iou, 1, best), masks
 
 
 class ManyPromptDecodeGraph(nn.Module):
@@ -170,7 +195,8 @@ def export_encoder(sam: Sam, opset: int = DEFAULT_OPSET):
 
 
 def export_decoder(sam: Sam, multimask: bool, opset: int = DEFAULT_OPSET):
-    """A decoder graph with segment-anything's web-demo contract (see the module doc)."""
+    """A decoder graph with segment-anything's ONNX contract (see the module doc):
+    ``multimask`` all four mask tokens (its default export), else its single-mask export."""
     embedding = sam.image_encoder.img_size // 16
     channels = sam.prompt_encoder.embed_dim
     mask_size = sam.prompt_encoder.mask_input_size
@@ -186,7 +212,7 @@ def export_decoder(sam: Sam, multimask: bool, opset: int = DEFAULT_OPSET):
     prompt_dims = {0: batch, 1: points}
     with torch.no_grad():
         model = _onnx_program(
-            DecoderGraph(sam, multimask),
+            DecoderGraph(sam, single=not multimask),
             example,
             opset,
             input_names=list(DECODER_INPUTS[:-1]),
@@ -284,8 +310,24 @@ def add_mask_upscaling(model, image_size: int):
         "masks", TensorProto.FLOAT, ["batch", "num_masks", "height", "width"]
     )
     del graph.output[:]
-    graph.output.extend([masks, outputs["iou_predictions"], outputs["low_res_masks"]])
+    graph.output.append(masks)
+    graph.output.extend(
+        outputs[name] for name in ("iou_predictions", "low_res_masks") if name in outputs
+    )
     return model
+
+
+def export_upscaling(mask_size: tuple[int, int], image_size: int, opset: int = DEFAULT_OPSET):
+    """``upscale_masks.onnx``: ``low_res_masks`` BxMx256x256 + ``orig_im_size`` -> ``masks``,
+    the Resize nodes of the decoders alone (``OnnxPredictor`` upscales only what it returns)."""
+    from onnx import TensorProto, helper
+
+    low_res = helper.make_tensor_value_info(
+        "low_res_masks", TensorProto.FLOAT, ["batch", "num_masks", *mask_size]
+    )
+    graph = helper.make_graph([], "upscale_masks", [low_res], [])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return add_mask_upscaling(model, image_size)
 
 
 def save_onnx(model, path: Path) -> None:
@@ -345,6 +387,8 @@ def export_onnx(
         if step:
             step(name)
         save_onnx(rewrite(export_decoder(sam, variant == "multimask", opset)), out_dir / name)
+    upscaling = export_upscaling(sam.prompt_encoder.mask_input_size, sam.image_encoder.img_size)
+    save_onnx(upscaling, out_dir / UPSCALE_FILE)
     manifest = describe(sam, model_type, opset)
     if many_prompt_decoder:
         if step:
@@ -369,7 +413,7 @@ def describe(sam: Sam, model_type: str, opset: int) -> dict:
     mask_size = list(sam.prompt_encoder.mask_input_size)
     return {
         "format": "tinysam-onnx",
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "tinysam_version": __version__,
         "model_type": model_type,
         "opset": opset,
@@ -388,7 +432,9 @@ def describe(sam: Sam, model_type: str, opset: int) -> dict:
         "decoders": {
             variant: {
                 "file": name,
-                "num_masks": 3 if variant == "multimask" else 1,
+                "num_masks": sam.mask_decoder.num_mask_tokens if variant == "multimask" else 1,
+                "contract": "segment-anything's ONNX decoder"
+                + (" (--return-single-mask)" if variant == "single" else " (all mask tokens)"),
                 "inputs": {
                     "image_embeddings": [1, *embedding],
                     "point_coords": ["batch", "points", 2],
@@ -404,6 +450,11 @@ def describe(sam: Sam, model_type: str, opset: int) -> dict:
                 },
             }
             for variant, name in DECODER_FILES.items()
+        },
+        "upscale": {
+            "file": UPSCALE_FILE,
+            "inputs": {"low_res_masks": ["batch", "num_masks", *mask_size], "orig_im_size": [2]},
+            "outputs": {"masks": ["batch", "num_masks", "height", "width"]},
         },
         "many_prompt_decoder": {
             "file": MANY_PROMPT_FILE,

@@ -14,21 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from ..checks import (
-    NOT_A_POINT,
-    as_rgb_uint8,
-    check_prompt_batch,
-    single_prompt_batch,
-)
-from ..transforms import ResizeLongestSide
+from ..checks import NOT_A_POINT, check_prompt_batch
+from ..predictor_base import DEFAULT_MANY_PROMPTS, PredictorBase
 
 MANIFEST = "tinysam_onnx.json"  # tinysam.runtime.export writes it (that module needs torch)
+FORMAT_VERSION = 2  # as runtime.export writes it
 BOX_LABELS = (2.0, 3.0)
-# Batches of one-point prompts at least this large, asking for low-res masks only, go through
-# decoder_many.onnx (1.8x faster per prompt), this many prompts per run (bounds its memory).
-MANY_PROMPTS = 8
+# Batches of one-point prompts of at least ``many_prompts`` asking for low-res masks only go
+# through decoder_many.onnx (1.8x faster per prompt), this many prompts per run (bounds memory).
 MANY_PROMPT_CHUNK = 16
 
 
@@ -98,7 +92,14 @@ def load_manifest(model_dir: str | os.PathLike) -> dict:
         raise OnnxModelError(f"{path} is unreadable ({err}); export again") from err
     if not isinstance(manifest, dict) or manifest.get("format") != "tinysam-onnx":
         raise OnnxModelError(f"{path} is not a tinysam ONNX manifest; export again")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise OnnxModelError(
+            f"{model_dir} was exported by an older tinysam (format version "
+            f"{manifest.get('format_version')}, this one reads {FORMAT_VERSION}: its decoders "
+            "now follow segment-anything's ONNX contract); export again with `tinysam export`"
+        )
     files = [manifest["encoder"]["file"]] + [d["file"] for d in manifest["decoders"].values()]
+    files.append(manifest["upscale"]["file"])
     if "many_prompt_decoder" in manifest:
         many = manifest["many_prompt_decoder"]
         files += [many["file"], many["masks_file"]]
@@ -113,11 +114,13 @@ def load_manifest(model_dir: str | os.PathLike) -> dict:
 ENCODER_ENGINES = ("onnxruntime", "openvino")
 
 
-class OnnxPredictor:
+class OnnxPredictor(PredictorBase):
     """Encode an image once with ``encoder.onnx``, then answer prompts with the decoders.
 
     ``encoder_engine="openvino"`` runs the encoder with OpenVINO in float32 instead (about 10%
     faster on AVX-512 CPUs; ``pip install openvino``); the decoders stay on ONNX Runtime.
+    ``predict`` and ``predict_torch`` answer as ``SamPredictor`` does (3 masks, or mask token 0
+    for ``multimask_output=False``) through ``decoder.onnx``, which returns all four tokens.
     """
 
     device = "cpu"
@@ -128,6 +131,7 @@ class OnnxPredictor:
         threads: int | None = None,
         providers: list[str] | None = None,
         encoder_engine: str = "onnxruntime",
+        many_prompts: int = DEFAULT_MANY_PROMPTS,
     ) -> None:
         if encoder_engine not in ENCODER_ENGINES:
             raise ValueError(
@@ -145,10 +149,9 @@ class OnnxPredictor:
         self.image_size = int(self.manifest["image_size"])
         self.image_format = self.manifest["image_format"]
         self.mask_threshold = float(self.manifest["mask_threshold"])
-        self.mask_input_size = tuple(
+        self._mask_input_size = tuple(
             self.manifest["decoders"]["multimask"]["inputs"]["mask_input"][2:]
         )
-        self.transform = ResizeLongestSide(self.image_size)
         self._mean = np.asarray(self.manifest["pixel_mean"], np.float32).reshape(3, 1, 1)
         self._std = np.asarray(self.manifest["pixel_std"], np.float32).reshape(3, 1, 1)
         quantized = "quantization" in self.manifest
@@ -171,25 +174,24 @@ class OnnxPredictor:
             self.encoder = OpenVinoEncoder(encoder_path, threads or _physical_cores())
         else:
             self.encoder = session(encoder_path.name)
-        self.decoders = {
-            variant: session(d["file"]) for variant, d in self.manifest["decoders"].items()
-        }
-        many = self.manifest.get("many_prompt_decoder")  # exports before it lack it
+        # All four mask tokens: both of SamPredictor's answers are slices of them.
+        self.decoder = session(self.manifest["decoders"]["multimask"]["file"])
+        self.upscaler = session(self.manifest["upscale"]["file"])
+        many = self.manifest.get("many_prompt_decoder")  # int8 exports lack it
         self.many_prompt_decoder = session(many["file"]) if many else None
         self.many_prompt_masks = session(many["masks_file"]) if many else None
-        self.reset_image()
+        super().__init__(self.image_size, many_prompts)
+
+    @property
+    def mask_input_size(self) -> tuple[int, int]:
+        return self._mask_input_size
 
     # ------------------------------------------------------------------ image
 
-    def set_image(self, image: np.ndarray | Image.Image, image_format: str = "RGB") -> None:
-        """Encode an image (HxWx3 uint8, RGB or BGR; HxW; HxWx4; or a PIL image)."""
-        rgb = as_rgb_uint8(image, image_format)
-        if self.image_format == "BGR":
-            rgb = np.ascontiguousarray(rgb[:, :, ::-1])
-        resized = self.transform.apply_image(rgb)
+    def _encode(self, resized: np.ndarray, original_size: tuple[int, int]) -> None:
         self.reset_image()
         self.features = self.encoder.run(None, {"image": self.preprocess(resized)})[0]
-        self.original_size = tuple(rgb.shape[:2])
+        self.original_size = tuple(int(v) for v in original_size)
         self.input_size = tuple(resized.shape[:2])
         self.is_image_set = True
 
@@ -204,49 +206,16 @@ class OnnxPredictor:
 
     def get_image_embedding(self) -> np.ndarray:
         """The current image's embedding, 1xCxHxW (256x64x64), a numpy array."""
-        self._require_image()
-        return self.features
-
-    def reset_image(self) -> None:
-        self.is_image_set = False
-        self.features = None
-        self.original_size = None
-        self.input_size = None
-
-    def _require_image(self) -> None:
-        if not self.is_image_set:
-            raise RuntimeError("no image set: call set_image(image) before predicting")
+        return super().get_image_embedding()
 
     # ------------------------------------------------------------------ prompts
 
-    def predict(
-        self,
-        point_coords: np.ndarray | None = None,
-        point_labels: np.ndarray | None = None,
-        box: np.ndarray | None = None,
-        mask_input: np.ndarray | None = None,
-        multimask_output: bool = True,
-        return_logits: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Masks for prompts in original-image pixels, as ``SamPredictor.predict``.
+    def _prompt_arrays(self, coords, labels, boxes, mask) -> tuple:
+        return coords, labels, boxes, mask
 
-        Returns masks CxHxW (bool, or float logits with ``return_logits``), scores C and
-        low-res logits Cx256x256; C is 3 with ``multimask_output``, else 1.
-        """
-        self._require_image()
-        coords, labels, boxes, mask = single_prompt_batch(
-            point_coords,
-            point_labels,
-            box,
-            mask_input,
-            self.transform,
-            self.original_size,
-            self.mask_input_size,
-        )
-        masks, scores, low_res = self.predict_torch(
-            coords, labels, boxes, mask, multimask_output, return_logits=return_logits
-        )
-        return masks[0], scores[0], low_res[0]
+    @staticmethod
+    def _numpy(value) -> np.ndarray:
+        return value
 
     def predict_torch(
         self,
@@ -259,26 +228,18 @@ class OnnxPredictor:
         upscale: bool = True,
         min_iou: float | None = None,
     ) -> tuple[Any, Any, Any]:
-        """Batched prediction with prompts in the resized (1024) frame, as
-        ``SamPredictor.predict_torch``: ``point_coords`` BxNx2, ``point_labels`` BxN, ``boxes``
-        Bx4, ``mask_input`` Bx1x256x256. Torch tensors in, torch tensors out; numpy otherwise.
-
-        For callers that filter many prompts (the everything mode): ``upscale=False`` skips the
-        full-size masks (None); ``min_iou`` then skips the masks of one-point prompts none of
-        whose scores exceed it, leaving their logits NaN.
-        """
+        """``PredictorBase.predict_torch``: torch tensors in, torch tensors out; numpy
+        otherwise (torch is imported only when given torch tensors)."""
         self._require_image()
         as_torch = any(
             type(a).__module__.split(".")[0] == "torch"
             for a in (point_coords, point_labels, boxes, mask_input)
         )
         coords, labels, mask = self._decoder_prompts(point_coords, point_labels, boxes, mask_input)
+        selected = slice(1, None) if multimask_output else slice(0, 1)
         if self._use_many_prompt_decoder(coords, boxes, mask, upscale):
-            scores, low_res = self._many_prompts(coords, labels, multimask_output, min_iou)
+            scores, low_res = self._many_prompts(coords, labels, selected, min_iou)
             return _same_kind(as_torch, (None, scores, low_res))
-        # Without "masks", ONNX Runtime skips the upscaling nodes.
-        outputs = (["masks"] if upscale else []) + ["iou_predictions", "low_res_masks"]
-        decoder = self.decoders["multimask" if multimask_output else "single"]
         feeds = {
             "image_embeddings": self.features,
             "point_coords": coords,
@@ -287,6 +248,7 @@ class OnnxPredictor:
         }
         results = []
         # One mask input is shared by a whole batch: prompt sets with their own run one by one.
+        # Without "masks" among the outputs, ONNX Runtime skips the graph's upscaling nodes.
         for rows, (mask_rows, has_mask) in _mask_groups(
             mask, coords.shape[0], self.mask_input_size
         ):
@@ -296,14 +258,16 @@ class OnnxPredictor:
                 mask_input=mask_rows,
                 has_mask_input=has_mask,
             )
-            results.append(decoder.run(outputs, feeds))
-        merged = [np.concatenate(parts) for parts in zip(*results)]
+            results.append(self.decoder.run(["iou_predictions", "low_res_masks"], feeds))
+        scores, low_res = (np.concatenate(parts)[:, selected] for parts in zip(*results))
+        low_res = np.ascontiguousarray(low_res)
+        masks = None
         if upscale:
-            masks, scores, low_res = merged
+            masks = self.upscaler.run(
+                None, {"low_res_masks": low_res, "orig_im_size": feeds["orig_im_size"]}
+            )[0]
             if not return_logits:
                 masks = masks > self.mask_threshold
-        else:
-            masks, (scores, low_res) = None, merged
         return _same_kind(as_torch, (masks, scores, low_res))
 
     def _use_many_prompt_decoder(self, coords, boxes, mask, upscale: bool) -> bool:
@@ -313,15 +277,14 @@ class OnnxPredictor:
             and not upscale
             and mask is None
             and one_point
-            and coords.shape[0] >= MANY_PROMPTS
+            and coords.shape[0] >= self.many_prompts
         )
 
-    def _many_prompts(self, coords, labels, multimask_output: bool, min_iou: float | None):
+    def _many_prompts(self, coords, labels, selected: slice, min_iou: float | None):
         """IoU predictions and low-res logits through decoder_many*.onnx, in chunks; with
         ``min_iou``, masks only for prompts with a selected score above it (others NaN)."""
-        selected = slice(1, None) if multimask_output else slice(0, 1)
         size = self.mask_input_size
-        scores = np.empty((coords.shape[0], 3 if multimask_output else 1), np.float32)
+        scores = np.empty((coords.shape[0], 3 if selected.start else 1), np.float32)
         low_res = np.full((*scores.shape, *size), np.nan, np.float32)
         for start in range(0, coords.shape[0], MANY_PROMPT_CHUNK):
             rows = slice(start, start + MANY_PROMPT_CHUNK)

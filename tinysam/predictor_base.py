@@ -1,0 +1,169 @@
+"""What every predictor backend shares: segment-anything's ``SamPredictor`` API over an
+image-encoding step and a batched decoding step that each backend supplies.
+
+``SamPredictor`` (PyTorch) and ``runtime.OnnxPredictor`` (ONNX Runtime, no torch) both derive
+from ``PredictorBase``. The everything generators, the evaluations and the web demo rely on
+this contract only: ``set_image``, ``predict``, ``predict_torch`` (with the ``upscale`` and
+``min_iou`` options), ``transform``, ``original_size``, ``input_size``, and the image state
+(``image_state`` / ``restore_image_state``) that lets a cache switch images without encoding
+again. Torch-free, like ``checks``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .checks import as_rgb_uint8, single_prompt_batch
+from .transforms import ResizeLongestSide
+
+# Prompt batches at least this large (one-point prompts, no mask input) go through the
+# many-prompt decoder, which shares the prompt-independent work (see modeling/many_prompts.py).
+DEFAULT_MANY_PROMPTS = 8
+
+
+@dataclass(frozen=True)
+class ImageState:
+    """What a predictor holds for its current image: enough to answer prompts without
+    encoding again. ``features`` is the backend's array (a torch tensor or a numpy array)."""
+
+    features: Any
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        if hasattr(self.features, "nbytes"):
+            return int(self.features.nbytes)
+        return int(self.features.element_size() * self.features.nelement())  # torch
+
+
+class PredictorBase(ABC):
+    """Encode an image once, then answer many prompts against it.
+
+    ``many_prompts``: the prompt batch size from which the many-prompt decoder is used (set it
+    very high to always use the plain decoder, e.g. to time the difference).
+    """
+
+    #: "RGB" or "BGR": the channel order the model was trained on.
+    image_format: str = "RGB"
+
+    def __init__(self, image_size: int, many_prompts: int = DEFAULT_MANY_PROMPTS) -> None:
+        if many_prompts < 1:
+            raise ValueError(f"many_prompts must be at least 1, got {many_prompts}")
+        self.many_prompts = many_prompts
+        self.transform = ResizeLongestSide(image_size)
+        self.reset_image()
+
+    # ------------------------------------------------------------------ backend hooks
+
+    @abstractmethod
+    def _encode(self, resized: np.ndarray, original_size: tuple[int, int]) -> None:
+        """Encode ``resized`` (HxWx3 uint8, long side ``transform.target_length``) and set the
+        image state (``features``, ``original_size``, ``input_size``, ``is_image_set``)."""
+
+    @abstractmethod
+    def _prompt_arrays(self, coords, labels, boxes, mask) -> tuple:
+        """``predict``'s checked numpy prompts as what this backend's ``predict_torch`` takes."""
+
+    @abstractmethod
+    def predict_torch(
+        self,
+        point_coords,
+        point_labels,
+        boxes=None,
+        mask_input=None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+        upscale: bool = True,
+        min_iou: float | None = None,
+    ) -> tuple[Any, Any, Any]:
+        """Batched prompts in the resized (1024) frame: ``point_coords`` BxNx2 with
+        ``point_labels`` BxN, ``boxes`` Bx4, ``mask_input`` Bx1x256x256. Returns masks BxCxHxW,
+        scores BxC and low-res logits BxCx256x256.
+
+        For callers that filter many prompts (the everything mode): ``upscale=False`` skips the
+        full-size masks (None); ``min_iou`` skips the masks of prompts none of whose scores
+        exceed it, leaving their logits NaN."""
+
+    @staticmethod
+    @abstractmethod
+    def _numpy(value) -> np.ndarray:
+        """A backend array as numpy."""
+
+    # ------------------------------------------------------------------ image
+
+    def set_image(self, image: np.ndarray | Image.Image, image_format: str = "RGB") -> None:
+        """Encode an image (HxWx3 uint8, RGB or BGR; HxW; HxWx4; or a PIL image)."""
+        rgb = as_rgb_uint8(image, image_format)
+        if self.image_format == "BGR":
+            rgb = np.ascontiguousarray(rgb[:, :, ::-1])
+        self._encode(self.transform.apply_image(rgb), rgb.shape[:2])
+
+    def get_image_embedding(self):
+        """The current image's embedding, 1xCxHxW (256x64x64), in the backend's array type."""
+        self._require_image()
+        return self.features
+
+    def reset_image(self) -> None:
+        self.is_image_set = False
+        self.features = None
+        self.original_size = None
+        self.input_size = None
+
+    def image_state(self) -> ImageState:
+        """The current image's state, to bring back later with ``restore_image_state``."""
+        self._require_image()
+        return ImageState(self.features, self.original_size, self.input_size)
+
+    def restore_image_state(self, state: ImageState) -> None:
+        """Make a saved image current again, as if ``set_image`` had just encoded it."""
+        self.reset_image()  # drops per-image helpers (e.g. the many-prompt decoder's work)
+        self.features = state.features
+        self.original_size = tuple(state.original_size)
+        self.input_size = tuple(state.input_size)
+        self.is_image_set = True
+
+    def _require_image(self) -> None:
+        if not self.is_image_set:
+            raise RuntimeError("no image set: call set_image(image) before predicting")
+
+    # ------------------------------------------------------------------ prompts
+
+    @property
+    @abstractmethod
+    def mask_input_size(self) -> tuple[int, int]:
+        """The low-res mask size (256x256)."""
+
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks for prompts given in original-image pixels.
+
+        Returns masks CxHxW (bool, or float logits with ``return_logits``), scores C and
+        low-res logits Cx256x256; C is 3 with ``multimask_output``, else 1.
+        """
+        self._require_image()
+        prompts = single_prompt_batch(
+            point_coords,
+            point_labels,
+            box,
+            mask_input,
+            self.transform,
+            self.original_size,
+            self.mask_input_size,
+        )
+        masks, scores, low_res = self.predict_torch(
+            *self._prompt_arrays(*prompts), multimask_output, return_logits=return_logits
+        )
+        return self._numpy(masks[0]), self._numpy(scores[0]), self._numpy(low_res[0])
