@@ -20,33 +20,34 @@ from pathlib import Path
 
 import torch
 
-import tinysam.predictor as predictor_module
-from tinysam import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator, build_sam_vit_t
+from tinysam import (
+    SamAutomaticMaskGenerator,
+    SamHierarchicalMaskGenerator,
+    SamPredictor,
+    build_sam_vit_t,
+)
 from tinysam.io import load_image
+from tinysam.predictor_base import DEFAULT_MANY_PROMPTS
 
 IMAGE = Path(__file__).resolve().parents[1] / "assets" / "picture1.jpg"
 
 
 def run(generator_class, sam, image, args, fast: bool) -> dict:
-    saved = predictor_module.MANY_PROMPTS
-    predictor_module.MANY_PROMPTS = saved if fast else 1 << 30
-    try:
-        extra = {}
-        if generator_class is SamHierarchicalMaskGenerator:
-            extra["high_score_thresh"] = args.high_score_thresh
-        generator = generator_class(
-            sam,
-            **extra,
-            points_per_side=args.points_per_side,
-            pred_iou_thresh=args.pred_iou_thresh,
-            stability_score_thresh=args.stability_thresh,
-            output_mode="coco_rle",
-        )
-        start = time.perf_counter()
-        records = generator.generate(image)
-        total = time.perf_counter() - start
-    finally:
-        predictor_module.MANY_PROMPTS = saved
+    predictor = SamPredictor(sam, many_prompts=DEFAULT_MANY_PROMPTS if fast else 1 << 30)
+    extra = {}
+    if generator_class is SamHierarchicalMaskGenerator:
+        extra["high_score_thresh"] = args.high_score_thresh
+    generator = generator_class(
+        predictor,
+        **extra,
+        points_per_side=args.points_per_side,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_thresh,
+        output_mode="coco_rle",
+    )
+    start = time.perf_counter()
+    records = generator.generate(image)
+    total = time.perf_counter() - start
     stats = generator.stats
     return {
         "prompts": stats.prompts,

@@ -10,14 +10,13 @@ import torch
 from tinysam.distill.losses import (
     LossWeights,
     ModelOutputs,
-    chosen_masks,
     dice_loss,
     distillation_loss,
     focal_loss,
     hard_mask_weight,
-    mask_candidates,
     mask_iou,
 )
+from tinysam.masks import chosen_masks, mask_candidates
 
 
 def _outputs(seed: int, batch: int = 4, masks: int = 3) -> ModelOutputs:

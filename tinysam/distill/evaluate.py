@@ -12,13 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..masks import PROMPT_KINDS, chosen_masks, mask_candidates
+from ..masks import Agreement as IoUMeans
 from ..modeling import Sam
 from .data import SA1BDataset
-from .losses import binary_iou, chosen_masks, mask_candidates
+from .decoding import decode, evaluating, to_low_res
 from .prompts import sample_points
-from .trainer import decode, evaluating, to_low_res
-
-PROMPT_KINDS = ("point", "box")
 
 
 @dataclass
@@ -42,8 +41,8 @@ def evaluate_agreement(
     """``{"point": Agreement, "box": Agreement}`` over the first ``objects_per_image`` objects
     of every image. Both models must have their image encoders."""
     generator = torch.Generator().manual_seed(seed)
-    sums = {kind: torch.zeros(3, dtype=torch.float64) for kind in PROMPT_KINDS}
-    counts = dict.fromkeys(PROMPT_KINDS, 0)
+    pairs = ("student_teacher", "student_gt", "teacher_gt")
+    means = {pair: IoUMeans() for pair in pairs}
     device = next(student.parameters()).device
     with evaluating(student), evaluating(teacher):
         for index in range(len(dataset)):
@@ -70,11 +69,12 @@ def evaluate_agreement(
                     out = decode(network, embeddings[name], *prompt)
                     candidates = mask_candidates(1 if kind == "point" else 0)
                     masks[name] = chosen_masks(out.masks, out.iou, candidates).cpu()
-                pairs = ((masks["student"], masks["teacher"]), (masks["student"], gt))
-                pairs += ((masks["teacher"], gt),)
-                sums[kind] += torch.stack([binary_iou(a, b).sum() for a, b in pairs]).double()
-                counts[kind] += len(chosen)
+                means["student_teacher"].add(kind, masks["student"], masks["teacher"])
+                means["student_gt"].add(kind, masks["student"], gt)
+                means["teacher_gt"].add(kind, masks["teacher"], gt)
     return {
-        kind: Agreement(*(float(v) / max(1, counts[kind]) for v in sums[kind]), counts[kind])
+        kind: Agreement(
+            *(means[pair].mean(kind) for pair in pairs), means["student_gt"].counts[kind]
+        )
         for kind in PROMPT_KINDS
     }

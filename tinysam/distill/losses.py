@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..masks import binary_iou
+
 EPS = 1e-6
 
 
@@ -48,14 +50,6 @@ class ModelOutputs:
 
 def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).abs().mean()
-
-
-def binary_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of boolean masks over the last two dims; two empty masks count as 1."""
-    a, b = a.bool(), b.bool()
-    intersection = (a & b).flatten(-2).sum(-1).float()
-    union = (a | b).flatten(-2).sum(-1).float()
-    return torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
 
 
 def mask_iou(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
@@ -91,19 +85,6 @@ def dice_loss(logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     numerator = 2 * (prob * target).sum(-1)
     denominator = prob.sum(-1) + target.sum(-1)
     return 1 - (numerator + 1) / (denominator + 1)
-
-
-def mask_candidates(points_per_prompt: int) -> slice:
-    """The masks a prompt is answered with, as SAM trains and predicts: the three multimask
-    outputs for one point (ambiguous), the single-mask output for anything more specific."""
-    return slice(1, None) if points_per_prompt == 1 else slice(0, 1)
-
-
-def chosen_masks(masks: torch.Tensor, iou: torch.Tensor, candidates: slice) -> torch.Tensor:
-    """Each prompt's answer (B x H x W bool): of its ``candidates`` masks, the one with the best
-    predicted IoU, as ``SamPredictor`` returns it first."""
-    best = iou[:, candidates].argmax(dim=1) + (candidates.start or 0)
-    return masks[torch.arange(len(masks)), best] > 0
 
 
 def distillation_loss(

@@ -13,146 +13,29 @@ model, optimiser, scheduler and data position, so ``resume`` continues exactly.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..io import atomic_write
+from ..masks import chosen_masks, mask_candidates
 from ..modeling import Sam
+from .config import STUDENT_FILE, TrainConfig, config_from_dict  # noqa: F401  (re-exported)
 from .data import SA1BDataset, Sample, ShardedSampler
+from .decoding import StudentForward, _float, decode, evaluating, to_low_res  # noqa: F401
 from .losses import (
-    LossWeights,
     ModelOutputs,
-    chosen_masks,
     distillation_loss,
-    mask_candidates,
 )
 from .prompts import HardPromptOptions, hard_prompts
 from .teacher_cache import CacheError, TeacherEmbeddings
-
-TRAINABLE = ("all", "encoder")
-OPTIMIZERS = ("adamw", "adam")
-STUDENT_FILE = "student.pt"  # the trained student's plain state dict, for every tinysam tool
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on; ``tinysam distill train`` reads it from YAML + overrides."""
-
-    data: str = ""
-    out: str = "distill-run"
-    student: str = "vit_t"  # or "small" (demo); see models.build_student
-    student_checkpoint: str | None = None  # None: from scratch; e.g. MobileSAM's weights
-    # Start the student's prompt encoder and mask decoder as copies of the teacher's (the
-    # MobileSAM recipe; the paper does not say). Off: they start as the checkpoint has them.
-    decoder_from_teacher: bool = False
-    teacher: str = "vit_h"  # vit_b, vit_l, vit_h or "small" (demo)
-    teacher_checkpoint: str | None = None  # None: the published SAM weights (downloaded)
-    teacher_cache: str | None = None  # None: run the teacher's encoder online (small teachers)
-    image_size: int = 1024
-    prompts_per_image: int = 64
-    box_rate: float = 0.25  # share of prompts given as the ground-truth box instead of points
-    hard_prompts: bool = True
-    prompt_options: HardPromptOptions = field(default_factory=HardPromptOptions)
-    prompt_predictor: str = "student"  # which network predicts M_i in hard prompt sampling
-    losses: LossWeights = field(default_factory=LossWeights)
-    optimizer: str = "adamw"  # the paper: adam
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    epochs: int = 8
-    max_steps: int | None = None
-    grad_clip: float = 1.0
-    accumulate: int = 1
-    train: str = "all"  # or "encoder": prompt encoder and mask decoder frozen
-    checkpoint_every: int = 500
-    log_every: int = 10
-    tensorboard: bool = True  # event files in OUT/tensorboard when tensorboard is installed
-    seed: int = 0
-    min_area: float = 0.0
-
-    def __post_init__(self) -> None:
-        from .models import STUDENTS, TEACHERS
-
-        choices = {
-            "student": STUDENTS,
-            "teacher": TEACHERS,
-            "optimizer": OPTIMIZERS,
-            "train": TRAINABLE,
-            "prompt_predictor": ("student", "teacher"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}"
-                )
-        positive = ("image_size", "prompts_per_image", "epochs", "accumulate")
-        positive += ("checkpoint_every", "log_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.image_size % 16:
-            raise ValueError(f"image_size must be a multiple of 16, got {self.image_size}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be at least 1 (or null), got {self.max_steps}")
-        if not 0 <= self.box_rate <= 1:
-            raise ValueError(f"box_rate must be between 0 and 1, got {self.box_rate}")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ValueError("lr must be positive, warmup_steps and grad_clip not negative")
-
-
-class StudentForward(nn.Module):
-    """The student's whole forward pass as one module, so DDP sees (and syncs) every gradient:
-    the image encoder once, then each group of prompts (points or boxes) against it."""
-
-    def __init__(self, sam: Sam) -> None:
-        super().__init__()
-        self.sam = sam
-
-    def forward(self, image: torch.Tensor, groups: list[tuple]) -> list[ModelOutputs]:
-        embedding = self.sam.image_encoder(image)
-        return [decode(self.sam, embedding, *group) for group in groups]
-
-
-def _float(outputs: ModelOutputs) -> ModelOutputs:
-    return ModelOutputs(*(t.float() for t in vars(outputs).values()))
-
-
-@contextlib.contextmanager
-def evaluating(module: nn.Module):
-    """``module`` in eval mode for the block, then back to the mode it was in."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
-
-
-def to_low_res(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Input-frame masks (K x S x S bool) in the decoder's low-res frame, where the losses
-    compare masks: a pixel is in when most of the area it covers is."""
-    return F.interpolate(masks[:, None].float(), size=size, mode="area")[:, 0] > 0.5
-
-
-def decode(sam: Sam, embedding: torch.Tensor, points, labels, boxes) -> ModelOutputs:
-    """Prompts (points B x N x 2 with labels B x N, or boxes B x 4) against one image
-    embedding: every mask token's low-res logits, the IoU predictions and the tokens."""
-    point_prompt = None if points is None else (points, labels)
-    sparse, dense = sam.prompt_encoder(points=point_prompt, boxes=boxes, masks=None)
-    masks, iou, tokens = sam.mask_decoder.predict_masks(
-        embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense, return_tokens=True
-    )
-    return ModelOutputs(embedding, tokens, masks, iou)
 
 
 class Distiller:
@@ -448,48 +331,3 @@ class Distiller:
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
-
-
-_SECTIONS = {"prompt_options": HardPromptOptions, "losses": LossWeights}
-_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
-
-
-def _of_type(value, allowed: list[str]) -> bool:
-    if value is None:
-        return "None" in allowed
-    if isinstance(value, bool):  # a bool is an int to Python, not to a config
-        return "bool" in allowed
-    return any(isinstance(value, _TYPES.get(t, ())) for t in allowed)
-
-
-def _checked(cls, values: dict, prefix: str = "") -> dict:
-    """``values`` with every key a field of ``cls`` and every value of the field's type."""
-    if not isinstance(values, dict):
-        raise ValueError(f"{prefix.rstrip('.') or 'the config'} must be a mapping of keys")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(
-            f"unknown config key {prefix}{unknown[0]}; known: {', '.join(sorted(known))}"
-        )
-    checked = {}
-    for name, value in values.items():
-        if name in _SECTIONS and prefix == "":
-            checked[name] = _SECTIONS[name](**_checked(_SECTIONS[name], value, f"{name}."))
-            continue
-        allowed = [t.strip() for t in str(known[name].type).split("|")]
-        if "float" in allowed and isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
-        if not _of_type(value, allowed):
-            raise ValueError(
-                f"config key {prefix}{name} must be {' or '.join(allowed)}, got {value!r}"
-            )
-        checked[name] = float(value) if allowed == ["float"] else value
-    return checked
-
-
-def config_from_dict(values: dict) -> TrainConfig:
-    """A TrainConfig from a (YAML) mapping, nested sections included; unknown keys, values of
-    the wrong type and values out of range are one-line errors."""
-    return TrainConfig(**_checked(TrainConfig, values))

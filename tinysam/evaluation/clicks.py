@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import atomic_write, load_image
+from ..masks import mask_iou
 
 POSITIVE, NEGATIVE = 1, 0
 
@@ -51,11 +52,6 @@ def next_click(gt: np.ndarray, prediction: np.ndarray | None) -> tuple[int, int,
     if max(fn_d, fp_d) == 0:
         return None
     return (fn_x, fn_y, POSITIVE) if fn_d >= fp_d else (fp_x, fp_y, NEGATIVE)
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
 def click_ious(predictor, gt: np.ndarray, clicks: int) -> list[float]:

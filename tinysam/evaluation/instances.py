@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..io import atomic_write, load_image
+from ..masks import encode_masks
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 LVIS_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
@@ -108,18 +109,6 @@ def load_detections(path: str | os.PathLike, min_score: float = 0.0) -> dict[int
         if det_.score >= min_score:
             grouped[image_id].append(det_)
     return dict(grouped)
-
-
-def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
-    """COCO compressed RLEs (counts as JSON strings) of NxHxW boolean masks."""
-    from pycocotools import mask as mask_utils
-
-    if len(masks) == 0:
-        return []
-    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")
-    return list(rles)
 
 
 def segment_boxes(

@@ -8,7 +8,6 @@ masks carry exactly the values the reference computes; the rejected ones are nev
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from ..predictor import SamPredictor
+from ..predictor_base import PredictorBase
 from ..transforms import upscale_logits
 from .masks import (
     MaskData,
@@ -80,6 +80,10 @@ class SharedEmbedding:
             self._predictor.set_image(image, *args, **kwargs)
             self._image = image
 
+    @property
+    def unwrapped(self):
+        return self._predictor
+
     def __getattr__(self, name: str):
         return getattr(self._predictor, name)
 
@@ -124,14 +128,13 @@ class SamAutomaticMaskGenerator:
             raise ValueError(f"points_per_batch must be at least 1, got {points_per_batch}")
 
         self.predictor = model if hasattr(model, "predict_torch") else SamPredictor(model)
-        # Backends whose predict_torch can skip full-size masks, or the masks of prompts that
-        # fail the IoU filter, save that work here.
-        accepted = inspect.signature(self.predictor.predict_torch).parameters
+        # Our backends (PredictorBase) skip full-size masks, and the masks of prompts that fail
+        # the IoU filter; another predictor-like object gets segment-anything's call.
         self._decode_options = {}
-        if "upscale" in accepted:
+        if isinstance(getattr(self.predictor, "unwrapped", self.predictor), PredictorBase):
             self._decode_options["upscale"] = False
-        if "min_iou" in accepted and pred_iou_thresh > 0.0:
-            self._decode_options["min_iou"] = pred_iou_thresh
+            if pred_iou_thresh > 0.0:
+                self._decode_options["min_iou"] = pred_iou_thresh
         self.points_per_side = points_per_side
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
@@ -201,23 +204,20 @@ class SamAutomaticMaskGenerator:
         points: np.ndarray,
         crop_box: list[int],
         orig_size: tuple[int, int],
+        covered: torch.Tensor | None = None,
         high_score_thresh: float | None = None,
-    ) -> MaskData | tuple[MaskData, torch.Tensor]:
+    ) -> MaskData:
         """Prompt every point (3 masks each) and keep the masks that pass the filters.
 
-        With ``high_score_thresh``, also returns the union of the kept masks' pixels whose
-        logits exceed it (the hierarchical mode's covered area), HxW bool.
+        ``covered`` (HxW bool, the crop's size), if given, gains the kept masks' pixels whose
+        logits exceed ``high_score_thresh`` (the hierarchical mode's covered area).
         """
-        crop_size = (crop_box[3] - crop_box[1], crop_box[2] - crop_box[0])
-        high = None
-        if high_score_thresh is not None:
-            high = torch.zeros(crop_size, dtype=torch.bool)
         data = _empty_masks()
         self.stats.rounds.append(len(points))
         self.stats.prompts += len(points)
         for (batch,) in batch_iterator(self.points_per_batch, points):
-            data.cat(self._process_batch(batch, crop_box, orig_size, high, high_score_thresh))
-        return data if high is None else (data, high)
+            data.cat(self._process_batch(batch, crop_box, orig_size, covered, high_score_thresh))
+        return data
 
     def _decode(self, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Low-res logits (B*3)x256x256 and IoU predictions (B*3) for B point prompts."""

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ..io import atomic_write, describe_os_error, load_image, save_png
+from ..masks import decodable_rle
 
 
 def everything_outputs(image_path: Path, out_dir: Path, overlay: bool) -> list[Path]:
@@ -41,7 +42,7 @@ def write_everything(generator, image_path: Path, out_dir: Path, mode: str, over
     try:
         # The overlay first: the JSON's presence marks the image as done.
         if overlay_path:
-            masks = [mask_utils.decode(_bytes_rle(r["segmentation"])) for r in records]
+            masks = [mask_utils.decode(decodable_rle(r["segmentation"])) for r in records]
             save_png(draw_masks(image, masks), overlay_path[0])
         with atomic_write(json_path, "w") as f:
             json.dump(document, f)
@@ -57,8 +58,3 @@ def write_everything(generator, image_path: Path, out_dir: Path, mode: str, over
     if overlay_path:
         summary["overlay"] = str(overlay_path[0])
     return summary
-
-
-def _bytes_rle(rle: dict) -> dict:
-    """A JSON-ready COCO RLE (counts as str) in the form pycocotools decodes."""
-    return {"size": rle["size"], "counts": rle["counts"].encode()}

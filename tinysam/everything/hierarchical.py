@@ -29,6 +29,15 @@ from .masks import MaskData, build_point_grid, nms
 
 
 class SamHierarchicalMaskGenerator(SamAutomaticMaskGenerator):
+    """The hierarchical everything mode. Takes ``SamAutomaticMaskGenerator``'s parameters (by
+    keyword after the first five, which follow the authors' order) plus ``high_score_thresh``;
+    ``generate(image)`` runs both rounds and returns segment-anything's records.
+
+    The authors' step-by-step methods are here too (``set_image``, ``set_points_per_side``,
+    ``set_point_grids``, ``generate(image, need_high)``, ``post_process``, ``reset_image``), so
+    code written against their ``hierarchical_mask_generator`` runs unchanged.
+    """
+
     def __init__(
         self,
         model,
@@ -36,20 +45,11 @@ class SamHierarchicalMaskGenerator(SamAutomaticMaskGenerator):
         points_per_batch: int = 64,
         pred_iou_thresh: float = 0.88,
         high_score_thresh: float = 8.5,
-        stability_score_thresh: float = 0.95,
-        stability_score_offset: float = 1.0,
-        box_nms_thresh: float = 0.7,
-        crop_n_layers: int = 0,
-        crop_nms_thresh: float = 0.7,
-        crop_overlap_ratio: float = 512 / 1500,
-        crop_n_points_downscale_factor: int = 1,
-        point_grids: list[np.ndarray] | None = None,
-        min_mask_region_area: int = 0,
-        output_mode: str = "binary_mask",
+        **options: Any,
     ) -> None:
-        if crop_n_layers:
+        if options.get("crop_n_layers", 0):
             raise ValueError("the hierarchical mode works on the whole image: use crop_n_layers=0")
-        if point_grids is not None or points_per_side is None or points_per_side < 4:
+        if options.get("point_grids") is not None or points_per_side is None or points_per_side < 4:
             raise ValueError(
                 "the hierarchical mode needs points_per_side >= 4 (and no point_grids)"
             )
@@ -58,14 +58,7 @@ class SamHierarchicalMaskGenerator(SamAutomaticMaskGenerator):
             points_per_side=points_per_side,
             points_per_batch=points_per_batch,
             pred_iou_thresh=pred_iou_thresh,
-            stability_score_thresh=stability_score_thresh,
-            stability_score_offset=stability_score_offset,
-            box_nms_thresh=box_nms_thresh,
-            crop_nms_thresh=crop_nms_thresh,
-            crop_overlap_ratio=crop_overlap_ratio,
-            crop_n_points_downscale_factor=crop_n_points_downscale_factor,
-            min_mask_region_area=min_mask_region_area,
-            output_mode=output_mode,
+            **options,
         )
         self.high_score_thresh = high_score_thresh
 
@@ -77,18 +70,60 @@ class SamHierarchicalMaskGenerator(SamAutomaticMaskGenerator):
         whole = [0, 0, w, h]
         self._set_image(image)
         sparse = build_point_grid(self.points_per_side // 4) * np.array([w, h])
-        first, covered = self._predict_points(sparse, whole, (h, w), self.high_score_thresh)
+        covered = torch.zeros((h, w), dtype=torch.bool)
+        first = self._predict_points(sparse, whole, (h, w), covered, self.high_score_thresh)
         self.stats.covered_fraction = float(covered.float().mean())
         dense = self.dense_points(sparse, covered.numpy(), self.points_per_side)
         second = self._predict_points(dense, whole, (h, w)) if len(dense) else MaskData(rles=[])
         second.cat(first)
-        data = second
+        return self._records(self._merge(second, whole))
+
+    def _merge(self, data: MaskData, whole: list[int]) -> MaskData:
+        """Both rounds' masks de-duplicated by box NMS, with the whole image as crop box."""
         if len(data):
             data.filter(nms(data["boxes"], data["iou_preds"], self.box_nms_thresh))
         data["crop_boxes"] = torch.tensor([whole] * len(data), dtype=torch.long).reshape(-1, 4)
-        return self._records(data)
+        return data
 
-    generate = hierarchical_generate
+    def generate(self, image: np.ndarray, need_high: bool | None = None):
+        """``generate(image)``: both rounds, segment-anything's records.
+
+        ``generate(image, need_high)`` is the authors' single round: prompt ``point_grids[0]``
+        on the image already set (``set_image``) and return the kept masks as ``MaskData``;
+        with ``need_high``, also the covered area (logits above ``high_score_thresh``) as a
+        WxH bool tensor, indexed [x, y] as theirs.
+        """
+        if need_high is None:
+            return self.hierarchical_generate(image)
+        if not getattr(self.predictor, "is_image_set", True):
+            raise RuntimeError("no image set: call set_image(image) before generate(image, ...)")
+        h, w = image.shape[:2]
+        points = np.asarray(self.point_grids[0], dtype=np.float64) * np.array([w, h])
+        covered = torch.zeros((h, w), dtype=torch.bool) if need_high else None
+        with torch.no_grad():
+            data = self._predict_points(
+                points, [0, 0, w, h], (h, w), covered, self.high_score_thresh
+            )
+        return (data, covered.T) if need_high else data
+
+    # The authors' step-by-step API.
+
+    def set_image(self, image: np.ndarray) -> None:
+        self.predictor.set_image(image)
+
+    def reset_image(self) -> None:
+        self.predictor.reset_image()
+
+    def set_point_grids(self, point_grids: list[np.ndarray]) -> None:
+        self.point_grids = [np.asarray(g, dtype=np.float64) for g in point_grids]
+
+    def set_points_per_side(self, points_per_side: int) -> None:
+        self.point_grids = [build_point_grid(points_per_side)]
+
+    def post_process(self, image: np.ndarray, data: MaskData) -> list[dict[str, Any]]:
+        """Rounds' masks merged (``MaskData.cat``) -> NMS -> records, as the authors'."""
+        h, w = image.shape[:2]
+        return self._records(self._merge(data, [0, 0, w, h]))
 
     @staticmethod
     def dense_points(sparse: np.ndarray, covered: np.ndarray, points_per_side: int) -> np.ndarray:

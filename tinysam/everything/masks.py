@@ -14,6 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..masks import (  # noqa: F401  (their home; imported here for the generators)
+    area_from_rle,
+    batched_mask_to_box,
+    box_area,
+    box_xyxy_to_xywh,
+    coco_encode_rle,
+    mask_to_rle,
+    rle_to_mask,
+)
+
 
 class MaskData:
     """Columns of per-mask data (tensors, arrays or lists) filtered and concatenated together."""
@@ -168,35 +178,6 @@ def calculate_stability_score(
     return inner / outer
 
 
-def batched_mask_to_box(masks: torch.Tensor) -> torch.Tensor:
-    """Inclusive XYXY pixel boxes of boolean masks ...xHxW; [0, 0, 0, 0] for an empty mask."""
-    if masks.numel() == 0:
-        return torch.zeros(*masks.shape[:-2], 4, dtype=torch.long, device=masks.device)
-    h, w = masks.shape[-2:]
-    rows = masks.any(dim=-1)  # ... x H
-    cols = masks.any(dim=-2)  # ... x W
-    row_idx = torch.arange(h, device=masks.device)
-    col_idx = torch.arange(w, device=masks.device)
-    bottom = torch.where(rows, row_idx, -1).amax(-1)
-    top = torch.where(rows, row_idx, h).amin(-1)
-    right = torch.where(cols, col_idx, -1).amax(-1)
-    left = torch.where(cols, col_idx, w).amin(-1)
-    boxes = torch.stack([left, top, right, bottom], dim=-1)
-    empty = ~rows.any(-1)
-    return boxes.masked_fill(empty[..., None], 0)
-
-
-def box_xyxy_to_xywh(box: torch.Tensor | np.ndarray) -> Any:
-    out = box.clone() if isinstance(box, torch.Tensor) else box.copy()
-    out[..., 2] = out[..., 2] - out[..., 0]
-    out[..., 3] = out[..., 3] - out[..., 1]
-    return out
-
-
-def box_area(boxes: torch.Tensor) -> torch.Tensor:
-    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-
-
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """Greedy non-maximum suppression; indices kept, by decreasing score.
 
@@ -222,46 +203,6 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
         keep.append(i)
         suppressed |= overlaps[i]
     return order[torch.tensor(keep, dtype=torch.long)]
-
-
-# --------------------------------------------------------------------------- RLE
-
-
-def mask_to_rle(masks: torch.Tensor) -> list[dict[str, Any]]:
-    """Uncompressed RLEs (column-major runs, starting with a background run) of BxHxW masks."""
-    b, h, w = masks.shape
-    flat = masks.permute(0, 2, 1).reshape(b, h * w).cpu().numpy()
-    out = []
-    for row in flat:
-        change = np.flatnonzero(row[1:] != row[:-1]) + 1
-        bounds = np.concatenate([[0], change, [h * w]])
-        counts = np.diff(bounds).tolist()
-        if row[0]:
-            counts = [0, *counts]
-        out.append({"size": [h, w], "counts": counts})
-    return out
-
-
-def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
-    """Decode an uncompressed RLE to an HxW boolean mask."""
-    h, w = rle["size"]
-    counts = np.asarray(rle["counts"], dtype=np.int64)
-    values = np.arange(len(counts)) % 2 == 1
-    return np.repeat(values, counts).reshape(w, h).T
-
-
-def area_from_rle(rle: dict[str, Any]) -> int:
-    return int(sum(rle["counts"][1::2]))
-
-
-def coco_encode_rle(rle: dict[str, Any]) -> dict[str, Any]:
-    """Compress an uncompressed RLE with pycocotools; counts as a JSON-ready string."""
-    from pycocotools import mask as mask_utils
-
-    h, w = rle["size"]
-    encoded = mask_utils.frPyObjects(rle, h, w)
-    encoded["counts"] = encoded["counts"].decode("utf-8")
-    return encoded
 
 
 def remove_small_regions(

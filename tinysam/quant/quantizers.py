@@ -1,4 +1,5 @@
-"""Uniform symmetric quantizers (docs/method.md §2): ``x_q = clip(round(x / s), -2^(b-1), 2^(b-1) - 1)``.
+"""Uniform symmetric quantizers (docs/method.md §2):
+``x_q = clip(round(x / s), -2^(b-1), 2^(b-1) - 1)``.
 
 Activations get one scale per tensor; weights one per output channel (the distance the scales
 are searched with splits over output channels, so each channel's search is independent and

@@ -16,10 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..distill.losses import binary_iou
+from ..masks import PROMPT_KINDS, Agreement, chosen_masks
 from .calibrate import grid_prompts
-
-PROMPT_KINDS = ("point", "box")
 
 
 @dataclass
@@ -28,16 +26,16 @@ class MaskAgreement:
     prompts: int
 
 
-def _answer(predictor, points=None, boxes=None) -> tuple[torch.Tensor, torch.Tensor]:
-    if boxes is not None:
-        masks, scores, _ = predictor.predict_torch(None, None, boxes=boxes, multimask_output=False)
-        return torch.as_tensor(masks)[:, 0], torch.as_tensor(scores)[:, 0]
-    labels = torch.ones(points.shape[:2], dtype=torch.int)
-    masks, scores, _ = predictor.predict_torch(points, labels)
+def _answer(predictor, points=None, boxes=None) -> torch.Tensor:
+    """Each prompt's answer as ``SamPredictor`` gives it (``masks.chosen_masks``): a point,
+    the best of three masks; a box, the single-mask output."""
+    multimask = boxes is None
+    labels = None if points is None else torch.ones(points.shape[:2], dtype=torch.int)
+    masks, scores, _ = predictor.predict_torch(
+        points, labels, boxes=boxes, multimask_output=multimask
+    )
     masks, scores = torch.as_tensor(masks), torch.as_tensor(scores)
-    best = scores.argmax(dim=1)
-    rows = torch.arange(len(best))
-    return masks[rows, best], scores[rows, best]
+    return chosen_masks(masks, scores, slice(None))  # of the masks asked for
 
 
 def _boxes_around(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,29 +58,24 @@ def mask_agreement(
     """``{candidate name: {"point"|"box": MaskAgreement}}``: mean IoU of each candidate's masks
     with the reference predictor's on the same prompts."""
     generator = torch.Generator().manual_seed(seed)
-    sums = {name: dict.fromkeys(PROMPT_KINDS, 0.0) for name in candidates}
-    counts = dict.fromkeys(PROMPT_KINDS, 0)
+    means = {name: Agreement() for name in candidates}
     for image in images:
         reference.set_image(image)
         size = reference.input_size
         points = grid_prompts(size, prompts_per_image, generator)
-        ref_points, _ = _answer(reference, points=points)
+        ref_points = _answer(reference, points=points)
         box_frame, keep = _boxes_around(ref_points)
         # into the resized frame the predictors take
         boxes = reference.transform.apply_boxes_torch(box_frame, reference.original_size)
-        ref_boxes = _answer(reference, boxes=boxes)[0] if len(boxes) else None
-        counts["point"] += len(points)
-        counts["box"] += len(boxes)
+        ref_boxes = _answer(reference, boxes=boxes) if len(boxes) else None
         for name, predictor in candidates.items():
             predictor.set_image(image)
-            got = _answer(predictor, points=points)[0]
-            sums[name]["point"] += float(binary_iou(got, ref_points).sum())
+            means[name].add("point", _answer(predictor, points=points), ref_points)
             if ref_boxes is not None:
-                got = _answer(predictor, boxes=boxes)[0]
-                sums[name]["box"] += float(binary_iou(got, ref_boxes).sum())
+                means[name].add("box", _answer(predictor, boxes=boxes), ref_boxes)
     return {
         name: {
-            kind: MaskAgreement(sums[name][kind] / max(1, counts[kind]), counts[kind])
+            kind: MaskAgreement(means[name].mean(kind), means[name].counts[kind])
             for kind in PROMPT_KINDS
         }
         for name in candidates

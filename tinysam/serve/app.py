@@ -23,6 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from ..masks import coco_rle
 from .cache import EmbeddingCache, capture, restore
 
 STATIC = Path(__file__).with_name("static")
@@ -148,7 +149,7 @@ class DemoService:
             "height": int(h),
             "area": int(masks[best].sum()),
             "mask_png": png_base64(masks[best].astype(np.uint8) * 255),
-            "rle": _coco_rle(masks[best]),
+            "rle": coco_rle(masks[best]),
         }
 
     def everything(self, image_id: str) -> dict[str, Any]:
@@ -170,7 +171,7 @@ class DemoService:
         for record, mask in zip(records, masks):
             annotations.append(
                 {
-                    "segmentation": _coco_rle(mask),
+                    "segmentation": coco_rle(mask),
                     "area": int(record["area"]),
                     "bbox": [float(v) for v in record["bbox"]],
                     "predicted_iou": float(record["predicted_iou"]),
@@ -183,12 +184,6 @@ class DemoService:
             "overlay_png": png_base64(draw_masks(cached.image, masks)),
             "annotations": annotations,
         }
-
-
-def _coco_rle(mask: np.ndarray) -> dict[str, Any]:
-    from ..evaluation.instances import encode_masks
-
-    return encode_masks(mask[None])[0]
 
 
 def create_app(service: DemoService):

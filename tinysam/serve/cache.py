@@ -5,9 +5,10 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+
+from ..predictor_base import ImageState, PredictorBase
 
 
 @dataclass
@@ -15,34 +16,19 @@ class CachedImage:
     """What a click needs to decode without the encoder: the predictor's image state."""
 
     image: np.ndarray  # HxWx3 uint8, for the everything mode and overlays
-    state: dict[str, Any]  # features, original_size, input_size
+    state: ImageState
     nbytes: int
 
 
-def _nbytes(value) -> int:
-    if hasattr(value, "nbytes"):
-        return int(value.nbytes)
-    if hasattr(value, "element_size"):  # torch tensor
-        return int(value.element_size() * value.nelement())
-    return 0
-
-
-def capture(predictor, image: np.ndarray) -> CachedImage:
+def capture(predictor: PredictorBase, image: np.ndarray) -> CachedImage:
     """The state ``predictor.set_image(image)`` left (call it first)."""
-    state = {
-        "features": predictor.features,
-        "original_size": predictor.original_size,
-        "input_size": predictor.input_size,
-    }
-    return CachedImage(image, state, image.nbytes + _nbytes(predictor.features))
+    state = predictor.image_state()
+    return CachedImage(image, state, image.nbytes + state.nbytes)
 
 
-def restore(predictor, cached: CachedImage) -> None:
+def restore(predictor: PredictorBase, cached: CachedImage) -> None:
     """Make ``cached`` the predictor's current image, as if ``set_image`` had just run."""
-    predictor.reset_image()  # drops per-image helpers (e.g. the many-prompt decoder)
-    for name, value in cached.state.items():
-        setattr(predictor, name, value)
-    predictor.is_image_set = True
+    predictor.restore_image_state(cached.state)
 
 
 class EmbeddingCache:
