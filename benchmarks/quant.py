@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from tinysam import build_sam_vit_t
-from tinysam.build import load_model
+from tinysam.backends import load_model
 from tinysam.io import load_image
 from tinysam.perf import interleaved_medians
 from tinysam.quant.calibrate import collect

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from tinysam import build
+from tinysam import backends, build
 from tinysam.build import CheckpointError, resolve_checkpoint
 from tinysam.io import DownloadError, download_file
 
@@ -106,7 +106,7 @@ def test_resolution_downloads_then_uses_cache(server, isolated, monkeypatch, vit
     second = resolve_checkpoint("vit_t", progress=False)
     assert second.source == "cache" and second.path == first.path
 
-    sam, resolved = build.load_model(progress=False)
+    sam, resolved = backends.load_model(progress=False)
     assert resolved.source == "cache"
     assert sum(p.numel() for p in sam.parameters()) > 10_000_000
 

@@ -21,7 +21,8 @@ _HOMES = {
     "build_sam_vit_h": "build",
     "build_sam_vit_l": "build",
     "build_sam_vit_t": "build",
-    "load_model": "build",
+    "load_model": "backends",
+    "load_predictor": "backends",
     "sam_model_registry": "build",
 }
 
@@ -36,6 +37,7 @@ __all__ = [
     "build_sam_vit_l",
     "build_sam_vit_t",
     "load_model",
+    "load_predictor",
     "sam_model_registry",
 ]
 
@@ -53,13 +55,13 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from .backends import load_model, load_predictor
     from .build import (
         build_sam,
         build_sam_vit_b,
         build_sam_vit_h,
         build_sam_vit_l,
         build_sam_vit_t,
-        load_model,
         sam_model_registry,
     )
     from .everything import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator

@@ -1,23 +1,34 @@
-"""Model registry, checkpoint loading and checkpoint resolution.
-
-``sam_model_registry[name](checkpoint=path)`` builds a model and loads a plain ``state_dict``
-saved by TinySAM, MobileSAM or segment-anything. ``load_model()`` additionally finds the
-checkpoint when none is given: ``TINYSAM_CHECKPOINT``, then the user cache, then a download of
-the published weights.
+"""The model registry: ``sam_model_registry[name](checkpoint=path)`` builds a model and loads a
+plain ``state_dict`` saved by TinySAM, MobileSAM or segment-anything (read and checked by
+``tinysam.checkpoint``). ``tinysam.backends.load_model`` also finds the checkpoint when none is
+given and loads quantized folders.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
-from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from .io import DownloadError, download_file
+from .checkpoint import (  # noqa: F401  (re-exported: their home is tinysam.checkpoint)
+    CACHE_ENV,
+    CHECKPOINT_ENV,
+    MODEL_TYPES,
+    VIT_WIDTHS,
+    WEIGHT_URLS,
+    CheckpointError,
+    ResolvedCheckpoint,
+    cache_dir,
+    cached_checkpoint_path,
+    check_model_type,
+    describe_state_dict,
+    detect_model_type,
+    load_strict,
+    read_state_dict,
+    resolve_checkpoint,
+)
 from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TinyViT, TwoWayTransformer
 
 PROMPT_EMBED_DIM = 256
@@ -26,9 +37,15 @@ VIT_PATCH_SIZE = 16
 
 # SAM ViT teachers: embed dim, depth, heads, global-attention blocks.
 VIT_CONFIGS = {
-    "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
-    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
-    "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
+    "vit_b": dict(
+        embed_dim=VIT_WIDTHS["vit_b"], depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)
+    ),
+    "vit_l": dict(
+        embed_dim=VIT_WIDTHS["vit_l"], depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)
+    ),
+    "vit_h": dict(
+        embed_dim=VIT_WIDTHS["vit_h"], depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)
+    ),
 }
 VIT_T_CONFIG = dict(
     embed_dims=(64, 128, 160, 320),
@@ -36,21 +53,6 @@ VIT_T_CONFIG = dict(
     num_heads=(2, 4, 5, 10),
     window_sizes=(7, 7, 14, 7),
 )
-MODEL_TYPES = ("vit_t", "vit_b", "vit_l", "vit_h")
-
-# Published weights per model type: TinySAM for vit_t, Meta's SAM for the teachers.
-WEIGHT_URLS = {
-    "vit_t": "https://github.com/xinghaochen/TinySAM/releases/download/3.0/tinysam_42.3.pth",
-    "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
-    "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
-    "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
-}
-CHECKPOINT_ENV = "TINYSAM_CHECKPOINT"
-CACHE_ENV = "TINYSAM_CACHE_DIR"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, or made for another model."""
 
 
 def sam_around(image_encoder: nn.Module, image_size: int = IMAGE_SIZE) -> Sam:
@@ -141,178 +143,13 @@ sam_model_registry = {
 }
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file safely (``weights_only``) and return its plain state dict.
-
-    Accepts a bare state dict, or one wrapped under ``model``/``state_dict`` (training
-    checkpoints) or ``student`` (``tinysam distill`` runs), with an optional DDP ``module.``
-    prefix.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint is not a file: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "global" in str(err).lower():  # weights_only refused a class or function
-            raise CheckpointError(
-                f"checkpoint {path} holds objects other than tensors and will not be "
-                "unpickled; re-save it as a plain state_dict"
-            ) from err
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a PyTorch file; download it again"
-        ) from err
-    except Exception as err:  # the unpickler fails in many ways on damaged bytes
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a PyTorch file ({type(err).__name__}); "
-            "download it again"
-        ) from err
-    for wrapper in ("model", "state_dict", "student"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    ):
-        raise CheckpointError(f"checkpoint {path} is not a state_dict of tensors")
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module.") :]: v for k, v in obj.items()}
-    return obj
-
-
-def detect_model_type(state_dict: dict[str, torch.Tensor]) -> str | None:
-    """The registry name a state dict was saved from, or None if it is none of ours."""
-    if "image_encoder.patch_embed.seq.0.c.weight" in state_dict:  # TinyViT's conv stem
-        return "vit_t"
-    proj = state_dict.get("image_encoder.patch_embed.proj.weight")
-    if proj is not None:
-        by_width = {cfg["embed_dim"]: name for name, cfg in VIT_CONFIGS.items()}
-        return by_width.get(proj.shape[0])
-    return None
-
-
-def describe_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
-    """A short guess at what an unknown checkpoint is, for error messages."""
-    keys = list(state_dict)
-    if any(k.startswith("memory_attention.") for k in keys):
-        return "a SAM 2 checkpoint"
-    if keys and not any(k.startswith(("image_encoder.", "mask_decoder.")) for k in keys):
-        if "patch_embed.proj.weight" in state_dict or "patch_embed.seq.0.c.weight" in state_dict:
-            return "an image encoder alone (keys lack the 'image_encoder.' prefix)"
-    sample = ", ".join(keys[:3]) if keys else "no keys"
-    return f"an unknown model (keys: {sample}, ...)"
-
-
-def check_model_type(
-    state_dict: dict[str, torch.Tensor], model_type: str | None, source: str
-) -> str:
-    """The checkpoint's model type; one clear error if it is unknown or not ``model_type``."""
-    found = detect_model_type(state_dict)
-    if found is None:
-        raise CheckpointError(
-            f"checkpoint {source} is not a SAM/TinySAM model: it looks like "
-            f"{describe_state_dict(state_dict)}"
-        )
-    if model_type is not None and found != model_type:
-        raise CheckpointError(
-            f"checkpoint {source} is a {found} model, not {model_type}; "
-            f"use --model {found} (sam_model_registry['{found}'])"
-        )
-    return found
-
-
 def load_into(sam: Sam, state_dict: dict[str, torch.Tensor], model_type: str, source: str) -> None:
     """Load a ``model_type`` checkpoint strictly (see ``load_strict``)."""
     check_model_type(state_dict, model_type, source)
     load_strict(sam, state_dict, f"the {model_type} architecture", source)
 
 
-def load_strict(
-    module: nn.Module, state_dict: dict[str, torch.Tensor], architecture: str, source: str
-) -> None:
-    """Load strictly, turning a mismatch into one line naming the offending keys."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong_shape = [
-        k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or wrong_shape:
-        parts = []
-        for label, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("wrong shape", wrong_shape),
-        ):
-            if keys:
-                parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
-        raise CheckpointError(
-            f"checkpoint {source} does not match {architecture}: {'; '.join(parts)}"
-        )
-    module.load_state_dict(state_dict, strict=True)
-
-
-# --------------------------------------------------------------------------- resolution
-
-
-def cache_dir() -> Path:
-    """Where downloaded weights live: $TINYSAM_CACHE_DIR, else $XDG_CACHE_HOME/tinysam."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "tinysam"
-
-
-def cached_checkpoint_path(model_type: str) -> Path:
-    return cache_dir() / WEIGHT_URLS[model_type].rsplit("/", 1)[-1]
-
-
-@dataclass(frozen=True)
-class ResolvedCheckpoint:
-    path: Path
-    source: str  # "argument", "environment", "cache" or "download"
-
-
-def resolve_checkpoint(
-    model_type: str = "vit_t",
-    checkpoint: str | os.PathLike | None = None,
-    *,
-    download: bool = True,
-    progress: bool = True,
-) -> ResolvedCheckpoint:
-    """Find the checkpoint to use: the argument, ``TINYSAM_CHECKPOINT`` (vit_t), the cache,
-    or a download of the published file into the cache."""
-    if model_type not in WEIGHT_URLS:
-        raise ValueError(
-            f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}"
-        )
-    if checkpoint is not None:
-        return ResolvedCheckpoint(Path(checkpoint), "argument")
-    if model_type == "vit_t" and os.environ.get(CHECKPOINT_ENV):
-        return ResolvedCheckpoint(Path(os.environ[CHECKPOINT_ENV]).expanduser(), "environment")
-    cached = cached_checkpoint_path(model_type)
-    if cached.is_file():
-        return ResolvedCheckpoint(cached, "cache")
-    url = WEIGHT_URLS[model_type]
-    others = "pass --checkpoint PATH" + (
-        f", or set {CHECKPOINT_ENV}" if model_type == "vit_t" else ""
-    )
-    if not download:
-        raise CheckpointError(
-            f"no {model_type} checkpoint found; download {url} and save it as {cached}, or {others}"
-        )
-    try:
-        download_file(url, cached, progress=progress)
-    except DownloadError as err:
-        raise CheckpointError(f"{err}; save that file as {cached} by hand, or {others}") from err
-    return ResolvedCheckpoint(cached, "download")
-
-
-def load_model(
+def load_float_model(
     model_type: str | None = None,
     checkpoint: str | os.PathLike | None = None,
     *,
@@ -320,24 +157,13 @@ def load_model(
     download: bool = True,
     progress: bool = True,
 ) -> tuple[Sam, ResolvedCheckpoint]:
-    """Resolve, read and load a checkpoint; the model type defaults to what the file holds.
-
-    A folder written by ``tinysam quantize`` (or its ``quantized.pt``) loads as the
-    fake-quantized model it describes."""
-    if checkpoint is not None:
-        from .quant.store import is_quantized_checkpoint, load_quantized
-
-        if is_quantized_checkpoint(checkpoint):
-            sam = load_quantized(checkpoint, device)
-            found = sam.quant_config["model_type"]
-            if model_type is not None and model_type != found:
-                raise CheckpointError(f"{checkpoint} is a quantized {found}, not {model_type}")
-            return sam, ResolvedCheckpoint(Path(checkpoint), "argument")
+    """Resolve (``checkpoint.resolve_checkpoint``), read and load a float checkpoint; the model
+    type defaults to what the file holds. ``backends.load_model`` adds quantized folders."""
     resolved = resolve_checkpoint(
         model_type or "vit_t", checkpoint, download=download, progress=progress
     )
     state_dict = read_state_dict(resolved.path)
     model_type = check_model_type(state_dict, model_type, str(resolved.path))
-    sam = sam_around(build_image_encoder(model_type))
+    sam = build_sam_model(model_type)
     load_into(sam, state_dict, model_type, source=str(resolved.path))
     return sam.to(device), resolved

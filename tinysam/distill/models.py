@@ -15,7 +15,7 @@ from torch import nn
 from ..build import (
     IMAGE_SIZE,
     build_sam_model,
-    load_model,
+    load_float_model,
     load_strict,
     read_state_dict,
     sam_around,
@@ -99,7 +99,7 @@ def build_teacher(
         teacher = _small_from(small_teacher(image_size), checkpoint, "teacher")
     elif name in TEACHERS:
         _full_size_only(name, image_size)
-        teacher, _ = load_model(name, checkpoint, progress=progress)
+        teacher, _ = load_float_model(name, checkpoint, progress=progress)
     else:
         raise ValueError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHERS)}")
     if not with_image_encoder:

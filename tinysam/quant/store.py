@@ -17,13 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..build import (
-    CheckpointError,
-    build_sam_model,
-    load_strict,
-    read_state_dict,
-    sam_model_registry,
-)
+from ..build import build_sam_model, sam_model_registry
+from ..checkpoint import CheckpointError, load_strict, read_state_dict
 from ..io import atomic_write
 from ..modeling import Sam
 from .layers import QuantLayer

@@ -20,7 +20,7 @@ examples:
 """
 
 
-def add_quantize_parser(sub) -> None:
+def register(sub) -> None:
     q = sub.add_parser(
         "quantize",
         help="post-training quantization (Q-TinySAM, W8A8): search scales, export int8 ONNX",
@@ -69,20 +69,22 @@ def add_quantize_parser(sub) -> None:
     q.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     q.add_argument("--threads", type=int, help="torch CPU threads")
 
+    q.set_defaults(run=run_quantize)
+
 
 def run_quantize(args: argparse.Namespace) -> dict:
     import torch
     from tqdm.auto import tqdm
 
-    from ..build import load_model
-    from ..cli import UsageError, image_folder
+    from ..backends import load_model
     from ..io import atomic_write, load_image
     from ..predictor import SamPredictor
-    from .calibrate import collect
-    from .model import prepare, set_deploy
-    from .report import agreement_table, layer_table, mask_agreement
-    from .search import SearchConfig, search_scales
-    from .store import load_quantized, save_quantized
+    from ..quant.calibrate import collect
+    from ..quant.model import prepare, set_deploy
+    from ..quant.report import agreement_table, layer_table, mask_agreement
+    from ..quant.search import SearchConfig, search_scales
+    from ..quant.store import load_quantized, save_quantized
+    from .common import UsageError, image_folder
 
     weight_bits = args.weight_bits or args.bits
     act_bits = args.act_bits or args.bits
@@ -139,7 +141,7 @@ def run_quantize(args: argparse.Namespace) -> dict:
 
     onnx_dir = None
     if not args.no_onnx and weight_bits == 8 and act_bits == 8:
-        from .export import export_quantized_onnx
+        from ..quant.export import export_quantized_onnx
 
         onnx_dir = args.out / "onnx"
         export_quantized_onnx(qmodel, onnx_dir, model_type, activations=args.activations)

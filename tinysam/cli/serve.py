@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .common import add_model_args, predictor_from_args
 
-def add_serve_parser(sub, add_model_args) -> None:
+
+def register(sub) -> None:
     serve = sub.add_parser(
         "serve",
         help="the interactive web demo (and its JSON API) on http://127.0.0.1:8000",
@@ -32,9 +34,11 @@ def add_serve_parser(sub, add_model_args) -> None:
     )
     add_model_args(serve, backend=True)
 
+    serve.set_defaults(run=run_serve)
 
-def run_serve(args: argparse.Namespace, predictor_from_args) -> None:
-    from ..cli import UsageError
+
+def run_serve(args: argparse.Namespace) -> None:
+    from .common import UsageError
 
     if not 0 < args.port < 65536:
         raise UsageError("--port must be between 1 and 65535")
@@ -45,7 +49,7 @@ def run_serve(args: argparse.Namespace, predictor_from_args) -> None:
     _check_port(args.host, args.port)
     import uvicorn
 
-    from .app import DemoService, create_app
+    from ..serve.app import DemoService, create_app
 
     service = DemoService(
         predictor_from_args(args),
@@ -67,7 +71,7 @@ def _check_port(host: str, port: int) -> None:
     """Fail with one line before loading a model if the address cannot be listened on."""
     import socket
 
-    from ..cli import UsageError
+    from .common import UsageError
 
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)

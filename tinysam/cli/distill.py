@@ -13,6 +13,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from .common import Parser
+
 TRAIN_EPILOG = """\
 examples:
   tinysam distill train --print-config > run.yaml      # every key, with its default
@@ -22,7 +24,7 @@ examples:
 """
 
 
-def add_distill_parser(sub, parser_class) -> None:
+def register(sub) -> None:
     distill = sub.add_parser(
         "distill",
         help="distil a TinySAM student from a SAM teacher (cache-teacher, train, demo)",
@@ -31,7 +33,7 @@ def add_distill_parser(sub, parser_class) -> None:
             "weighting (the TinySAM paper's training). Needs: pip install 'tinysam[train]'."
         ),
     )
-    steps = distill.add_subparsers(dest="distill_command", required=True, parser_class=parser_class)
+    steps = distill.add_subparsers(dest="distill_command", required=True, parser_class=Parser)
 
     cache = steps.add_parser(
         "cache-teacher",
@@ -124,6 +126,8 @@ def add_distill_parser(sub, parser_class) -> None:
     )
     demo.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
 
+    distill.set_defaults(run=run_distill)
+
 
 def run_distill(args: argparse.Namespace) -> dict | None:
     """Run a ``tinysam distill`` command; returns the JSON summary (None when it printed)."""
@@ -138,10 +142,10 @@ def _cache_teacher(args) -> dict:
     import torch
     from tqdm.auto import tqdm
 
-    from ..cli import UsageError, torch_device
-    from .data import SA1BDataset
-    from .models import build_teacher
-    from .teacher_cache import cache_teacher, read_index
+    from ..distill.data import SA1BDataset
+    from ..distill.models import build_teacher
+    from ..distill.teacher_cache import cache_teacher, read_index
+    from .common import UsageError, torch_device
 
     if args.shard_size < 1:
         raise UsageError("--shard-size must be at least 1")
@@ -176,8 +180,8 @@ def _cache_teacher(args) -> dict:
 def _read_config(args):
     import yaml
 
-    from ..cli import UsageError
-    from .trainer import config_from_dict
+    from ..distill.trainer import config_from_dict
+    from .common import UsageError
 
     values: dict = {}
     if args.config is not None:
@@ -206,7 +210,7 @@ def _read_config(args):
 
 
 def _train(args) -> dict | None:
-    from ..cli import UsageError, torch_device
+    from .common import UsageError, torch_device
 
     config = _read_config(args)
     if args.print_config:
@@ -220,8 +224,8 @@ def _train(args) -> dict | None:
     import torch
     import torch.distributed as dist
 
-    from .models import build_student, build_teacher
-    from .trainer import Distiller
+    from ..distill.models import build_student, build_teacher
+    from ..distill.trainer import Distiller
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -263,8 +267,8 @@ def _train(args) -> dict | None:
 def _demo(args) -> None:
     import torch
 
-    from ..cli import UsageError
-    from .demo import DemoOptions, results_table, run_demo
+    from ..distill.demo import DemoOptions, results_table, run_demo
+    from .common import UsageError
 
     if args.threads is not None:
         if args.threads < 1:

@@ -1,4 +1,4 @@
-"""``tinysam eval instances|clicks|everything`` and ``tinysam bench``."""
+"""``tinysam eval instances|clicks|everything``: the paper's protocols."""
 
 from __future__ import annotations
 
@@ -7,16 +7,16 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
+from .common import Parser, add_model_args, out_file, predictor_from_args
 
 
-def add_eval_parser(sub, parser_class, add_model_args) -> None:
+def register(sub) -> None:
     ev = sub.add_parser(
         "eval",
         help="the paper's evaluations: box-prompted AP, clicks mIoU, everything mode",
         description="Evaluate a model with the paper's protocols.",
     )
-    protocols = ev.add_subparsers(dest="protocol", required=True, parser_class=parser_class)
+    protocols = ev.add_subparsers(dest="protocol", required=True, parser_class=Parser)
 
     inst = protocols.add_parser(
         "instances",
@@ -89,49 +89,26 @@ def add_eval_parser(sub, parser_class, add_model_args) -> None:
     every.add_argument("--limit", type=int, help="only the first N images")
     add_model_args(every, backend=True)
 
-
-def add_bench_parser(sub, add_model_args) -> None:
-    bench = sub.add_parser(
-        "bench",
-        help="parameters, FLOPs and encoder/decoder latency per backend",
-        description=(
-            "Count parameters and FLOPs (torch.utils.flop_counter) and time the image encoder "
-            "and a one-point decode on torch and, with --onnx-dir, ONNX Runtime (and OpenVINO "
-            "if installed), runs alternating between backends."
-        ),
-    )
-    bench.add_argument(
-        "--image", type=Path, help="image to time on (default: a 1024x768 noise image)"
-    )
-    bench.add_argument("--repeats", type=int, default=5, help="timed runs per backend (5)")
-    bench.add_argument("--onnx-dir", type=Path, help="an export made by `tinysam export`")
-    add_model_args(bench, backend=False)
+    ev.set_defaults(run=run_eval)
 
 
-def _out_file(path: Path, text: str) -> None:
-    from ..io import atomic_write
-
-    with atomic_write(path, "w") as f:
-        f.write(text)
-
-
-def run_eval(args: argparse.Namespace, predictor_from_args) -> dict:
-    from ..cli import UsageError, image_folder
+def run_eval(args: argparse.Namespace) -> dict:
+    from .common import UsageError, image_folder
 
     for name in ("limit", "max_masks"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.protocol == "instances":
-        return _instances(args, predictor_from_args)
+        return _instances(args)
     if args.protocol == "clicks":
         if args.clicks < 1:
             raise UsageError("--clicks must be at least 1")
-        return _clicks(args, predictor_from_args)
+        return _clicks(args)
     images = image_folder(args.images, args.limit, "images")
     if args.points_per_side < 4:
         raise UsageError("--points-per-side must be at least 4")
-    from .everything import compare_everything, everything_table
+    from ..evaluation.everything import compare_everything, everything_table
 
     rows = compare_everything(
         predictor_from_args(args),
@@ -142,14 +119,14 @@ def run_eval(args: argparse.Namespace, predictor_from_args) -> dict:
         stability_score_thresh=args.stability_thresh,
     )
     table = everything_table(rows)
-    _out_file(args.out / "everything.md", table)
-    _out_file(args.out / "everything.json", json.dumps([asdict(r) for r in rows], indent=1))
+    out_file(args.out / "everything.md", table)
+    out_file(args.out / "everything.json", json.dumps([asdict(r) for r in rows], indent=1))
     print(table)
     return {"images": len(rows), "out": str(args.out)}
 
 
-def _instances(args, predictor_from_args) -> dict:
-    from .instances import (
+def _instances(args) -> dict:
+    from ..evaluation.instances import (
         coco_mask_ap,
         ground_truth,
         image_files,
@@ -159,7 +136,7 @@ def _instances(args, predictor_from_args) -> dict:
     )
 
     if not args.images.is_dir():
-        from ..cli import UsageError
+        from .common import UsageError
 
         raise UsageError(f"images {args.images} is not a folder")
     gt = ground_truth(args.annotations)  # a bad file fails before a model is loaded
@@ -180,13 +157,13 @@ def _instances(args, predictor_from_args) -> dict:
     else:
         metrics = coco_mask_ap(args.annotations, results, ids)
     summary = {"dataset": "lvis" if lvis else "coco", "results": str(results), **metrics}
-    _out_file(args.out / "metrics.json", json.dumps(summary, indent=1))
+    out_file(args.out / "metrics.json", json.dumps(summary, indent=1))
     return summary
 
 
-def _clicks(args, predictor_from_args) -> dict:
-    from .clicks import plot_curves, point_miou
-    from .instances import ground_truth
+def _clicks(args) -> dict:
+    from ..evaluation.clicks import plot_curves, point_miou
+    from ..evaluation.instances import ground_truth
 
     gt = ground_truth(args.annotations)  # a bad file fails before a model is loaded
     curve = point_miou(
@@ -197,40 +174,8 @@ def _clicks(args, predictor_from_args) -> dict:
         max_masks=args.max_masks,
         min_area=args.min_area,
     )
-    _out_file(args.out / "clicks.md", curve.table())
-    _out_file(args.out / "clicks.json", json.dumps(asdict(curve), indent=1))
+    out_file(args.out / "clicks.md", curve.table())
+    out_file(args.out / "clicks.json", json.dumps(asdict(curve), indent=1))
     plot_curves({"model": curve}, args.out / "clicks.png")
     print(curve.table())
     return {"masks": curve.masks, "miou": [round(v, 4) for v in curve.miou], "out": str(args.out)}
-
-
-def run_bench(args: argparse.Namespace, load) -> dict:
-    from ..cli import UsageError
-    from ..io import load_image
-    from ..predictor import SamPredictor
-    from .bench import bench_table, count_costs, measure_latency
-
-    if args.repeats < 1:
-        raise UsageError("--repeats must be at least 1")
-    if args.image is not None:
-        image = load_image(args.image)
-    else:  # timings do not depend on the content
-        image = np.random.default_rng(0).integers(0, 256, (768, 1024, 3), dtype=np.uint8)
-    sam, _ = load(args)
-    predictors = {"torch": SamPredictor(sam)}
-    if args.onnx_dir is not None:
-        from ..runtime import OnnxPredictor
-
-        predictors["onnxruntime"] = OnnxPredictor(args.onnx_dir, threads=args.threads)
-        try:
-            import openvino  # noqa: F401
-        except ImportError:
-            pass
-        else:
-            predictors["openvino"] = OnnxPredictor(
-                args.onnx_dir, threads=args.threads, encoder_engine="openvino"
-            )
-    cost = count_costs(sam)
-    latencies = measure_latency(predictors, image, args.repeats)
-    print(bench_table(cost, latencies))
-    return {"costs": asdict(cost), "latency": [asdict(r) for r in latencies]}

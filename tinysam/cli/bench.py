@@ -1,0 +1,62 @@
+"""``tinysam bench``: parameters, FLOPs and encoder/decoder latency per backend."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from .common import add_model_args, load_from_args
+
+
+def register(sub) -> None:
+    bench = sub.add_parser(
+        "bench",
+        help="parameters, FLOPs and encoder/decoder latency per backend",
+        description=(
+            "Count parameters and FLOPs (torch.utils.flop_counter) and time the image encoder "
+            "and a one-point decode on torch and, with --onnx-dir, ONNX Runtime (and OpenVINO "
+            "if installed), runs alternating between backends."
+        ),
+    )
+    bench.add_argument(
+        "--image", type=Path, help="image to time on (default: a 1024x768 noise image)"
+    )
+    bench.add_argument("--repeats", type=int, default=5, help="timed runs per backend (5)")
+    bench.add_argument("--onnx-dir", type=Path, help="an export made by `tinysam export`")
+    add_model_args(bench, backend=False)
+    bench.set_defaults(run=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    from ..evaluation.bench import bench_table, count_costs, measure_latency
+    from ..io import load_image
+    from ..predictor import SamPredictor
+    from .common import UsageError
+
+    if args.repeats < 1:
+        raise UsageError("--repeats must be at least 1")
+    if args.image is not None:
+        image = load_image(args.image)
+    else:  # timings do not depend on the content
+        image = np.random.default_rng(0).integers(0, 256, (768, 1024, 3), dtype=np.uint8)
+    sam, _ = load_from_args(args)
+    predictors = {"torch": SamPredictor(sam)}
+    if args.onnx_dir is not None:
+        from ..runtime import OnnxPredictor
+
+        predictors["onnxruntime"] = OnnxPredictor(args.onnx_dir, threads=args.threads)
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            predictors["openvino"] = OnnxPredictor(
+                args.onnx_dir, threads=args.threads, encoder_engine="openvino"
+            )
+    cost = count_costs(sam)
+    latencies = measure_latency(predictors, image, args.repeats)
+    print(bench_table(cost, latencies))
+    return {"costs": asdict(cost), "latency": [asdict(r) for r in latencies]}

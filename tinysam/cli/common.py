@@ -1,0 +1,194 @@
+"""What every ``tinysam`` command shares: the one-line error (exit status 2), argument types,
+the model and backend arguments, and turning those arguments into a model or a predictor
+(through ``tinysam.backends``). Torch-free, so ``tinysam --help`` is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; printed as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + error
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _numbers(text: str, what: str, counts: Sequence[int]) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in counts or not all(np.isfinite(values)):
+        raise argparse.ArgumentTypeError(f"{what} must be {FORMATS[what]}, got {text!r}")
+    return values
+
+
+FORMATS = {"point": "X,Y or X,Y,LABEL", "box": "X0,Y0,X1,Y1"}
+
+
+def point_arg(text: str) -> list[float]:
+    values = _numbers(text, "point", (2, 3))
+    return values if len(values) == 3 else [*values, 1.0]
+
+
+def box_arg(text: str) -> list[float]:
+    return _numbers(text, "box", (4,))
+
+
+def add_model_args(parser: argparse.ArgumentParser, backend: bool = False) -> None:
+    if backend:
+        parser.add_argument(
+            "--backend",
+            choices=("torch", "onnx", "openvino"),
+            default="torch",
+            help="torch (default); onnx: ONNX Runtime on an export made by `tinysam export` "
+            "(see --onnx-dir); openvino: the same with OpenVINO running the image encoder",
+        )
+        parser.add_argument(
+            "--onnx-dir",
+            type=Path,
+            help="with --backend onnx: the export folder (default: $TINYSAM_ONNX_DIR)",
+        )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="checkpoint file (default: $TINYSAM_CHECKPOINT, then the cache, then download)",
+    )
+    parser.add_argument(
+        "--model",
+        choices=("vit_t", "vit_b", "vit_l", "vit_h"),
+        help="model type (default: read from the checkpoint; vit_t when downloading)",
+    )
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads (default: torch's, or one per core for onnx)"
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="torch device to run on, e.g. cpu or cuda (default: cpu)"
+    )
+
+
+def load_from_args(args: argparse.Namespace):
+    import torch
+
+    from ..backends import load_model
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    device = torch_device(args.device)
+    return load_model(args.model, args.checkpoint, device=device, progress=sys.stderr.isatty())
+
+
+def torch_device(name: str, local_rank: int = 0):
+    """``--device``: a torch device that exists here; ``auto`` is this rank's GPU if any."""
+    import torch
+
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UsageError(f"--device {name!r} is not a torch device") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but this torch build sees no CUDA GPU")
+    return device
+
+
+def predictor_from_args(args: argparse.Namespace):
+    """The predictor the arguments ask for (``backends.load_predictor``): SamPredictor, or
+    OnnxPredictor (no torch needed) for ``--backend onnx|openvino``."""
+    import os
+
+    from ..backends import load_predictor
+
+    if args.backend in ("onnx", "openvino"):
+        if args.checkpoint is not None or args.model is not None or args.device != "cpu":
+            raise UsageError(
+                "--checkpoint, --model and --device are for the torch backend; "
+                f"--backend {args.backend} runs the export in --onnx-dir on the CPU"
+            )
+        if args.threads is not None and args.threads < 1:
+            raise UsageError("--threads must be at least 1")
+        if not (args.onnx_dir or os.environ.get("TINYSAM_ONNX_DIR")):
+            raise UsageError(
+                f"--backend {args.backend} needs --onnx-dir DIR (or $TINYSAM_ONNX_DIR), "
+                "a folder written by `tinysam export --out-dir DIR`"
+            )
+        return load_predictor(args.backend, onnx_dir=args.onnx_dir, threads=args.threads)
+    if args.onnx_dir is not None:
+        raise UsageError("--onnx-dir is for --backend onnx or openvino")
+    from ..predictor import SamPredictor
+
+    sam, _ = load_from_args(args)
+    return SamPredictor(sam)
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def image_folder(folder: Path, limit: int | None = None, what: str = "folder") -> list[Path]:
+    """The images of a folder, sorted by name (the first ``limit``); none is an error."""
+    if not folder.is_dir():
+        raise UsageError(f"{what} {folder} is not a folder of images")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise UsageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+    return paths[:limit] if limit else paths
+
+
+def one_line(err: Exception) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        text = err.strerror if err.filename is None else f"{err.strerror}: {err.filename}"
+    else:
+        text = str(err) or type(err).__name__
+    return text.splitlines()[0]
+
+
+# The extra that brings each optional module.
+_EXTRAS = {
+    "torch": "torch",
+    "onnxruntime": "onnx",
+    "openvino": "openvino",
+    "onnx": "export",
+    "onnxscript": "export",
+    "yaml": "train",
+    "scipy": "eval",
+    "matplotlib": "eval",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "multipart": "serve",
+}
+
+
+def missing_extra(err: ImportError) -> str:
+    """'needs X: pip install ...' for a missing optional dependency."""
+    module = (err.name or "").split(".")[0]
+    if module in _EXTRAS:
+        return f"this needs {module}: pip install 'tinysam[{_EXTRAS[module]}]'"
+    return one_line(err)
+
+
+def print_json(result) -> None:
+    if result is not None:
+        print(json.dumps(result))
+
+
+def out_file(path: Path, text: str) -> None:
+    """Write a report file atomically."""
+    from ..io import atomic_write
+
+    with atomic_write(path, "w") as f:
+        f.write(text)
