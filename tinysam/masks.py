@@ -63,6 +63,21 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
+# --------------------------------------------------------------------------- scores
+
+
+def calculate_stability_score(
+    logits: torch.Tensor, mask_threshold: float, threshold_offset: float
+) -> torch.Tensor:
+    """IoU of the masks thresholded at ``mask_threshold`` +- ``threshold_offset``.
+
+    The high-threshold mask lies inside the low one, so the IoU is a ratio of pixel counts.
+    """
+    inner = (logits > mask_threshold + threshold_offset).sum((-1, -2), dtype=torch.int32)
+    outer = (logits > mask_threshold - threshold_offset).sum((-1, -2), dtype=torch.int32)
+    return inner / outer
+
+
 # --------------------------------------------------------------------------- RLE
 
 

@@ -19,6 +19,7 @@ from ..masks import (  # noqa: F401  (their home; imported here for the generato
     batched_mask_to_box,
     box_area,
     box_xyxy_to_xywh,
+    calculate_stability_score,
     coco_encode_rle,
     mask_to_rle,
     rle_to_mask,
@@ -164,18 +165,6 @@ def batch_iterator(batch_size: int, *arrays) -> Iterator[list]:
 
 
 # --------------------------------------------------------------------------- scores and boxes
-
-
-def calculate_stability_score(
-    logits: torch.Tensor, mask_threshold: float, threshold_offset: float
-) -> torch.Tensor:
-    """IoU of the masks thresholded at ``mask_threshold`` +- ``threshold_offset``.
-
-    The high-threshold mask lies inside the low one, so the IoU is a ratio of pixel counts.
-    """
-    inner = (logits > mask_threshold + threshold_offset).sum((-1, -2), dtype=torch.int32)
-    outer = (logits > mask_threshold - threshold_offset).sum((-1, -2), dtype=torch.int32)
-    return inner / outer
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:

@@ -110,6 +110,68 @@ def select_single_mask(
     return torch.gather(iou, 1, best), masks
 
 
+class SamOnnxModel(nn.Module):
+    """segment-anything's ``SamOnnxModel`` (the module its ``scripts/export_onnx_model.py``
+    traces), for client code that exports through it: ``forward(image_embeddings,
+    point_coords, point_labels, mask_input, has_mask_input, orig_im_size)`` -> upscaled mask
+    logits, scores, low-res logits (``return_extra_metrics``: upscaled, scores, stability
+    scores, areas, low-res). ``tinysam export`` writes the same graphs without it."""
+
+    def __init__(
+        self,
+        model: Sam,
+        return_single_mask: bool,
+        use_stability_score: bool = False,
+        return_extra_metrics: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.decoder = DecoderGraph(model, single=False)
+        self.return_single_mask = return_single_mask
+        self.use_stability_score = use_stability_score
+        self.return_extra_metrics = return_extra_metrics
+        self.stability_score_offset = 1.0
+        self.img_size = model.image_encoder.img_size
+
+    def mask_postprocessing(self, masks: torch.Tensor, orig_im_size: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        size = self.img_size
+        masks = F.interpolate(masks, (size, size), mode="bilinear", align_corners=False)
+        scale = size / orig_im_size.max()
+        unpadded = torch.floor(orig_im_size * scale + 0.5).to(torch.int64)
+        masks = masks[..., : unpadded[0], : unpadded[1]]
+        h, w = orig_im_size.to(torch.int64)
+        return F.interpolate(masks, size=(h, w), mode="bilinear", align_corners=False)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        mask_input: torch.Tensor,
+        has_mask_input: torch.Tensor,
+        orig_im_size: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        from ..masks import calculate_stability_score
+
+        scores, masks = self.decoder(
+            image_embeddings, point_coords, point_labels, mask_input, has_mask_input
+        )
+        threshold = self.model.mask_threshold
+        if self.use_stability_score:
+            scores = calculate_stability_score(masks, threshold, self.stability_score_offset)
+        if self.return_single_mask:
+            scores, masks = select_single_mask(scores, masks, point_labels)
+        upscaled = self.mask_postprocessing(masks, orig_im_size)
+        if self.return_extra_metrics:
+            stability = calculate_stability_score(upscaled, threshold, self.stability_score_offset)
+            areas = (upscaled > threshold).sum(-1).sum(-1)
+            return upscaled, scores, stability, areas, masks
+        return upscaled, scores, masks
+
+
 class ManyPromptDecodeGraph(nn.Module):
     """Many one-point prompts on one image (the everything mode) through ``ManyPromptDecoder``,
     in two graphs, so that masks are made only for prompts whose IoU predictions pass a filter.

@@ -1,0 +1,5 @@
+"""The authors' module path for ``SamHierarchicalMaskGenerator`` (``tinysam.everything``)."""
+
+from .everything.hierarchical import SamHierarchicalMaskGenerator
+
+__all__ = ["SamHierarchicalMaskGenerator"]
