@@ -218,6 +218,7 @@ def test_everything_generator_runs_on_the_quantized_model(calibrated, vit_t_mode
     assert abs(len(masks) - len(reference)) <= max(2, len(reference) // 4)
 
 
+@pytest.mark.slow
 def test_six_bit_model_runs_and_is_further_from_float(vit_t_model, golden, calibrated):
     from tinysam.io import load_image
 
@@ -313,6 +314,7 @@ def quantize_run(golden, vit_t_checkpoint, tmp_path_factory):
     return out, json.loads(stdout.getvalue())
 
 
+@pytest.mark.slow
 def test_quantize_writes_model_onnx_and_report(quantize_run):
     out, summary = quantize_run
     for name in ("quantized.pt", "quant.json", "report.md", "report.json", "onnx/encoder.onnx"):
@@ -331,6 +333,7 @@ def test_quantize_writes_model_onnx_and_report(quantize_run):
     ]
 
 
+@pytest.mark.slow
 def test_int8_onnx_runs_integer_kernels_and_agrees_with_deploy_mode(quantize_run, golden):
     import onnx
     import onnxruntime as ort
@@ -420,6 +423,7 @@ def test_int8_sessions_do_not_saturate_without_vnni():
     np.testing.assert_array_equal(y, np.full((4, n), 127.0 * 127 * k, np.float32))
 
 
+@pytest.mark.slow
 def test_segment_accepts_a_quantized_folder(quantize_run, golden, capsys, tmp_path):
     out, _ = quantize_run
     code, stdout, err = run_cli(

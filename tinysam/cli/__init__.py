@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .. import __version__
+from ..version import __version__
 from . import (
     bench,
     distill,

@@ -77,6 +77,12 @@ def run_everything(args: argparse.Namespace) -> dict:
         stability_score_thresh=args.stability_thresh,
         output_mode="coco_rle",
     )
+    if len(todo) == 1:  # one image: say what runs, it can take a while on a CPU
+        print(
+            f"tinysam everything: {todo[0].name}: {args.mode} mode, "
+            f"{args.points_per_side}x{args.points_per_side} grid...",
+            file=sys.stderr,
+        )
     bar = tqdm(todo, unit="image", disable=len(todo) == 1 or not sys.stderr.isatty())
     failed = []
     for image_path in bar:
@@ -95,6 +101,12 @@ def run_everything(args: argparse.Namespace) -> dict:
             summary.update(written)
     if failed:
         summary["failed"] = failed
+    if summary["masks"] == 0 and len(failed) < len(todo):
+        print(
+            f"tinysam everything: 0 masks passed --pred-iou-thresh {args.pred_iou_thresh:g} "
+            f"and --stability-thresh {args.stability_thresh:g}; try lower values",
+            file=sys.stderr,
+        )
     return summary
 
 

@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import __version__
 from ..io import atomic_write
 from ..modeling import Sam
+from ..version import __version__
 
 MANIFEST = "tinysam_onnx.json"
 ENCODER_FILE = "encoder.onnx"
@@ -229,16 +229,24 @@ class ManyPromptMasksGraph(nn.Module):
 
 
 def _onnx_program(module: nn.Module, args: tuple, opset: int, **kwargs):
-    """torch.onnx.export without its console chatter; returns the onnx.ModelProto."""
+    """torch.onnx.export without its console chatter (warnings, prints, and one "torchvision is
+    not installed" log line per torchvision op per graph); returns the onnx.ModelProto."""
     import contextlib
     import io
+    import logging
     import warnings
 
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module.eval(), args, None, dynamo=True, opset_version=opset, **kwargs
-        )
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module.eval(), args, None, dynamo=True, opset_version=opset, **kwargs
+            )
+    finally:
+        registration.setLevel(level)
     return program.model_proto
 
 
