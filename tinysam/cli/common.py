@@ -79,14 +79,28 @@ def add_model_args(parser: argparse.ArgumentParser, backend: bool = False) -> No
     )
 
 
+def add_mask_filter_args(parser: argparse.ArgumentParser) -> None:
+    """The everything mode's two mask filters (segment-anything's defaults)."""
+    parser.add_argument(
+        "--pred-iou-thresh", type=float, default=0.88, help="keep masks above this IoU (0.88)"
+    )
+    parser.add_argument(
+        "--stability-thresh", type=float, default=0.95, help="stability score cutoff (0.95)"
+    )
+
+
+def _check_threads(args: argparse.Namespace) -> None:
+    if args.threads is not None and args.threads < 1:
+        raise UsageError("--threads must be at least 1")
+
+
 def load_from_args(args: argparse.Namespace):
     import torch
 
     from ..backends import load_model
 
+    _check_threads(args)
     if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
     device = torch_device(args.device)
     return load_model(args.model, args.checkpoint, device=device, progress=sys.stderr.isatty())
@@ -120,8 +134,7 @@ def predictor_from_args(args: argparse.Namespace):
                 "--checkpoint, --model and --device are for the torch backend; "
                 f"--backend {args.backend} runs the export in --onnx-dir on the CPU"
             )
-        if args.threads is not None and args.threads < 1:
-            raise UsageError("--threads must be at least 1")
+        _check_threads(args)
         if not (args.onnx_dir or os.environ.get("TINYSAM_ONNX_DIR")):
             raise UsageError(
                 f"--backend {args.backend} needs --onnx-dir DIR (or $TINYSAM_ONNX_DIR), "
@@ -130,10 +143,15 @@ def predictor_from_args(args: argparse.Namespace):
         return load_predictor(args.backend, onnx_dir=args.onnx_dir, threads=args.threads)
     if args.onnx_dir is not None:
         raise UsageError("--onnx-dir is for --backend onnx or openvino")
-    from ..predictor import SamPredictor
-
-    sam, _ = load_from_args(args)
-    return SamPredictor(sam)
+    _check_threads(args)
+    return load_predictor(
+        "torch",
+        checkpoint=args.checkpoint,
+        model_type=args.model,
+        device=torch_device(args.device),
+        threads=args.threads,
+        progress=sys.stderr.isatty(),
+    )
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}

@@ -180,7 +180,7 @@ def _cache_teacher(args) -> dict:
 def _read_config(args):
     import yaml
 
-    from ..distill.trainer import config_from_dict
+    from ..distill.config import config_from_dict
     from .common import UsageError
 
     values: dict = {}

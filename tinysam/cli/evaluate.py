@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .common import Parser, add_model_args, out_file, predictor_from_args
+from .common import Parser, add_mask_filter_args, add_model_args, out_file, predictor_from_args
 
 
 def register(sub) -> None:
@@ -80,12 +80,7 @@ def register(sub) -> None:
     every.add_argument("--out", type=Path, required=True, help="output folder")
     every.add_argument("--points-per-side", type=int, default=32, help="grid size (32)")
     every.add_argument("--match-iou", type=float, default=0.9, help="match threshold (0.9)")
-    every.add_argument(
-        "--pred-iou-thresh", type=float, default=0.88, help="keep masks above this IoU (0.88)"
-    )
-    every.add_argument(
-        "--stability-thresh", type=float, default=0.95, help="stability score cutoff (0.95)"
-    )
+    add_mask_filter_args(every)
     every.add_argument("--limit", type=int, help="only the first N images")
     add_model_args(every, backend=True)
 

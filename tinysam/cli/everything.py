@@ -7,7 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from .common import IMAGE_SUFFIXES, UsageError, add_model_args, predictor_from_args
+from .common import (
+    IMAGE_SUFFIXES,
+    UsageError,
+    add_mask_filter_args,
+    add_model_args,
+    predictor_from_args,
+)
 
 
 def register(sub) -> None:
@@ -30,12 +36,7 @@ def register(sub) -> None:
         help="hierarchical (TinySAM's, ~2x fewer prompts) or dense grid (default: hierarchical)",
     )
     every.add_argument("--points-per-side", type=int, default=32, help="dense grid size (32)")
-    every.add_argument(
-        "--pred-iou-thresh", type=float, default=0.88, help="keep masks above this IoU (0.88)"
-    )
-    every.add_argument(
-        "--stability-thresh", type=float, default=0.95, help="stability score cutoff (0.95)"
-    )
+    add_mask_filter_args(every)
     every.add_argument("--overlay", action="store_true", help="also write an overlay PNG")
     every.add_argument("--force", action="store_true", help="redo images already done")
     add_model_args(every, backend=True)

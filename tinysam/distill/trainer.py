@@ -27,9 +27,9 @@ from torch import nn
 from ..io import atomic_write
 from ..masks import chosen_masks, mask_candidates
 from ..modeling import Sam
-from .config import STUDENT_FILE, TrainConfig, config_from_dict  # noqa: F401  (re-exported)
+from .config import STUDENT_FILE, TrainConfig, config_from_dict  # noqa: F401  (re-exported for old imports)
 from .data import SA1BDataset, Sample, ShardedSampler
-from .decoding import StudentForward, _float, decode, evaluating, to_low_res  # noqa: F401
+from .decoding import StudentForward, _float, decode, evaluating, to_low_res
 from .losses import (
     ModelOutputs,
     distillation_loss,
