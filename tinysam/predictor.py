@@ -28,15 +28,12 @@ class SamPredictor(PredictorBase):
             tune_allocator()  # ~1.5x faster CPU inference; see tinysam/perf.py
         self.model = sam_model
         self.image_format = sam_model.image_format
+        self.mask_input_size = tuple(sam_model.prompt_encoder.mask_input_size)
         super().__init__(sam_model.image_encoder.img_size, many_prompts)
 
     @property
     def device(self) -> torch.device:
         return self.model.device
-
-    @property
-    def mask_input_size(self) -> tuple[int, int]:
-        return tuple(self.model.prompt_encoder.mask_input_size)
 
     def _encode(self, resized: np.ndarray, original_size: tuple[int, int]) -> None:
         tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
@@ -147,10 +144,6 @@ class SamPredictor(PredictorBase):
             self.model.prompt_encoder.mask_input_size,
             lambda x: bool(torch.isfinite(x).all()),
         )
-
-    def get_image_embedding(self) -> torch.Tensor:
-        """The current image's embedding, 1xCxHxW (256x64x64)."""
-        return super().get_image_embedding()
 
     def reset_image(self) -> None:
         super().reset_image()

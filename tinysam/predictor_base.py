@@ -51,6 +51,10 @@ class PredictorBase(ABC):
 
     #: "RGB" or "BGR": the channel order the model was trained on.
     image_format: str = "RGB"
+    #: ``predict_torch`` takes ``upscale`` and ``min_iou`` (the everything generators ask).
+    filters_while_decoding: bool = True
+    #: The low-res mask size (256x256), set by each backend before ``__init__``.
+    mask_input_size: tuple[int, int]
 
     def __init__(self, image_size: int, many_prompts: int = DEFAULT_MANY_PROMPTS) -> None:
         if many_prompts < 1:
@@ -133,11 +137,6 @@ class PredictorBase(ABC):
             raise RuntimeError("no image set: call set_image(image) before predicting")
 
     # ------------------------------------------------------------------ prompts
-
-    @property
-    @abstractmethod
-    def mask_input_size(self) -> tuple[int, int]:
-        """The low-res mask size (256x256)."""
 
     def predict(
         self,

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from ..predictor import SamPredictor
-from ..predictor_base import PredictorBase
 from ..transforms import upscale_logits
 from .masks import (
     MaskData,
@@ -80,10 +79,6 @@ class SharedEmbedding:
             self._predictor.set_image(image, *args, **kwargs)
             self._image = image
 
-    @property
-    def unwrapped(self):
-        return self._predictor
-
     def __getattr__(self, name: str):
         return getattr(self._predictor, name)
 
@@ -129,9 +124,10 @@ class SamAutomaticMaskGenerator:
 
         self.predictor = model if hasattr(model, "predict_torch") else SamPredictor(model)
         # Our backends (PredictorBase) skip full-size masks, and the masks of prompts that fail
-        # the IoU filter; another predictor-like object gets segment-anything's call.
+        # the IoU filter; another predictor-like object gets segment-anything's call. (An
+        # attribute, not isinstance, so wrappers such as SharedEmbedding pass it through.)
         self._decode_options = {}
-        if isinstance(getattr(self.predictor, "unwrapped", self.predictor), PredictorBase):
+        if getattr(self.predictor, "filters_while_decoding", False):
             self._decode_options["upscale"] = False
             if pred_iou_thresh > 0.0:
                 self._decode_options["min_iou"] = pred_iou_thresh

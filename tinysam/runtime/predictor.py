@@ -149,7 +149,7 @@ class OnnxPredictor(PredictorBase):
         self.image_size = int(self.manifest["image_size"])
         self.image_format = self.manifest["image_format"]
         self.mask_threshold = float(self.manifest["mask_threshold"])
-        self._mask_input_size = tuple(
+        self.mask_input_size = tuple(
             self.manifest["decoders"]["multimask"]["inputs"]["mask_input"][2:]
         )
         self._mean = np.asarray(self.manifest["pixel_mean"], np.float32).reshape(3, 1, 1)
@@ -182,10 +182,6 @@ class OnnxPredictor(PredictorBase):
         self.many_prompt_masks = session(many["masks_file"]) if many else None
         super().__init__(self.image_size, many_prompts)
 
-    @property
-    def mask_input_size(self) -> tuple[int, int]:
-        return self._mask_input_size
-
     # ------------------------------------------------------------------ image
 
     def _encode(self, resized: np.ndarray, original_size: tuple[int, int]) -> None:
@@ -203,10 +199,6 @@ class OnnxPredictor(PredictorBase):
         padded = np.zeros((1, 3, size, size), np.float32)
         padded[0, :, :h, :w] = x
         return padded
-
-    def get_image_embedding(self) -> np.ndarray:
-        """The current image's embedding, 1xCxHxW (256x64x64), a numpy array."""
-        return super().get_image_embedding()
 
     # ------------------------------------------------------------------ prompts
 
