@@ -14,11 +14,11 @@ def register(sub) -> None:
         "export",
         help="export the model to ONNX (encoder, decoders, manifest) for torch-free inference",
         description=(
-            "Write encoder.onnx, decoder.onnx (3 masks), decoder_single.onnx (1 mask), "
-            "decoder_many.onnx and decoder_many_masks.onnx (bulk one-point prompts, for the "
-            "everything mode) and "
-            "tinysam_onnx.json to OUT_DIR. decoder.onnx and decoder_single.onnx keep "
-            "segment-anything's web-demo inputs and outputs. Run them with --backend onnx or "
+            "Write encoder.onnx, decoder.onnx (all 4 mask tokens), decoder_single.onnx (1 mask), "
+            "upscale_masks.onnx, decoder_many.onnx and decoder_many_masks.onnx (bulk one-point "
+            "prompts, for the everything mode) and tinysam_onnx.json to OUT_DIR. decoder.onnx "
+            "and decoder_single.onnx behave as segment-anything's ONNX export (without and with "
+            "--return-single-mask). Run them with --backend onnx or "
             "tinysam.runtime.OnnxPredictor (needs only numpy, Pillow and onnxruntime)."
         ),
         epilog="example: tinysam export --out-dir tinysam-onnx/",

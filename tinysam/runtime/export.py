@@ -1,6 +1,7 @@
-"""Export a model to ONNX: ``encoder.onnx``, ``decoder.onnx`` (3 masks), ``decoder_single.onnx``
-(1 mask), ``decoder_many.onnx`` + ``decoder_many_masks.onnx`` (bulk one-point prompts, for the
-everything mode) and ``tinysam_onnx.json`` describing them.
+"""Export a model to ONNX: ``encoder.onnx``, ``decoder.onnx`` (4 mask tokens),
+``decoder_single.onnx`` (1 mask), ``upscale_masks.onnx``, ``decoder_many.onnx`` +
+``decoder_many_masks.onnx`` (bulk one-point prompts, for the everything mode) and
+``tinysam_onnx.json`` describing them.
 
 ``decoder.onnx`` and ``decoder_single.onnx`` are segment-anything's ONNX decoder
 (``scripts/export_onnx_model.py``, without and with ``--return-single-mask``), so code written
