@@ -4,7 +4,8 @@
 (``tinysam.build``), or loads a folder written by ``tinysam quantize``; ``load_predictor``
 returns a ``PredictorBase`` for ``torch``, ``onnx`` (ONNX Runtime) or ``openvino`` (OpenVINO
 for the image encoder). The command line, the web demo and the evaluations get their
-predictors here.
+predictors here. Torch is imported only for the torch backend and checkpoints, so the ONNX
+backends load without it.
 """
 
 from __future__ import annotations
@@ -12,10 +13,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .checkpoint import (
-    CheckpointError,
-    ResolvedCheckpoint,
-)
 from .predictor_base import DEFAULT_MANY_PROMPTS, PredictorBase
 
 BACKENDS = ("torch", "onnx", "openvino")
@@ -39,6 +36,7 @@ def load_model(
     A folder written by ``tinysam quantize`` (or its ``quantized.pt``) loads as the
     fake-quantized model it describes. Returns ``(Sam, ResolvedCheckpoint)``."""
     from .build import load_float_model
+    from .checkpoint import CheckpointError, ResolvedCheckpoint
 
     if checkpoint is not None:
         from .quant.store import is_quantized_checkpoint, load_quantized  # needs the quant code
@@ -101,8 +99,6 @@ def load_predictor(
 __all__ = [
     "BACKENDS",
     "BackendError",
-    "CheckpointError",
-    "ResolvedCheckpoint",
     "load_model",
     "load_predictor",
 ]
