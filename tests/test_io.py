@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -45,7 +47,7 @@ def test_load_image_applies_exif_orientation(tmp_path):
 
 def test_load_image_errors(tmp_path):
     (tmp_path / "x.jpg").write_text("not an image")
-    with pytest.raises(ValueError, match="not a readable image file"):
+    with pytest.raises(ValueError, match="is not an image"):
         load_image(tmp_path / "x.jpg")
     with pytest.raises(FileNotFoundError, match="image not found"):
         load_image(tmp_path / "missing.jpg")
@@ -58,3 +60,87 @@ def test_tune_allocator_respects_opt_out(monkeypatch):
     monkeypatch.delenv("TINYSAM_TUNE_MALLOC")
     assert perf.tune_allocator() is True  # glibc Linux, as on CI
     assert perf.tune_allocator() is True
+
+
+def bomb_png(width: int, height: int, bit_depth: int = 1, color_type: int = 0) -> bytes:
+    """A PNG that claims WxH pixels with a tiny (empty) IDAT: what a decompression bomb's
+    header looks like, without the bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_pixel_formats_are_converted_or_refused(tmp_path):
+    from tinysam.io import ImageError, read_image
+
+    def tiff(array) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="TIFF")
+        return buffer.getvalue()
+
+    sixteen = np.full((4, 5), 65535, np.uint16)
+    sixteen[0, 0] = 257
+    rgb = read_image(tiff(sixteen))
+    assert rgb.shape == (4, 5, 3) and rgb[1, 1, 0] == 255 and rgb[0, 0, 0] == 1  # scaled, not clipped
+    png16 = io.BytesIO()
+    Image.fromarray((np.arange(20).reshape(4, 5) * 3000).astype(np.uint16)).save(png16, "PNG")
+    assert read_image(png16.getvalue())[3, 4, 0] == round(57000 * 255 / 65535)
+    floats = np.linspace(0.0, 1.0, 20, dtype=np.float32).reshape(4, 5)
+    rgb = read_image(tiff(floats))
+    assert rgb[0, 0, 0] == 0 and rgb[3, 4, 0] == 255 and rgb[2, 0, 1] == round(10 / 19 * 255)
+    with pytest.raises(ImageError, match="only 0..1 floats"):
+        read_image(tiff(floats * 300))
+    with pytest.raises(ImageError, match="NaN"):
+        read_image(tiff(np.full((4, 5), np.nan, np.float32)))
+    with pytest.raises(ImageError, match="outside 0..65535"):
+        read_image(tiff(np.full((4, 5), -7, np.int32)))
+
+
+def test_decompression_bombs_are_refused_from_the_header(tmp_path, monkeypatch):
+    from tinysam.io import ImageTooLarge, read_image
+
+    with pytest.raises(ImageTooLarge, match="more than the limit"):
+        read_image(bomb_png(30000, 30000))  # 900 M pixels: past Pillow's own bomb check
+    with pytest.raises(ImageTooLarge, match="12000x10000 = 120000000 pixels"):
+        read_image(bomb_png(12000, 10000, 8, 2))
+    (tmp_path / "big.png").write_bytes(bomb_png(300, 200, 8, 2))
+    monkeypatch.setenv("TINYSAM_MAX_PIXELS", "1000")
+    with pytest.raises(ImageTooLarge, match="300x200 = 60000 pixels, more than the limit of 1000"):
+        load_image(tmp_path / "big.png")
+    monkeypatch.setenv("TINYSAM_MAX_PIXELS", "lots")
+    with pytest.raises(ValueError, match="TINYSAM_MAX_PIXELS"):
+        load_image(tmp_path / "big.png")
+
+
+def test_entries_that_are_not_image_files(tmp_path):
+    from tinysam.io import ImageError
+
+    (tmp_path / "dir.jpg").mkdir()
+    with pytest.raises(ImageError, match="is not a file"):
+        load_image(tmp_path / "dir.jpg")
+    (tmp_path / "link.jpg").symlink_to(tmp_path / "gone.jpg")
+    with pytest.raises(FileNotFoundError, match="broken symbolic link"):
+        load_image(tmp_path / "link.jpg")
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ImageError, match="is not an image"):
+        load_image(tmp_path / "empty.png")
+
+
+def test_thin_images_keep_a_pixel_across():
+    from tinysam.transforms import ResizeLongestSide
+
+    resize = ResizeLongestSide(1024)
+    assert resize.get_preprocess_shape(1, 5000, 1024) == (1, 1024)
+    assert resize.get_preprocess_shape(5000, 2, 1024) == (1024, 1)
+    assert resize.apply_image(np.zeros((1, 5000, 3), np.uint8)).shape == (1, 1024, 3)

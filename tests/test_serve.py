@@ -89,7 +89,7 @@ def test_box_and_negative_points(predictor):
     [
         (b"", 400, "empty"),
         (b"this is not an image", 415, "not an image"),
-        (png_bytes(noise_image(0))[:60], 415, "not an image"),  # truncated PNG
+        (png_bytes(noise_image(0))[:60], 415, "truncated"),
     ],
 )
 def test_bad_uploads_get_json_errors(predictor, data, status, message):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import http.client
+import io
 import os
 import tempfile
 import urllib.error
@@ -62,19 +63,125 @@ def describe_os_error(err: OSError, path: str | os.PathLike) -> str:
     return f"cannot write {path}: {err.strerror or err}"
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as an HxWx3 uint8 RGB array (EXIF orientation applied)."""
+# Pixel limit for images read from files: the whole image is decoded in memory (3 bytes a
+# pixel, and more while converting), though the model only sees it at 1024 pixels a side.
+DEFAULT_MAX_PIXELS = 100_000_000
+MAX_PIXELS_ENV = "TINYSAM_MAX_PIXELS"
+
+# Pillow modes that convert("RGB") maps faithfully (8 bits a channel, or palette / 1-bit).
+_EIGHT_BIT_MODES = {
+    "1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"
+}
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names the file and the fix."""
+
+
+class ImageTooLarge(ImageError):
+    """An image over the pixel limit (a decompression bomb, or a photo to scale down)."""
+
+
+def max_pixels_default() -> int:
+    """The pixel limit: ``$TINYSAM_MAX_PIXELS`` if set, else ``DEFAULT_MAX_PIXELS``."""
+    value = os.environ.get(MAX_PIXELS_ENV)
+    if not value:
+        return DEFAULT_MAX_PIXELS
+    try:
+        limit = int(float(value))
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ImageError(f"${MAX_PIXELS_ENV}={value!r} is not a positive pixel count")
+    return limit
+
+
+def image_to_rgb(img: Image.Image, name: str = "image") -> np.ndarray:
+    """A decoded Pillow image as HxWx3 uint8 RGB, converting each pixel format explicitly.
+
+    16-bit images are scaled (65535 -> 255), float images must hold values in 0..1; anything
+    else that would lose its meaning in Pillow's ``convert("RGB")`` (which clips) is refused.
+    """
+    mode = img.mode
+    if mode in _EIGHT_BIT_MODES:
+        return np.asarray(img.convert("RGB"))
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+        values = np.asarray(img)
+        if mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+            raise ImageError(
+                f"{name}: 32-bit integer image with values outside 0..65535; "
+                "save it as an 8- or 16-bit image"
+            )
+        gray = ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        if not np.all(np.isfinite(values)):
+            raise ImageError(f"{name}: float image contains NaN or infinite values")
+        if values.size and (values.min() < 0.0 or values.max() > 1.0):
+            raise ImageError(
+                f"{name}: float image with values in [{values.min():g}, {values.max():g}]; "
+                "only 0..1 floats are understood: save it as an 8-bit image"
+            )
+        gray = np.rint(values * 255.0).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    raise ImageError(f"{name}: pixel format {mode!r} is not supported; save it as 8-bit RGB")
+
+
+def read_image(source, name: str | None = None, max_pixels: int | None = None) -> np.ndarray:
+    """Decode an image (a path, bytes or a binary file) as HxWx3 uint8 RGB, EXIF-rotated.
+
+    The size is checked from the header before anything is decoded: images over
+    ``max_pixels`` (default: ``max_pixels_default()``) raise ``ImageTooLarge``; unreadable,
+    truncated or unsupported files raise ``ImageError``. The one reader for files and uploads.
+    """
+    import warnings
+
     from PIL import ImageOps
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
+    if max_pixels is None:
+        max_pixels = max_pixels_default()
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    name = name or str(getattr(source, "name", None) or "image")
+    too_large = (
+        f"{name}: {{}} pixels, more than the limit of {max_pixels}; scale the image down, or "
+        f"raise the limit (--max-pixels, or ${MAX_PIXELS_ENV})"
+    )
     try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"cannot read image {path}: not a readable image file ({err})") from err
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(source)
+        with img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageTooLarge(too_large.format(f"{width}x{height} = {width * height}"))
+            if width < 1 or height < 1:
+                raise ImageError(f"{name}: image is empty ({width}x{height})")
+            img.load()
+            rgb = image_to_rgb(ImageOps.exif_transpose(img), name)
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(too_large.format("over " + str(2 * Image.MAX_IMAGE_PIXELS))) from None
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{name} is not an image (not a format Pillow can read)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ImageError(f"cannot read {name}: damaged or truncated image ({detail})") from None
+    return rgb
+
+
+def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
+    """Read an image file as an HxWx3 uint8 RGB array (see ``read_image``)."""
+    path = Path(path)
+    if not path.exists():
+        broken = " (a broken symbolic link)" if path.is_symlink() else ""
+        raise FileNotFoundError(f"image not found: {path}{broken}")
+    if not path.is_file():
+        raise ImageError(f"{path} is not a file")
+    return read_image(path, name=str(path), max_pixels=max_pixels)
 
 
 def save_png(array: np.ndarray, path: str | os.PathLike) -> None:

@@ -64,9 +64,10 @@ class ResizeLongestSide:
 
     @staticmethod
     def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
-        """Output (H, W) for a long side of ``long_side_length``, rounded half up."""
+        """Output (H, W) for a long side of ``long_side_length``, rounded half up; a very thin
+        image (e.g. 5000x1) keeps at least one pixel across."""
         scale = long_side_length * 1.0 / max(oldh, oldw)
-        return int(oldh * scale + 0.5), int(oldw * scale + 0.5)
+        return max(1, int(oldh * scale + 0.5)), max(1, int(oldw * scale + 0.5))
 
 
 def upscale_logits(

@@ -19,10 +19,11 @@ import numpy as np
 from fastapi import FastAPI, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from ..io import ImageError, ImageTooLarge, read_image
 from ..masks import coco_rle
 from .cache import EmbeddingCache, capture, restore
 
@@ -44,19 +45,11 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
     if not data:
         raise ApiError(400, "the upload is empty: send an image file in the 'file' field")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > max_pixels:
-                raise ApiError(
-                    413,
-                    f"image is {img.width}x{img.height} = {img.width * img.height} pixels, "
-                    f"more than the server's limit of {max_pixels}; scale it down",
-                )
-            img = ImageOps.exif_transpose(img)
-            return np.asarray(img.convert("RGB"))
-    except ApiError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        raise ApiError(415, "not an image Pillow can read (send a JPEG, PNG, WebP, ...)") from None
+        return read_image(data, name="the upload", max_pixels=max_pixels)
+    except ImageTooLarge as err:
+        raise ApiError(413, str(err)) from None
+    except ImageError as err:
+        raise ApiError(415, f"{err} (send a JPEG, PNG, WebP, ...)") from None
 
 
 def png_base64(pixels: np.ndarray) -> str:
