@@ -92,7 +92,7 @@ def test_pixel_formats_are_converted_or_refused(tmp_path):
     sixteen = np.full((4, 5), 65535, np.uint16)
     sixteen[0, 0] = 257
     rgb = read_image(tiff(sixteen))
-    assert rgb.shape == (4, 5, 3) and rgb[1, 1, 0] == 255 and rgb[0, 0, 0] == 1  # scaled, not clipped
+    assert rgb.shape == (4, 5, 3) and rgb[1, 1, 0] == 255 and rgb[0, 0, 0] == 1  # not clipped
     png16 = io.BytesIO()
     Image.fromarray((np.arange(20).reshape(4, 5) * 3000).astype(np.uint16)).save(png16, "PNG")
     assert read_image(png16.getvalue())[3, 4, 0] == round(57000 * 255 / 65535)
