@@ -106,7 +106,13 @@ def test_segment_all_masks_and_single_mask(capsys, tmp_path, vit_t_checkpoint):
         (["segment", SAMPLE, "--out", "m.png"], "give at least one --point or a --box"),
         (["segment", SAMPLE, "--point", "900,10", "--out", "m.png"], "outside the 769x770 image"),
         (["segment", SAMPLE, "--point", "10,10"], "--out"),
-        (["segment", SAMPLE, "--point", "10,10,7", "--out", "m.png"], "point_labels must be in"),
+        (["segment", SAMPLE, "--point", "10,10,7", "--out", "m.png"], "LABEL must be 1"),
+        (["segment", SAMPLE, "--point", "10,10,-1", "--out", "m.png"], "LABEL must be 1"),
+        (["segment", SAMPLE, "--point", "10,10,0.5", "--out", "m.png"], "LABEL must be 1"),
+        (
+            ["segment", SAMPLE, "--point", "10,10", "--out", "m.png", "--max-pixels", "1000"],
+            "769x770 = 592130 pixels, more than the limit of 1000",
+        ),
         (["segment", SAMPLE, "--box", "600,100,150,650", "--out", "m.png"], "x0 <= x1"),
     ],
 )
@@ -220,7 +226,12 @@ def test_everything_folder_writes_json_and_overlay_and_resumes(
     summary = json.loads(stdout)
     assert summary["images"] == 3 and summary["skipped"] == 0 and summary["masks"] > 0
     assert summary["failed"] == ["broken.png"]
-    assert sorted(p.name for p in out.iterdir()) == ["a.json", "a.png", "b.json", "b.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a.json",
+        "a.overlay.png",
+        "b.json",
+        "b.overlay.png",
+    ]
     (images / "broken.png").unlink()
 
     document = json.loads((out / "a.json").read_text())
@@ -232,7 +243,7 @@ def test_everything_folder_writes_json_and_overlay_and_resumes(
             "counts": ann["segmentation"]["counts"].encode(),
         }
         assert mask_utils.decode(rle).sum() == ann["area"]
-    assert np.asarray(Image.open(out / "a.png")).shape == (770, 769, 3)
+    assert np.asarray(Image.open(out / "a.overlay.png")).shape == (770, 769, 3)
 
     (out / "b.json").unlink()
     code, stdout, _ = run_cli(capsys, *args)
@@ -240,6 +251,69 @@ def test_everything_folder_writes_json_and_overlay_and_resumes(
     assert json.loads(stdout)["skipped"] == 1 and (out / "b.json").is_file()
     code, stdout, _ = run_cli(capsys, *args)
     assert json.loads(stdout) == {"images": 2, "skipped": 2, "masks": 0}
+
+
+def test_everything_into_its_own_folder_overwrites_nothing(capsys, tmp_path, vit_t_checkpoint):
+    """--out equal to the input folder, with overlays, two images sharing a stem: every input
+    survives, every image gets its own outputs, and the second run finds nothing new to do."""
+    import shutil
+
+    from tests.test_io import bomb_png
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(SAMPLE, folder / "dup.jpg")
+    Image.open(SAMPLE).resize((64, 48)).save(folder / "dup.png")
+    Image.open(SAMPLE).resize((40, 40)).save(folder / "foo.png")
+    inputs = {p.name: p.read_bytes() for p in folder.iterdir()}
+    # Entries that must be reported and skipped, never fatal, wherever they sort.
+    (folder / "a_bomb.png").write_bytes(bomb_png(30000, 30000))
+    (folder / "b_dir.jpg").mkdir()
+    (folder / "c_link.jpg").symlink_to(folder / "gone.jpg")
+    (folder / "d_truncated.png").write_bytes((folder / "foo.png").read_bytes()[:80])
+    (folder / ".foo.json.abcd1234.part").write_text("{ half a jso")  # a killed write
+    args = [
+        "everything", folder, "--out", folder, "--overlay", "--checkpoint", vit_t_checkpoint,
+        "--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-thresh", "0",
+    ]  # fmt: skip
+    code, stdout, err = run_cli(capsys, *args)
+    summary = json.loads(stdout)
+    assert code == 2, err
+    assert summary["failed"] == ["a_bomb.png", "b_dir.jpg", "c_link.jpg", "d_truncated.png"]
+    assert "more than the limit" in err and "broken symbolic link" in err
+    assert "is not a file" in err and "truncated" in err
+    assert "Traceback" not in err
+    for name, data in inputs.items():
+        assert (folder / name).read_bytes() == data, f"{name} was overwritten"
+    written = {p.name for p in folder.iterdir()} - set(inputs)
+    assert written >= {
+        "dup.jpg.json", "dup.jpg.overlay.png", "dup.png.json", "dup.png.overlay.png",
+        "foo.json", "foo.overlay.png",
+    }  # fmt: skip
+    assert not any(name.endswith(".part") for name in written)
+    assert json.loads((folder / "dup.png.json").read_text())["width"] == 64
+    code, stdout, _ = run_cli(capsys, *args)
+    summary = json.loads(stdout)
+    assert summary["skipped"] == 3 and summary["images"] == 7  # the overlays are not new images
+
+
+def test_everything_refuses_outputs_that_would_overwrite_an_input(capsys, tmp_path):
+    from tinysam.everything.export import check_no_clobber
+
+    folder = tmp_path / "p"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "x.overlay.png")
+    Image.new("RGB", (8, 8)).save(folder / "x.overlay.jpg")
+    # x.overlay.jpg's overlay would be x.overlay.overlay.png; x.overlay.png shares its stem
+    # with x.overlay.jpg, so both keep their extension: nothing collides, nothing is skipped.
+    code, _, err = run_cli(
+        capsys, "everything", folder, "--out", folder, "--checkpoint", "missing.pth"
+    )
+    assert code == 2 and "checkpoint" in err  # planning passed, the model was asked for
+    with pytest.raises(ValueError, match="would overwrite an input image"):
+        check_no_clobber({folder / "a.png": [folder / "a.png"]})
+    with pytest.raises(ValueError, match="would both write"):
+        check_no_clobber({folder / "a.png": [tmp_path / "o"], folder / "b.png": [tmp_path / "o"]})
 
 
 def test_everything_errors(capsys, tmp_path, vit_t_checkpoint):

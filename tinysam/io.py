@@ -54,6 +54,26 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
+def remove_stale_parts(folder: str | os.PathLike, names: set[str]) -> int:
+    """Delete the temporary files ``atomic_write`` left for ``names`` in ``folder`` when a
+    process was killed mid-write; returns how many. Call it before writing, not while another
+    process writes the same files."""
+    import re
+
+    pattern = re.compile(r"^\.(.+)\.[A-Za-z0-9_]{8}\.part$")
+    removed = 0
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    for entry in folder.iterdir():
+        match = pattern.match(entry.name)
+        if match and match.group(1) in names and entry.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+                removed += 1
+    return removed
+
+
 def describe_os_error(err: OSError, path: str | os.PathLike) -> str:
     """A one-line explanation of a failed write, naming the usual fix."""
     if err.errno == errno.ENOSPC:

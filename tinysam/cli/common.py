@@ -40,6 +40,10 @@ FORMATS = {"point": "X,Y or X,Y,LABEL", "box": "X0,Y0,X1,Y1"}
 
 def point_arg(text: str) -> list[float]:
     values = _numbers(text, "point", (2, 3))
+    if len(values) == 3 and values[2] not in (0.0, 1.0):
+        raise argparse.ArgumentTypeError(
+            f"a point's LABEL must be 1 (object) or 0 (background), got {text!r}"
+        )
     return values if len(values) == 3 else [*values, 1.0]
 
 
@@ -87,6 +91,20 @@ def add_mask_filter_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stability-thresh", type=float, default=0.95, help="stability score cutoff (0.95)"
     )
+
+
+def add_max_pixels_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        help="refuse images with more pixels than this, before decoding them "
+        "(default: $TINYSAM_MAX_PIXELS, else 100 M)",
+    )
+
+
+def check_max_pixels(args: argparse.Namespace) -> None:
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise UsageError("--max-pixels must be at least 1")
 
 
 def _check_threads(args: argparse.Namespace) -> None:

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import UsageError, add_model_args, box_arg, point_arg, predictor_from_args
+from .common import (
+    UsageError,
+    add_max_pixels_arg,
+    add_model_args,
+    box_arg,
+    check_max_pixels,
+    point_arg,
+    predictor_from_args,
+)
 
 
 def register(sub) -> None:
@@ -45,6 +53,7 @@ def register(sub) -> None:
         action="store_true",
         help="write every candidate mask, as OUT with a _0, _1, _2 suffix",
     )
+    add_max_pixels_arg(seg)
     add_model_args(seg, backend=True)
     seg.set_defaults(run=run_segment)
 
@@ -59,7 +68,8 @@ def run_segment(args: argparse.Namespace) -> dict:
 
     if not args.point and args.box is None:
         raise UsageError("give at least one --point or a --box")
-    image = load_image(args.image)
+    check_max_pixels(args)
+    image = load_image(args.image, max_pixels=args.max_pixels)
     h, w = image.shape[:2]
     for x, y, _ in args.point:
         if not (0 <= x < w and 0 <= y < h):

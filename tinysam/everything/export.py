@@ -9,26 +9,72 @@ from pathlib import Path
 from ..io import atomic_write, describe_os_error, load_image, save_png
 from ..masks import decodable_rle
 
+OVERLAY_SUFFIX = ".overlay.png"
 
-def everything_outputs(image_path: Path, out_dir: Path, overlay: bool) -> list[Path]:
-    """The files a finished image leaves in ``out_dir`` (the JSON, then the overlay)."""
-    paths = [out_dir / f"{image_path.stem}.json"]
+
+def output_names(images: list[Path]) -> dict[Path, str]:
+    """Each image's output base name in the output folder: its stem, or its whole file name
+    where two images share a stem (``dup.jpg`` and ``dup.png`` give ``dup.jpg.json`` and
+    ``dup.png.json``), so no two images write the same file. Compared case-insensitively,
+    as on macOS and Windows disks."""
+    counts: dict[str, int] = {}
+    for image in images:
+        counts[image.stem.casefold()] = counts.get(image.stem.casefold(), 0) + 1
+    return {
+        image: image.stem if counts[image.stem.casefold()] == 1 else image.name for image in images
+    }
+
+
+def our_overlays(images: list[Path]) -> set[Path]:
+    """The images in a folder that are overlays this command wrote (``NAME.overlay.png``
+    next to an image named ``NAME.*``): with ``--out`` equal to the input folder, a later run
+    must not take them for new images."""
+    names = output_names(images)
+    produced = {image.with_name(names[image] + OVERLAY_SUFFIX) for image in images}
+    return {image for image in images if image in produced}
+
+
+def everything_outputs(base: str, out_dir: Path, overlay: bool) -> list[Path]:
+    """The files a finished image leaves in ``out_dir`` (the JSON, then the overlay), for the
+    base name ``output_names`` gave it."""
+    paths = [out_dir / f"{base}.json"]
     if overlay:
-        paths.append(out_dir / f"{image_path.stem}.png")
+        paths.append(out_dir / f"{base}{OVERLAY_SUFFIX}")
     return paths
 
 
-def write_everything(generator, image_path: Path, out_dir: Path, mode: str, overlay: bool) -> dict:
-    """Run ``generator`` (output_mode 'coco_rle') on one image and write its outputs atomically."""
+def check_no_clobber(plan: dict[Path, list[Path]]) -> None:
+    """Refuse a plan (image -> its outputs) where an output is an input or another's output."""
+    inputs = {image.resolve() for image in plan}
+    seen: dict[Path, Path] = {}
+    for image, outputs in plan.items():
+        for path in outputs:
+            key = path.resolve()
+            if key in inputs:
+                raise ValueError(f"the output {path} would overwrite an input image")
+            if key in seen:
+                raise ValueError(f"{image.name} and {seen[key].name} would both write {path}")
+            seen[key] = image
+
+
+def write_everything(
+    generator,
+    image_path: Path,
+    outputs: list[Path],
+    mode: str,
+    max_pixels: int | None = None,
+) -> dict:
+    """Run ``generator`` (output_mode 'coco_rle') on one image and write ``outputs`` (the
+    JSON, and the overlay if listed; see ``everything_outputs``) atomically."""
     from pycocotools import mask as mask_utils
 
     from ..visualize import draw_masks
 
-    image = load_image(image_path)
+    image = load_image(image_path, max_pixels=max_pixels)
     start = time.perf_counter()
     records = generator.generate(image)
     seconds = time.perf_counter() - start
-    json_path, *overlay_path = everything_outputs(image_path, out_dir, overlay)
+    json_path, *overlay_path = outputs
     document = {
         "image": image_path.name,
         "height": int(image.shape[0]),
