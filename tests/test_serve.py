@@ -243,3 +243,232 @@ def test_serve_cli_refuses_a_busy_port(capsys):
     err = capsys.readouterr().err
     assert code == 2 and "cannot listen on 127.0.0.1" in err and len(err.strip().splitlines()) == 1
     assert main(["serve", "--port", "70000"]) == 2
+
+
+# ---------------------------------------------------------------------------- a real server
+# `tinysam serve` started as users start it, on 127.0.0.1, with small limits.
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(checkpoint, *options) -> tuple:
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tinysam.cli", "serve", "--checkpoint", str(checkpoint),
+         "--port", str(port), "--threads", "2", *options],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):  # up to 60 s to import torch and load the model
+        if process.poll() is not None:
+            pytest.fail(f"tinysam serve exited: {process.stderr.read()}")
+        try:
+            with urllib.request.urlopen(base + "/api/health", timeout=1):
+                return process, port
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    pytest.fail("tinysam serve did not start in 60 s")
+
+
+def stop_server(process) -> None:
+    import subprocess
+
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    process.stderr.close()
+
+
+def call(port: int, method: str, path: str, body: bytes = b"", headers=None, timeout=60.0):
+    """(status, JSON answer) over a fresh connection."""
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"null")
+    finally:
+        conn.close()
+
+
+def post_json(port: int, path: str, payload) -> tuple[int, dict]:
+    import json
+
+    body = json.dumps(payload).encode()
+    return call(port, "POST", path, body, {"Content-Type": "application/json"})
+
+
+def post_image(port: int, data: bytes) -> tuple[int, dict]:
+    boundary = "tinysamtestboundary"
+    body = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
+        f"Content-Type: image/png\r\n\r\n"
+    ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    return call(port, "POST", "/api/images", body, headers)
+
+
+@pytest.fixture(scope="module")
+def server(vit_t_checkpoint):
+    process, port = start_server(
+        vit_t_checkpoint,
+        "--max-points", "50", "--max-upload-mb", "1", "--max-pixels", "4000000",
+        "--busy-timeout", "3", "--everything-points", "32",
+    )  # fmt: skip
+    yield port
+    stop_server(process)
+
+
+def test_a_gone_clients_heavy_request_does_not_delay_clicks(server, golden):
+    """An everything request whose client disconnects is abandoned at its next batch, and a
+    click meanwhile answers within the configured bound (--busy-timeout 3)."""
+    import http.client
+    import time
+
+    status, info = post_image(server, (golden / "images" / "picture2.jpg").read_bytes())
+    assert status == 200
+    image_id = info["image_id"]
+    click = {"points": [[200, 150]], "labels": [1]}
+    assert post_json(server, f"/api/images/{image_id}/predict", click)[0] == 200  # warm
+
+    heavy = http.client.HTTPConnection("127.0.0.1", server, timeout=0.5)
+    heavy.request("POST", f"/api/images/{image_id}/everything")
+    with pytest.raises(TimeoutError):
+        heavy.getresponse()  # still working after 0.5 s ...
+    heavy.close()  # ... and the client gives up
+    start = time.monotonic()
+    status, answer = post_json(server, f"/api/images/{image_id}/predict", click)
+    waited = time.monotonic() - start
+    assert status == 200 and answer["area"] > 0
+    assert waited < 3.0, f"a click waited {waited:.1f} s behind abandoned work"
+    for _ in range(100):  # the everything run notices within one batch
+        health = call(server, "GET", "/api/health")[1]
+        if health["cancelled"] >= 1 and not health["busy"]:
+            break
+        time.sleep(0.2)
+    assert health["cancelled"] >= 1 and not health["busy"], health
+
+
+def read_until_closed(sock) -> str:
+    """The server's whole answer on a raw socket that it closes (bounded: 1 MiB)."""
+    reply = b""
+    while len(reply) < 1 << 20 and (data := sock.recv(65536)):
+        reply += data
+    return reply.decode()
+
+
+def test_prompt_and_body_limits_answer_before_any_work(server):
+    import socket
+    import time
+
+    status, info = post_image(server, png_bytes(noise_image(21)))
+    url = f"/api/images/{info['image_id']}/predict"
+    status, answer = post_json(server, url, {"points": [[1, 1]] * 51, "labels": [1] * 51})
+    assert status == 422 and "at most 50" in answer["error"]
+    many = {"points": [[1.5, 2.5]] * 12000, "labels": [1] * 12000}  # ~170 KB of JSON
+    status, answer = post_json(server, url, many)
+    assert status == 413 and "limit of 65536" in answer["error"]
+    status, answer = post_json(server, url, {"points": [[1, 1]], "labels": [7]})
+    assert status == 400 and "labels must be 1" in answer["error"]
+
+    # A declared 10 GB upload with a short body: refused at once, connection closed.
+    with socket.create_connection(("127.0.0.1", server), timeout=10) as sock:
+        start = time.monotonic()
+        sock.sendall(
+            b"POST /api/images HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+            b"boundary=b\r\nContent-Length: 10000000000\r\n\r\n--b\r\n"
+        )
+        reply = read_until_closed(sock)
+        assert reply.startswith("HTTP/1.1 413") and "over the server's limit" in reply
+        assert time.monotonic() - start < 10
+    # Chunked (no declared length): reading stops at the limit (1 MiB + framing).
+    with socket.create_connection(("127.0.0.1", server), timeout=20) as sock:
+        sock.sendall(
+            b"POST /api/images HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+            b"boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+        sock.sendall(b"%x\r\n%s\r\n" % (len(part), part))
+        chunk = b"\0" * 65536
+        sent = 0
+        try:
+            while sent < 8 << 20:  # bounded: 8 MiB at most
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+        except OSError:  # the server answered and closed: expected
+            pass
+        reply = read_until_closed(sock)
+    assert reply.startswith("HTTP/1.1 413"), reply[:200]
+    assert call(server, "GET", "/api/health")[0] == 200  # still serving
+
+
+def test_uploads_of_odd_images(server):
+    from tests.test_io import bomb_png
+
+    status, info = post_image(server, png_bytes(np.full((1, 5000, 3), 200, np.uint8)))
+    assert status == 200 and (info["width"], info["height"]) == (5000, 1)
+    status, answer = post_json(
+        server, f"/api/images/{info['image_id']}/predict", {"points": [[10, 0]], "labels": [1]}
+    )
+    assert status == 200 and (answer["width"], answer["height"]) == (5000, 1)
+    for bomb in (bomb_png(30000, 30000), bomb_png(3000, 2000, 8, 2)):
+        status, answer = post_image(server, bomb)
+        assert status == 413 and "more than the limit" in answer["error"]
+    status, answer = post_image(server, b"GIF89a not really")
+    assert status == 415
+
+
+def test_sigterm_stops_the_server_during_heavy_work(vit_t_checkpoint, golden):
+    import contextlib
+    import signal
+    import threading
+    import time
+
+    process, port = start_server(vit_t_checkpoint, "--everything-points", "64")
+    try:
+        _, info = post_image(port, (golden / "images" / "picture2.jpg").read_bytes())
+
+        def everything() -> None:
+            with contextlib.suppress(OSError):  # the server goes away mid-request
+                call(port, "POST", f"/api/images/{info['image_id']}/everything")
+
+        threading.Thread(target=everything, daemon=True).start()
+        for _ in range(100):
+            if call(port, "GET", "/api/health")[1]["busy"]:
+                break
+            time.sleep(0.1)
+        start = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=30)
+        assert time.monotonic() - start < 10, "shutdown waited on the everything run"
+        assert code in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has stopped
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stderr.close()
+
+
+def test_listening_address_is_named_correctly():
+    from tinysam.cli.serve import is_loopback, url
+
+    assert url("::", 8000) == "http://[::]:8000/" and url("::1", 80) == "http://[::1]:80/"
+    assert url("127.0.0.1", 8000) == "http://127.0.0.1:8000/"
+    assert is_loopback("127.0.0.2") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("::") and not is_loopback("10.0.0.1")

@@ -30,6 +30,19 @@ def register(sub) -> None:
         "--max-pixels", type=int, default=40_000_000, help="image pixel-count limit (40 M)"
     )
     serve.add_argument(
+        "--max-points", type=int, default=100, help="points in one click request (100)"
+    )
+    serve.add_argument(
+        "--max-json-kb", type=int, default=64, help="JSON request body size limit (64 KiB)"
+    )
+    serve.add_argument(
+        "--busy-timeout",
+        type=float,
+        default=30.0,
+        help="seconds an upload or everything request waits for the one heavy-work slot "
+        "before a 503 (30); clicks never wait for it",
+    )
+    serve.add_argument(
         "--everything-points", type=int, default=32, help="everything-mode grid per side (32)"
     )
     add_model_args(serve, backend=True)
@@ -42,14 +55,17 @@ def run_serve(args: argparse.Namespace) -> None:
 
     if not 0 < args.port < 65536:
         raise UsageError("--port must be between 1 and 65535")
-    if args.cache_mb < 1 or args.max_upload_mb <= 0 or args.max_pixels < 1:
-        raise UsageError("--cache-mb, --max-upload-mb and --max-pixels must be positive")
+    limits = (args.cache_mb, args.max_upload_mb, args.max_pixels, args.max_points)
+    if min(limits) <= 0 or args.max_json_kb < 1 or not args.busy_timeout > 0:
+        raise UsageError(
+            "--cache-mb, --max-upload-mb, --max-pixels, --max-points, --max-json-kb and "
+            "--busy-timeout must be positive"
+        )
     if args.everything_points < 4:
         raise UsageError("--everything-points must be at least 4")
     _check_port(args.host, args.port)
-    import uvicorn
-
-    from ..serve.app import DemoService, create_app
+    from ..serve.app import DemoService
+    from ..serve.server import run
 
     service = DemoService(
         predictor_from_args(args),
@@ -57,14 +73,34 @@ def run_serve(args: argparse.Namespace) -> None:
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
         max_pixels=args.max_pixels,
         everything_points=args.everything_points,
+        max_json_bytes=args.max_json_kb << 10,
+        max_points=args.max_points,
+        busy_timeout=args.busy_timeout,
     )
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if not is_loopback(args.host):
         print(
             f"tinysam serve: listening on {args.host}: reachable from other machines",
             file=sys.stderr,
         )
-    print(f"tinysam serve: http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
-    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+    print(f"tinysam serve: {url(args.host, args.port)} (API docs at /docs)", file=sys.stderr)
+    run(service, args.host, args.port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is only reachable from this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def url(host: str, port: int) -> str:
+    """The address to open in a browser (IPv6 literals in brackets)."""
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
 def _check_port(host: str, port: int) -> None:

@@ -1,17 +1,28 @@
 """The web demo's server: a single page and the JSON API under it (OpenAPI at ``/docs``).
 
 An uploaded image is encoded once; its embedding stays in an LRU cache keyed by the image's
-SHA-256, so each click only runs the decoder. One predictor serves every tab: requests take
-turns on it (a lock), each restoring its own image's embedding first.
+SHA-256, so each click only runs the decoder. Every request works on its own view of the one
+predictor (a shallow copy holding its image's state: the weights are shared), so clicks never
+wait for each other or for heavy work. Heavy work (encoding an upload, the everything mode) runs
+one at a time; a request waits at most ``busy_timeout`` seconds for its turn (then 503), and an
+everything run stops when its client disconnects or the server shuts down.
+
+Limits, all checked before any work: upload bytes (on the declared length, and again while
+reading), JSON body bytes, image pixels, points per click.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations.
 
+import asyncio
 import base64
+import copy
 import hashlib
 import io
+import json
 import logging
 import threading
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +33,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..io import ImageError, ImageTooLarge, read_image
 from ..masks import coco_rle
@@ -31,6 +43,11 @@ STATIC = Path(__file__).with_name("static")
 DEFAULT_MAX_UPLOAD_BYTES = 20 << 20
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_CACHE_BYTES = 512 << 20
+DEFAULT_MAX_JSON_BYTES = 64 << 10
+DEFAULT_MAX_POINTS = 100
+DEFAULT_BUSY_TIMEOUT_S = 30.0
+# Multipart framing around the file (boundaries, headers): allowed on top of the file limit.
+MULTIPART_OVERHEAD = 16 << 10
 
 
 class ApiError(Exception):
@@ -52,6 +69,27 @@ def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
         raise ApiError(415, f"{err} (send a JPEG, PNG, WebP, ...)") from None
 
 
+class Cancelled(Exception):
+    """The client went away, or the server is stopping: the work is abandoned."""
+
+
+class _StopsWhenAsked:
+    """A predictor whose ``predict_torch`` raises ``Cancelled`` once ``stop()`` says so: the
+    everything mode decodes in batches of prompts, so it stops within one batch."""
+
+    def __init__(self, predictor, stop: Callable[[], bool]) -> None:
+        self._predictor = predictor
+        self._stop = stop
+
+    def predict_torch(self, *args, **kwargs):
+        if self._stop():
+            raise Cancelled
+        return self._predictor.predict_torch(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._predictor, name)
+
+
 def png_base64(pixels: np.ndarray) -> str:
     """An HxW (gray) or HxWx3 uint8 array as a base64 PNG, ready for JSON and data: URLs."""
     buffer = io.BytesIO()
@@ -69,13 +107,57 @@ class DemoService:
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         everything_points: int = 32,
+        max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
+        max_points: int = DEFAULT_MAX_POINTS,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT_S,
     ) -> None:
         self.predictor = predictor
         self.cache = EmbeddingCache(cache_bytes)
         self.max_upload_bytes = max_upload_bytes
         self.max_pixels = max_pixels
         self.everything_points = everything_points
-        self._lock = threading.Lock()
+        self.max_json_bytes = max_json_bytes
+        self.max_points = max_points
+        self.busy_timeout = busy_timeout
+        self.cancelled = 0  # everything runs abandoned (client gone, or shutting down)
+        self._heavy = threading.Semaphore(1)
+        self._busy = False
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Shutting down: running everything requests stop at their next batch."""
+        self._stopping.set()
+
+    @contextmanager
+    def _heavy_turn(self):
+        """One heavy job at a time; waiting longer than ``busy_timeout`` is a 503."""
+        if not self._heavy.acquire(timeout=self.busy_timeout):
+            raise ApiError(
+                503,
+                f"the server is busy (encoding or segmenting another image for more than "
+                f"{self.busy_timeout:g} s); try again in a moment",
+            )
+        self._busy = True
+        try:
+            yield
+        finally:
+            self._busy = False
+            self._heavy.release()
+
+    def _view(self, cached=None):
+        """This request's own predictor: shares the weights, holds its own image state."""
+        view = copy.copy(self.predictor)
+        if cached is not None:
+            restore(view, cached)
+        return view
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "ok": True,
+            "cached_images": len(self.cache),
+            "busy": self._busy,
+            "cancelled": self.cancelled,
+        }
 
     def add_image(self, data: bytes) -> dict[str, Any]:
         if len(data) > self.max_upload_bytes:
@@ -88,9 +170,10 @@ class DemoService:
         cached = self.cache.get(image_id)
         if cached is None:
             image = decode_upload(data, self.max_pixels)
-            with self._lock:
-                self.predictor.set_image(image)
-                cached = capture(self.predictor, image)
+            with self._heavy_turn():
+                view = self._view()
+                view.set_image(image)
+                cached = capture(view, image)
             self.cache.put(image_id, cached)
         h, w = cached.image.shape[:2]
         return {"image_id": image_id, "width": w, "height": h}
@@ -113,6 +196,11 @@ class DemoService:
         box: list[float] | None,
         multimask: bool,
     ) -> dict[str, Any]:
+        if len(points) > self.max_points:
+            raise ApiError(
+                422,
+                f"{len(points)} points in one request; the server takes at most {self.max_points}",
+            )
         cached = self._cached(image_id)
         if not points and box is None:
             raise ApiError(400, "give at least one point or a box")
@@ -120,20 +208,21 @@ class DemoService:
             raise ApiError(400, f"{len(points)} points but {len(labels)} labels")
         if any(len(p) != 2 for p in points):
             raise ApiError(400, "each point must be [x, y]")
+        if any(label not in (0, 1) for label in labels):
+            raise ApiError(400, "labels must be 1 (object) or 0 (background)")
         if box is not None and len(box) != 4:
             raise ApiError(400, "box must be [x0, y0, x1, y1]")
         coords = np.asarray(points, np.float64) if points else None
-        with self._lock:
-            restore(self.predictor, cached)
-            try:
-                masks, scores, _ = self.predictor.predict(
-                    point_coords=coords,
-                    point_labels=np.asarray(labels, np.float64) if points else None,
-                    box=None if box is None else np.asarray(box, np.float64),
-                    multimask_output=multimask,
-                )
-            except ValueError as err:  # the predictor's input checks: one line, the fix
-                raise ApiError(400, str(err).splitlines()[0]) from None
+        view = self._view(cached)
+        try:
+            masks, scores, _ = view.predict(
+                point_coords=coords,
+                point_labels=np.asarray(labels, np.float64) if points else None,
+                box=None if box is None else np.asarray(box, np.float64),
+                multimask_output=multimask,
+            )
+        except ValueError as err:  # the predictor's input checks: one line, the fix
+            raise ApiError(400, str(err).splitlines()[0]) from None
         best = int(np.argmax(scores))
         h, w = masks.shape[-2:]
         return {
@@ -145,20 +234,29 @@ class DemoService:
             "rle": coco_rle(masks[best]),
         }
 
-    def everything(self, image_id: str) -> dict[str, Any]:
+    def everything(self, image_id: str, cancel: threading.Event | None = None) -> dict[str, Any]:
+        """Every mask; stops (``Cancelled``) when ``cancel`` is set or the server stops."""
         from ..everything import SamHierarchicalMaskGenerator, SharedEmbedding
         from ..everything.masks import rle_to_mask
         from ..visualize import draw_masks
 
         cached = self._cached(image_id)
-        with self._lock:
-            restore(self.predictor, cached)
+
+        def stop() -> bool:
+            return self._stopping.is_set() or (cancel is not None and cancel.is_set())
+
+        with self._heavy_turn():
+            view = _StopsWhenAsked(self._view(cached), stop)
             generator = SamHierarchicalMaskGenerator(
-                SharedEmbedding(self.predictor, current=cached.image),
+                SharedEmbedding(view, current=cached.image),
                 points_per_side=self.everything_points,
                 output_mode="uncompressed_rle",
             )
-            records = generator.generate(cached.image)
+            try:
+                records = generator.generate(cached.image)
+            except Cancelled:
+                self.cancelled += 1
+                raise
         masks = [rle_to_mask(r["segmentation"]) for r in records]
         annotations = []
         for record, mask in zip(records, masks):
@@ -179,6 +277,78 @@ class DemoService:
         }
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over the limit is a 413 before the app reads it (on
+    the declared Content-Length) or as soon as the limit is crossed (chunked uploads), so no
+    more than the limit is ever read, stored or parsed."""
+
+    def __init__(self, app, limit_for: Callable[[str], int]) -> None:
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope["path"])
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await _json_response(send, 400, "Content-Length is not a number")
+                return
+            if int(declared) > limit:
+                await _json_response(send, 413, _too_large(int(declared), limit))
+                return
+        received = 0
+        over = False
+        started = False
+
+        async def limited_receive():
+            nonlocal received, over
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    over = True
+                    raise ApiError(413, _too_large(received, limit))
+            return message
+
+        async def guarded_send(message):
+            nonlocal started
+            if over:  # the app's own answer to the interrupted body is replaced by ours
+                return
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except ApiError:
+            if not over:
+                raise
+        if over and not started:
+            await _json_response(send, 413, _too_large(received, limit))
+
+
+def _too_large(size: int, limit: int) -> str:
+    return f"request body of {size}+ bytes is over the server's limit of {limit}"
+
+
+async def _json_response(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
 def create_app(service: DemoService):
     """The FastAPI application around ``service``."""
     app = FastAPI(
@@ -196,6 +366,10 @@ def create_app(service: DemoService):
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError):
         return JSONResponse({"error": err.message}, status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException):  # e.g. a broken multipart body
+        return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, err: RequestValidationError):
@@ -215,14 +389,12 @@ def create_app(service: DemoService):
 
     @app.get("/api/health")
     def health() -> dict:
-        return {"ok": True, "cached_images": len(service.cache)}
+        """Whether heavy work is running, the cached image count, abandoned everything runs."""
+        return service.health()
 
     @app.post("/api/images")
-    async def upload(request: Request, file: UploadFile) -> dict:
+    async def upload(file: UploadFile) -> dict:
         """Upload an image (multipart field ``file``); returns its id for the other calls."""
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > service.max_upload_bytes + 4096:
-            raise ApiError(413, f"upload larger than the limit of {service.max_upload_bytes}")
         data = await file.read(service.max_upload_bytes + 1)
         return await run_in_threadpool(service.add_image, data)
 
@@ -232,8 +404,24 @@ def create_app(service: DemoService):
         return service.predict(image_id, body.points, body.labels, body.box, body.multimask)
 
     @app.post("/api/images/{image_id}/everything")
-    def everything(image_id: str) -> dict:
-        """Every mask (hierarchical everything mode): COCO annotations and an overlay PNG."""
-        return service.everything(image_id)
+    async def everything(image_id: str, request: Request) -> dict:
+        """Every mask (hierarchical everything mode): COCO annotations and an overlay PNG.
+        Stops if the client disconnects before the answer is ready."""
+        cancel = threading.Event()
+        work = asyncio.ensure_future(run_in_threadpool(service.everything, image_id, cancel))
+        while not work.done():
+            await asyncio.wait({work}, timeout=0.2)
+            if not work.done() and await request.is_disconnected():
+                cancel.set()
+        try:
+            return work.result()
+        except Cancelled:
+            return JSONResponse({"error": "cancelled"}, status_code=499)
 
+    def body_limit(path: str) -> int:
+        if path == "/api/images":
+            return service.max_upload_bytes + MULTIPART_OVERHEAD
+        return service.max_json_bytes
+
+    app.add_middleware(BodyLimit, limit_for=body_limit)
     return app
