@@ -113,3 +113,42 @@ def test_load_model_detects_type(vit_t_checkpoint):
     assert detect_model_type(sam.state_dict()) == "vit_t"
     assert resolved.source == "argument" and resolved.path == vit_t_checkpoint
     assert not sam.training
+
+
+def test_non_finite_weights_are_refused_at_load(tmp_path, vit_t_checkpoint):
+    state = torch.load(vit_t_checkpoint, weights_only=True)
+    key = "mask_decoder.iou_prediction_head.layers.0.weight"
+    state[key] = state[key].clone()
+    state[key][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    with pytest.raises(CheckpointError, match=f"NaN or infinite values in {key}"):
+        build_sam_vit_t(tmp_path / "nan.pth")
+
+
+def test_safetensors_checkpoints_load(tmp_path, vit_t_checkpoint):
+    from safetensors.torch import save_file
+
+    state = torch.load(vit_t_checkpoint, weights_only=True)
+    save_file(state, tmp_path / "tinysam.safetensors")
+    loaded = read_state_dict(tmp_path / "tinysam.safetensors")
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    save_file(state, tmp_path / "named.bin")  # recognised by its header, whatever the name
+    assert read_state_dict(tmp_path / "named.bin").keys() == state.keys()
+    model = build_sam_vit_t(tmp_path / "tinysam.safetensors")
+    assert detect_model_type(model.state_dict()) == "vit_t"
+    (tmp_path / "cut.safetensors").write_bytes(
+        (tmp_path / "tinysam.safetensors").read_bytes()[:5000]
+    )
+    with pytest.raises(CheckpointError, match="damaged safetensors file"):
+        read_state_dict(tmp_path / "cut.safetensors")
+
+
+def test_a_raw_pickle_is_refused_without_torch_warnings(tmp_path, recwarn):
+    import pickle
+
+    with open(tmp_path / "raw.pth", "wb") as f:
+        pickle.dump({"weights": [1, 2, 3]}, f, protocol=4)
+    with pytest.raises(CheckpointError, match="corrupt or not a PyTorch file"):
+        read_state_dict(tmp_path / "raw.pth")
+    assert not [w for w in recwarn if "torch" in str(w.filename)], [str(w.message) for w in recwarn]

@@ -158,6 +158,28 @@ def test_parameter_errors():
         SamHierarchicalMaskGenerator(oracle, crop_n_layers=1)
     with pytest.raises(ValueError, match="points_per_side >= 4"):
         SamHierarchicalMaskGenerator(oracle, points_per_side=2)
+    with pytest.raises(ValueError, match="crop_n_layers must be >= 0"):
+        SamAutomaticMaskGenerator(oracle, crop_n_layers=-1)
+    with pytest.raises(ValueError, match="crop_overlap_ratio"):
+        SamAutomaticMaskGenerator(oracle, crop_n_layers=1, crop_overlap_ratio=1.5)
+    assert oracle.prompts == 0  # refused before any work
+
+
+def test_generate_takes_what_set_image_takes():
+    """A PIL image or a gray HxW array: the same masks as the RGB array."""
+    from PIL import Image
+
+    expected = _as_set(
+        SamAutomaticMaskGenerator(OraclePredictor(), points_per_side=8).generate(IMAGE)
+    )
+    pil = Image.fromarray(IMAGE)
+    for generator_class in (SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator):
+        generator = generator_class(OraclePredictor(), points_per_side=8)
+        assert len(generator.generate(pil)) > 0
+    generator = SamAutomaticMaskGenerator(OraclePredictor(), points_per_side=8)
+    assert _as_set(generator.generate(pil)) == expected
+    gray = IMAGE[:, :, 0]
+    assert len(SamAutomaticMaskGenerator(OraclePredictor(), points_per_side=8).generate(gray)) > 0
 
 
 def test_small_region_removal():

@@ -206,3 +206,50 @@ def test_predict_torch_checks(any_predictor):
         predictor.predict_torch(
             coords[:1], torch.ones(1, 1), mask_input=torch.full((1, 1, 256, 256), float("nan"))
         )
+
+
+def test_predict_torch_refuses_what_predict_refuses(any_predictor):
+    predictor = any_predictor
+    point = torch.full((1, 1, 2), 10.0)
+    for label in (7.0, 0.5, -2.0):
+        with pytest.raises(ValueError, match="point_labels must be in"):
+            predictor.predict_torch(point, torch.full((1, 1), label))
+    with pytest.raises(ValueError, match="x0 <= x1"):
+        predictor.predict_torch(None, None, boxes=torch.tensor([[50.0, 10.0, 20.0, 40.0]]))
+    with pytest.raises(ValueError, match="batch is empty"):
+        predictor.predict_torch(torch.zeros(0, 1, 2), torch.zeros(0, 1))
+    with pytest.raises(ValueError, match="batch is empty"):
+        predictor.predict_torch(None, None, boxes=torch.zeros(0, 4))
+
+
+def test_pil_images_are_converted_like_files():
+    sixteen = Image.fromarray(np.full((3, 4), 65535, np.uint16))
+    assert sixteen.mode == "I;16" and as_rgb_uint8(sixteen).min() == 255  # scaled, not clipped
+    with pytest.raises(ValueError, match="image is empty"):
+        as_rgb_uint8(Image.new("RGB", (0, 0)))
+    rgb = np.zeros((3, 4, 3), np.uint8)
+    assert as_rgb_uint8(rgb) is rgb  # no copy: SharedEmbedding recognises its image
+
+
+def test_set_image_of_nothing(vit_t_model):
+    predictor = SamPredictor(vit_t_model)
+    for image in (Image.new("RGB", (0, 0)), np.zeros((0, 0), np.uint8)):
+        with pytest.raises(ValueError, match="image is empty"):
+            predictor.set_image(image)
+
+
+def test_non_finite_outputs_are_an_error_not_a_nan_json(vit_t_checkpoint, golden_image):
+    from tinysam import build_sam_vit_t
+    from tinysam.cli.common import UsageError, strict_json
+    from tinysam.predictor_base import ModelOutputError
+
+    model = build_sam_vit_t(vit_t_checkpoint).eval()
+    with torch.no_grad():  # weights damaged in memory, after the load-time check
+        model.mask_decoder.iou_prediction_head.layers[0].weight.fill_(float("nan"))
+    predictor = SamPredictor(model)
+    predictor.set_image(golden_image)
+    with pytest.raises(ModelOutputError, match="NaN or infinite scores"):
+        predictor.predict(np.array([[100.0, 100.0]]), np.array([1]))
+    with pytest.raises(UsageError, match="NaN or infinite numbers"):
+        strict_json({"scores": [float("nan")]})
+    assert strict_json({"scores": [0.5]}) == '{"scores": [0.5]}'

@@ -41,7 +41,8 @@ class CheckpointError(ValueError):
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a checkpoint file safely (``weights_only``) and return its plain state dict.
 
-    Accepts a bare state dict, or one wrapped under ``model``/``state_dict`` (training
+    Accepts a PyTorch file or a safetensors file holding a bare state dict, or (PyTorch) one
+    wrapped under ``model``/``state_dict`` (training
     checkpoints) or ``student`` (``tinysam distill`` runs), with an optional DDP ``module.``
     prefix.
     """
@@ -50,8 +51,32 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint is not a file: {path}")
+    obj = _read_safetensors(path) if _is_safetensors(path) else _read_torch_file(path)
+    for wrapper in ("model", "state_dict", "student"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise CheckpointError(f"checkpoint {path} is not a state_dict of tensors")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    for key, tensor in obj.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"checkpoint {path} has NaN or infinite values in {key}: it is damaged, or "
+                "its training diverged; use another checkpoint"
+            )
+    return obj
+
+
+def _read_torch_file(path: Path):
+    import warnings
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about what we are about to refuse
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "global" in str(err).lower():  # weights_only refused a class or function
             raise CheckpointError(
@@ -66,16 +91,33 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"checkpoint {path} is corrupt or not a PyTorch file ({type(err).__name__}); "
             "download it again"
         ) from err
-    for wrapper in ("model", "state_dict", "student"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    ):
-        raise CheckpointError(f"checkpoint {path} is not a state_dict of tensors")
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module.") :]: v for k, v in obj.items()}
-    return obj
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A ``.safetensors`` name, or the format's header: a little-endian length, then JSON."""
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file (how Hugging Face hosts weights): tensors only, by design."""
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError as err:
+        raise CheckpointError(
+            f"checkpoint {path} is a safetensors file: pip install safetensors"
+        ) from err
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"checkpoint {path} is a damaged safetensors file ({str(err).splitlines()[0]}); "
+            "download it again"
+        ) from err
 
 
 def detect_model_type(state_dict: dict[str, torch.Tensor]) -> str | None:

@@ -24,7 +24,9 @@ def as_rgb_uint8(image: np.ndarray | Image.Image, image_format: str = "RGB") -> 
     if image_format not in ("RGB", "BGR"):
         raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        from .io import image_to_rgb  # 16-bit and float images converted, not clipped
+
+        image, image_format = image_to_rgb(image), "RGB"
     if type(image).__module__.split(".")[0] == "torch":  # no torch import: see module doc
         raise ValueError(
             "image must be a numpy array or PIL image; for a transformed 1x3xHxW tensor use "
@@ -47,10 +49,12 @@ def as_rgb_uint8(image: np.ndarray | Image.Image, image_format: str = "RGB") -> 
         )
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"image is empty (shape {image.shape})")
-    image = image[:, :, :3]
+    if image.shape[2] == 4:
+        image = image[:, :, :3]
     if image_format == "BGR":
         image = image[:, :, ::-1]
-    return np.ascontiguousarray(image)
+    # An RGB array comes back as the same object: callers (SharedEmbedding) compare identity.
+    return image if image.flags.c_contiguous else np.ascontiguousarray(image)
 
 
 def finite_array(value, name: str) -> np.ndarray:
@@ -130,12 +134,23 @@ def check_prompt_batch(
             )
         if not all_finite(point_coords):
             raise ValueError("point_coords contains NaN or infinite values")
+        valid = point_labels == POINT_LABELS[0]
+        for label in POINT_LABELS[1:]:
+            valid = valid | (point_labels == label)
+        if not bool(valid.all()):
+            raise ValueError(
+                "point_labels must be in {-1, 0, 1, 2, 3} (1 foreground, 0 background, "
+                "-1 padding, 2/3 box corners)"
+            )
         batch.add(point_coords.shape[0])
     if boxes is not None:
         if boxes.ndim not in (2, 3) or boxes.shape[-1] != 4:
             raise ValueError(f"boxes must be Bx4, got {list(boxes.shape)}")
         if not all_finite(boxes):
             raise ValueError("boxes contains NaN or infinite values")
+        ordered = (boxes[..., 2] >= boxes[..., 0]) & (boxes[..., 3] >= boxes[..., 1])
+        if not bool(ordered.all()):
+            raise ValueError("boxes must satisfy x0 <= x1 and y0 <= y1 (XYXY order)")
         batch.add(boxes.shape[0])
     if mask_input is not None:
         if mask_input.ndim != 4 or tuple(mask_input.shape[1:]) != (1, *mask_size):
@@ -148,6 +163,8 @@ def check_prompt_batch(
         batch.add(mask_input.shape[0])
     if len(batch) > 1:
         raise ValueError(f"prompt batch sizes disagree: {sorted(batch)}")
+    if 0 in batch:
+        raise ValueError("the prompt batch is empty (B = 0): give at least one prompt")
 
 
 def single_prompt_batch(

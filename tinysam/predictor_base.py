@@ -26,6 +26,10 @@ from .transforms import ResizeLongestSide
 DEFAULT_MANY_PROMPTS = 8
 
 
+class ModelOutputError(ValueError):
+    """The model answered with NaN or infinite numbers: its weights (or export) are damaged."""
+
+
 @dataclass(frozen=True)
 class ImageState:
     """What a predictor holds for its current image: enough to answer prompts without
@@ -165,4 +169,10 @@ class PredictorBase(ABC):
         masks, scores, low_res = self.predict_torch(
             *self._prompt_arrays(*prompts), multimask_output, return_logits=return_logits
         )
-        return self._numpy(masks[0]), self._numpy(scores[0]), self._numpy(low_res[0])
+        scores = self._numpy(scores[0])
+        if not np.all(np.isfinite(scores)):
+            raise ModelOutputError(
+                "the model produced NaN or infinite scores: its weights are damaged (check the "
+                "checkpoint or export it again)"
+            )
+        return self._numpy(masks[0]), scores, self._numpy(low_res[0])

@@ -219,7 +219,18 @@ def missing_extra(err: ImportError) -> str:
 
 def print_json(result) -> None:
     if result is not None:
-        print(json.dumps(result))
+        print(strict_json(result))
+
+
+def strict_json(result, **options) -> str:
+    """JSON without NaN/Infinity (which JSON does not have): a non-finite number is an error."""
+    try:
+        return json.dumps(result, allow_nan=False, **options)
+    except ValueError:
+        raise UsageError(
+            "the result holds NaN or infinite numbers, which JSON cannot carry; the model's "
+            "outputs are not finite (damaged weights?)"
+        ) from None
 
 
 def out_file(path: Path, text: str) -> None:

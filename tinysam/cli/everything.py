@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from .common import (
     check_max_pixels,
     one_line,
     predictor_from_args,
+    strict_json,
 )
 
 
@@ -164,7 +164,7 @@ def _warn_if_nothing_passed(summary: dict, args) -> None:
 
 def show_everything(summary: dict) -> None:
     """The summary line; images that could not be read, or a stopped run, exit with 2."""
-    print(json.dumps(summary))
+    print(strict_json(summary))
     if summary.get("stopped"):
         raise UsageError(f"stopped: {summary['stopped']}; the images done so far are kept")
     if summary.get("failed"):

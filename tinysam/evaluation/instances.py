@@ -185,7 +185,7 @@ def segment_detections(
             for d, r in zip(dets, rles)
         ]
         with atomic_write(_part_path(out_dir, image_id), "w") as f:
-            json.dump(results, f)
+            json.dump(results, f, allow_nan=False)
         if after_image is not None:
             after_image(image_id)
     return merge_parts(out_dir, ids)
@@ -215,7 +215,7 @@ def merge_parts(out_dir: Path, ids: Iterable[int]) -> Path:
             results.extend(json.load(f))
     path = out_dir / RESULTS
     with atomic_write(path, "w") as f:
-        json.dump(results, f)
+        json.dump(results, f, allow_nan=False)
     return path
 
 

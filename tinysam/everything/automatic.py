@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checks import as_rgb_uint8
 from ..predictor import SamPredictor
 from ..transforms import upscale_logits
 from .masks import (
@@ -103,6 +104,13 @@ class SamAutomaticMaskGenerator:
     ) -> None:
         """``model`` is a ``Sam``, or any predictor with ``set_image``, ``predict_torch``,
         ``transform``, ``input_size`` and ``original_size`` (another backend)."""
+        if crop_n_layers < 0 or crop_n_points_downscale_factor < 1:
+            raise ValueError(
+                "crop_n_layers must be >= 0 and crop_n_points_downscale_factor >= 1, got "
+                f"{crop_n_layers} and {crop_n_points_downscale_factor}"
+            )
+        if not 0 < crop_overlap_ratio < 1 and crop_n_layers:
+            raise ValueError(f"crop_overlap_ratio must be in (0, 1), got {crop_overlap_ratio}")
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("give exactly one of points_per_side or point_grids")
         if points_per_side is not None:
@@ -149,9 +157,10 @@ class SamAutomaticMaskGenerator:
 
     @torch.no_grad()
     def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
-        """Masks for the whole image (HxWx3 uint8 RGB), as segment-anything's records."""
+        """Masks for the whole image (HxWx3 uint8 RGB; or what ``set_image`` takes: HxW, HxWx4,
+        a PIL image), as segment-anything's records."""
         self.stats = GenerationStats()
-        data = self._generate_masks(image)
+        data = self._generate_masks(as_rgb_uint8(image))
         return self._records(data)
 
     # ------------------------------------------------------------------ stages

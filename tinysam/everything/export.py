@@ -91,7 +91,7 @@ def write_everything(
             masks = [mask_utils.decode(decodable_rle(r["segmentation"])) for r in records]
             save_png(draw_masks(image, masks), overlay_path[0])
         with atomic_write(json_path, "w") as f:
-            json.dump(document, f)
+            json.dump(document, f, allow_nan=False)
     except OSError as err:
         raise OSError(err.errno, describe_os_error(err, json_path)) from err
     summary = {

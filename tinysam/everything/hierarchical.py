@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checks import as_rgb_uint8
 from .automatic import GenerationStats, SamAutomaticMaskGenerator
 from .masks import MaskData, build_point_grid, nms
 
@@ -93,6 +94,7 @@ class SamHierarchicalMaskGenerator(SamAutomaticMaskGenerator):
         with ``need_high``, also the covered area (logits above ``high_score_thresh``) as a
         WxH bool tensor, indexed [x, y] as theirs.
         """
+        image = as_rgb_uint8(image)
         if need_high is None:
             return self.hierarchical_generate(image)
         if not getattr(self.predictor, "is_image_set", True):

@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..io import ImageError, ImageTooLarge, read_image
 from ..masks import coco_rle
+from ..predictor_base import ModelOutputError
 from .cache import EmbeddingCache, capture, restore
 
 STATIC = Path(__file__).with_name("static")
@@ -221,6 +222,8 @@ class DemoService:
                 box=None if box is None else np.asarray(box, np.float64),
                 multimask_output=multimask,
             )
+        except ModelOutputError as err:
+            raise ApiError(500, str(err)) from None
         except ValueError as err:  # the predictor's input checks: one line, the fix
             raise ApiError(400, str(err).splitlines()[0]) from None
         best = int(np.argmax(scores))
