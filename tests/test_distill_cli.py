@@ -75,6 +75,15 @@ def test_print_config_round_trips(capsys):
         ("student=vit_h", "student: 'vit_h' is not one of"),
         ("box_rate=1.5", "box_rate must be between 0 and 1"),
         ("lr", "--set wants KEY=VALUE"),
+        ("lr=.inf", "lr must be a finite number"),
+        ("grad_clip=.nan", "grad_clip must be a finite number"),
+        ("weight_decay=.nan", "weight_decay must be a finite number"),
+        ("weight_decay=-1", "weight_decay and min_area must not be negative"),
+        ("min_area=-5", "weight_decay and min_area must not be negative"),
+        ("box_rate=.nan", "box_rate must be between 0 and 1, got nan"),
+        ("losses.focal=-20", "losses.focal must be a finite number >= 0"),
+        ("losses.dice=.inf", "losses.dice must be a finite number >= 0"),
+        ("prompt_options.max_iterations=-1", "max_iterations must be >= 0"),
     ],
 )
 def test_bad_config_is_one_line_exit_2(capsys, tmp_path, override, words):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -86,3 +88,42 @@ def test_sampler_ranks_are_disjoint_and_reshuffle_each_epoch():
     assert list(again) == epoch1[2][10:] and len(again) == 15
     with pytest.raises(ValueError, match="rank 4 is not in 0..3"):
         ShardedSampler(10, rank=4, world_size=4)
+
+
+@pytest.mark.parametrize(
+    "document, field",
+    [
+        ("[1, 2]", "must be a JSON object"),
+        ('{"annotations": {"a": 1}}', "must be a JSON object"),
+        ('{"annotations": ["x"]}', "annotations[0] must be an object"),
+        ('{"annotations": [{"segmentation": "abc", "bbox": [0, 0, 1, 1]}]}', "segmentation"),
+        (
+            '{"annotations": [{"segmentation": {"size": [4, 4], "counts": "0"}, '
+            '"bbox": [0, NaN, 1, 1]}]}',
+            "annotations[0].bbox must be 4 finite numbers",
+        ),
+        (
+            '{"annotations": [{"segmentation": {"size": [4, 4], "counts": "0"}, '
+            '"bbox": [0, 0, -1, 1]}]}',
+            "bbox",
+        ),
+        (
+            '{"annotations": [{"segmentation": {"size": [4, 4], "counts": "0"}, '
+            '"bbox": [0, 0, 1, 1], "area": Infinity}]}',
+            "area must be a finite number",
+        ),
+        ("{not json", "are not JSON"),
+    ],
+)
+def test_malformed_annotations_name_the_file_and_field(tmp_path, document, field):
+    import shutil
+
+    root = write_synthetic_sa1b(tmp_path / "d", 2, size=(32, 48), seed=1)
+    broken = sorted(root.glob("*.json"))[1]
+    broken.write_text(document)
+    dataset = SA1BDataset(root, image_size=64)
+    dataset[0]  # the good one still reads
+    with pytest.raises(ValueError, match=re.escape(field)) as err:
+        dataset[1]
+    assert broken.stem in str(err.value)
+    shutil.rmtree(root)

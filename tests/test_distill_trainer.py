@@ -183,3 +183,14 @@ def test_decoder_from_teacher_copies_prompt_encoder_and_decoder(data, tmp_path):
         assert all(torch.equal(v, theirs[k]) for k, v in ours.items())
     with pytest.raises(ValueError, match="needs a teacher"):
         Distiller(small_student(SIZE), None, config)
+
+
+def test_a_diverging_run_stops_and_saves_no_student(data, tmp_path):
+    """A huge learning rate: the loss leaves the finite numbers, the run stops with one line
+    naming the step, and no student.pt (or later checkpoint) pretends to be a result."""
+    from tinysam.distill.trainer import TrainingDiverged
+
+    config = _config(data, tmp_path / "run", lr=1e30, grad_clip=0.0, warmup_steps=0)
+    with pytest.raises(TrainingDiverged, match="not finite at step"):
+        Distiller(small_student(SIZE), small_teacher(SIZE), config).run(progress=False)
+    assert not (tmp_path / "run" / "student.pt").exists()

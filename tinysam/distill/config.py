@@ -4,6 +4,7 @@ the typed reading of a YAML mapping into it (``config_from_dict``)."""
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field, fields
 
 from .losses import LossWeights
@@ -74,10 +75,18 @@ class TrainConfig:
             raise ValueError(f"image_size must be a multiple of 16, got {self.image_size}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be at least 1 (or null), got {self.max_steps}")
-        if not 0 <= self.box_rate <= 1:
+        if not 0 <= self.box_rate <= 1:  # NaN fails this too
             raise ValueError(f"box_rate must be between 0 and 1, got {self.box_rate}")
+        for name in ("lr", "weight_decay", "grad_clip", "min_area"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
             raise ValueError("lr must be positive, warmup_steps and grad_clip not negative")
+        if self.weight_decay < 0 or self.min_area < 0:
+            raise ValueError(
+                f"weight_decay and min_area must not be negative, got {self.weight_decay} "
+                f"and {self.min_area}"
+            )
 
 
 _SECTIONS = {"prompt_options": HardPromptOptions, "losses": LossWeights}

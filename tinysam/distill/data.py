@@ -8,8 +8,8 @@ back in the model's input frame (resized like the image, zero-padded to a square
 
 from __future__ import annotations
 
-import io
 import json
+import math
 import os
 import tarfile
 from dataclasses import dataclass
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..io import read_image
 from ..modeling.sam import PIXEL_MEAN, PIXEL_STD
 from ..transforms import ResizeLongestSide
 
@@ -99,10 +100,13 @@ class SA1BDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         entry = self.entries[index]
-        rgb = np.asarray(Image.open(io.BytesIO(_read(entry, entry.image))).convert("RGB"))
-        document = json.loads(_read(entry, entry.annotations))
+        rgb = read_image(_read(entry, entry.image), name=f"{entry.source}: {entry.name}")
         annotations = [
-            a for a in document.get("annotations", []) if a.get("area", 1) >= self.min_area
+            a
+            for a in read_annotations(
+                _read(entry, entry.annotations), f"{entry.source}: {entry.name}"
+            )
+            if a.get("area", 1) >= self.min_area
         ]
         resized = self.transform.apply_image(rgb)
         return Sample(
@@ -121,6 +125,49 @@ class SA1BDataset(torch.utils.data.Dataset):
         x = (x - mean) / std
         h, w = resized.shape[:2]
         return torch.nn.functional.pad(x, (0, self.image_size - w, 0, self.image_size - h))
+
+
+def read_annotations(data: bytes, where: str) -> list[dict]:
+    """An SA-1B JSON's annotations, checked: each has a COCO RLE ``segmentation`` and a finite
+    XYWH ``bbox`` (``area``, if present, a finite number); errors name the file and field."""
+    try:
+        document = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{where}: annotations are not JSON ({err})") from None
+    if not isinstance(document, dict) or not isinstance(document.get("annotations", []), list):
+        raise ValueError(
+            f'{where}: annotations must be a JSON object {{"image": ..., "annotations": [...]}}'
+        )
+    annotations = document.get("annotations", [])
+    for k, ann in enumerate(annotations):
+        field = f"{where}: annotations[{k}]"
+        if not isinstance(ann, dict):
+            raise ValueError(f"{field} must be an object")
+        rle = ann.get("segmentation")
+        size = rle.get("size") if isinstance(rle, dict) else None
+        if not (
+            isinstance(size, list)
+            and len(size) == 2
+            and all(isinstance(v, int) and v > 0 for v in size)
+            and isinstance(rle.get("counts"), (str, list))
+        ):
+            raise ValueError(f"{field}.segmentation must be a COCO RLE {{size: [h, w], counts}}")
+        bbox = ann.get("bbox")
+        if not (
+            isinstance(bbox, list)
+            and len(bbox) == 4
+            and all(_finite_number(v) for v in bbox)
+            and bbox[2] >= 0
+            and bbox[3] >= 0
+        ):
+            raise ValueError(f"{field}.bbox must be 4 finite numbers x, y, w, h (w, h >= 0)")
+        if "area" in ann and not _finite_number(ann["area"]):
+            raise ValueError(f"{field}.area must be a finite number")
+    return annotations
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _folder_entries(folder: Path) -> list[_Entry]:

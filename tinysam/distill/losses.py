@@ -14,6 +14,7 @@ over MSE because MSE values were too small to optimise.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,12 @@ class LossWeights:
     dice: float = 1.0
     iou: float = 1.0
     hard_mask_weighting: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("embedding", "tokens", "output", "focal", "dice", "iou"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"losses.{name} must be a finite number >= 0, got {value}")
 
 
 @dataclass

@@ -32,6 +32,12 @@ class HardPromptOptions:
     accumulate: bool = False
     negative_points: bool = False
 
+    def __post_init__(self) -> None:
+        if self.max_iterations < 0:
+            raise ValueError(
+                f"prompt_options.max_iterations must be >= 0, got {self.max_iterations}"
+            )
+
 
 def sample_points(regions: torch.Tensor, generator: torch.Generator | None = None):
     """One pixel drawn uniformly from each region (B x H x W bool): B x 2 (x, y), and B bools

@@ -38,6 +38,10 @@ from .prompts import HardPromptOptions, hard_prompts
 from .teacher_cache import CacheError, TeacherEmbeddings
 
 
+class TrainingDiverged(ValueError):
+    """The loss or the gradients stopped being finite numbers: the run stops, unsaved."""
+
+
 class Distiller:
     """Trains ``student`` on ``config``'s data. ``teacher=None`` trains on the ground truth
     alone (the distillation terms drop out): how the demo pre-trains its small teacher."""
@@ -209,11 +213,23 @@ class Distiller:
             group_terms = distillation_loss(student, teacher, gt[rows], config.losses, candidates)
             for name, value in group_terms.items():
                 terms[name] = terms.get(name, 0) + value * len(rows) / total_prompts
+        if not bool(torch.isfinite(terms["total"])):
+            values = ", ".join(f"{k} {float(v.detach()):g}" for k, v in terms.items())
+            raise TrainingDiverged(
+                f"the loss is not finite at step {self.step + 1} ({values}) on "
+                f"{sample.name}; nothing was saved for this step: lower lr, check the data "
+                "for bad annotations, or resume from the last checkpoint"
+            )
         (terms["total"] / config.accumulate).backward()
         self.step += 1
         if self.step % config.accumulate == 0:
             if config.grad_clip:
-                nn.utils.clip_grad_norm_(self.student.parameters(), config.grad_clip)
+                norm = nn.utils.clip_grad_norm_(self.student.parameters(), config.grad_clip)
+                if not bool(torch.isfinite(norm)):
+                    raise TrainingDiverged(
+                        f"the gradients are not finite at step {self.step}; lower lr or "
+                        "resume from the last checkpoint"
+                    )
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
