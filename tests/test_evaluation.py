@@ -205,8 +205,13 @@ def test_resume_after_interruption_gives_identical_results(dataset):
 def test_bad_detection_files_get_one_line_errors(tmp_path, dataset):
     root, annotations, images = dataset
     (tmp_path / "bad.json").write_text('[{"image_id": 1, "bbox": [1, 2]}]')
-    with pytest.raises(DatasetError, match="needs image_id, category_id, score and bbox"):
+    with pytest.raises(DatasetError, match="needs an integer image_id and category_id"):
         load_detections(tmp_path / "bad.json")
+    (tmp_path / "float_id.json").write_text(
+        '[{"image_id": 1.7, "category_id": 1, "score": 1, "bbox": [1, 2, 3, 3]}]'
+    )
+    with pytest.raises(DatasetError, match="detection 0 needs an integer image_id"):
+        load_detections(tmp_path / "float_id.json")  # not truncated to image 1
     (tmp_path / "nan.json").write_text(
         '[{"image_id": 1, "category_id": 1, "score": 1, "bbox": [1, 2, NaN, 3]}]'
     )
@@ -300,6 +305,65 @@ def test_eval_cli_rejects_bad_input(dataset, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and "is not valid JSON" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda gt: gt["images"].__setitem__(0, "scene1.png"), "images[0] must be an object"),
+        (lambda gt: gt["images"][0].__setitem__("id", None), "images[0].id must be an integer"),
+        (lambda gt: gt["images"][0].__setitem__("id", 1.7), "images[0].id must be an integer"),
+        (lambda gt: gt["images"][0].pop("file_name"), "neither file_name nor coco_url"),
+        (
+            lambda gt: gt["images"][0].__setitem__("file_name", "../../etc/passwd"),
+            "file_name must be relative",
+        ),
+        (lambda gt: gt.__setitem__("categories", {"1": "box"}), "categories must be a list"),
+        (lambda gt: gt.__setitem__("categories", [1, 2]), "categories[0] must be an object"),
+        (
+            lambda gt: gt["annotations"][0].__setitem__("segmentation", "rle"),
+            "annotations[0].segmentation must be a COCO RLE",
+        ),
+        (
+            lambda gt: gt["annotations"][1].__setitem__("image_id", 1.7),
+            "annotations[1].image_id must be an integer",
+        ),
+        (
+            lambda gt: gt["annotations"][0].__setitem__("bbox", [0, 0, "w", 1]),
+            "annotations[0].bbox must be a list of 4 finite numbers",
+        ),
+        (
+            lambda gt: gt["annotations"][0].__setitem__("iscrowd", 2),
+            "iscrowd must be 0 or 1",
+        ),
+    ],
+)
+def test_malformed_ground_truth_fails_at_load_naming_the_field(dataset, capsys, change, message):
+    """Checked before any model is loaded (the checkpoint named here does not exist)."""
+    root, annotations, images = dataset
+    gt = json.loads(annotations.read_text())
+    change(gt)
+    annotations.write_text(json.dumps(gt))
+    code = main(
+        ["eval", "instances", "--annotations", str(annotations), "--checkpoint", "missing.pth"]
+        + ["--detections", str(write_detections(root)), "--images", str(images)]
+        + ["--out", str(root / "x")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and str(annotations) in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_bad_detections_fail_before_the_model_is_loaded(dataset, capsys):
+    root, annotations, images = dataset
+    (root / "dets.json").write_text('{"not": "a list"}')
+    code = main(
+        ["eval", "instances", "--annotations", str(annotations), "--checkpoint", "missing.pth"]
+        + ["--detections", str(root / "dets.json"), "--images", str(images)]
+        + ["--out", str(root / "x")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "is not a COCO results list" in err, err
 
 
 # --------------------------------------------------------------------------- clicks

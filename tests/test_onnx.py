@@ -354,3 +354,29 @@ def test_sam_vit_encoder_exports(golden, tmp_path):
     out = session.run(None, {"image": x})[0]
     expected = np.load(golden / "vit_small_seed3_outputs.npz")["image_embedding"]
     assert np.abs(out - expected).max() < EMBED_TOL
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m.pop("encoder"), "encoder is missing"),
+        (lambda m: m.__setitem__("decoders", []), "decoders must be an object"),
+        (lambda m: m["decoders"].pop("multimask"), "decoders.multimask is missing"),
+        (lambda m: m.__setitem__("image_size", "1024"), "image_size must be an integer"),
+        (lambda m: m.__setitem__("pixel_mean", [1, 2]), "pixel_mean must be a list of 3"),
+        (lambda m: m.__setitem__("mask_threshold", None), "mask_threshold must be a finite"),
+        (lambda m: m.__setitem__("image_format", "CMYK"), "image_format must be RGB or BGR"),
+        (
+            lambda m: m["encoder"].__setitem__("file", "../../elsewhere.onnx"),
+            "encoder.file must be a file name in the same folder",
+        ),
+        (lambda m: m["upscale"].pop("file"), "upscale.file must be a non-empty string"),
+    ],
+)
+def test_malformed_manifests_name_the_field(tmp_path, onnx_dir, change, message):
+    manifest = json.loads((onnx_dir / MANIFEST).read_text())
+    change(manifest)
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(OnnxModelError, match=message) as err:
+        OnnxPredictor(tmp_path)
+    assert str(tmp_path / MANIFEST) in str(err.value) and "export again" in str(err.value)

@@ -461,3 +461,31 @@ def test_quantize_usage_errors(extra, message, capsys, tmp_path, golden, vit_t_c
     )
     assert code == 2
     assert message in one_error_line(err, "quantize")
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"model_type": 7}, "model_type must be a string"),
+        ({"model_type": "vit_q"}, "model_type 'vit_q' is not a known model type"),
+        ({"model_type": "vit_t", "bits": [8, 8]}, "bits must be an object"),
+        ({"model_type": "vit_t", "bits": {"weight": "8"}}, "bits.weight must be an integer"),
+        ({"model_type": "vit_t", "bits": {"activation": 12}}, "bits.activation must be between"),
+        ({"model_type": "vit_t", "layers": ["a"]}, "layers must be an object"),
+        ({"model_type": "vit_t", "layers": {"a": 1}}, "layers.a must be an object"),
+        ({"model_type": "vit_t", "layers": {"a": {"input": 3}}}, "layers.a.input must be"),
+        (
+            {"model_type": "vit_t", "layers": {"a": {"input": {"twin": "odd"}}}},
+            "layers.a.input.twin must be one of",
+        ),
+    ],
+)
+def test_malformed_quant_json_names_the_field(tmp_path, config, message):
+    from tinysam.build import CheckpointError
+    from tinysam.quant.store import CONFIG_FILE, FORMAT, FORMAT_VERSION, read_config
+
+    document = {"format": FORMAT, "format_version": FORMAT_VERSION, **config}
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(document))
+    with pytest.raises(CheckpointError, match=message) as err:
+        read_config(tmp_path)
+    assert str(tmp_path / CONFIG_FILE) in str(err.value) and "quantize again" in str(err.value)

@@ -137,7 +137,7 @@ def _instances(args) -> dict:
     gt = ground_truth(args.annotations)  # a bad file fails before a model is loaded
     lvis = is_lvis(gt) if args.dataset == "auto" else args.dataset == "lvis"
     results = segment_detections(
-        predictor_from_args(args),
+        lambda: predictor_from_args(args),  # made once the files are checked
         gt,
         args.detections,
         args.images,
@@ -161,6 +161,10 @@ def _clicks(args) -> dict:
     from ..evaluation.instances import ground_truth
 
     gt = ground_truth(args.annotations)  # a bad file fails before a model is loaded
+    if not args.images.is_dir():
+        from .common import UsageError
+
+        raise UsageError(f"images {args.images} is not a folder")
     curve = point_miou(
         predictor_from_args(args),
         gt,

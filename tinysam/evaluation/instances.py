@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..formats import FormatError, field, is_int, is_number, numbers, require
 from ..io import atomic_write, load_image
 from ..masks import encode_masks
 
@@ -47,38 +48,94 @@ def _read_json(path: Path, what: str) -> Any:
 
 
 def ground_truth(annotations: str | os.PathLike | dict) -> dict:
-    """The parsed annotations (read once: LVIS's file is ~1 GB of JSON), checked for images."""
+    """The parsed annotations (read once: LVIS's file is ~1 GB of JSON), every field the
+    evaluations use checked: a bad file fails here, before any model runs, naming the field."""
     data = (
         annotations
         if isinstance(annotations, dict)
         else _read_json(Path(annotations), "annotations file")
     )
+    where = _name(annotations)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise DatasetError(
-            f"{_name(annotations)} has no 'images' list: not a COCO/LVIS annotations file"
-        )
+        raise DatasetError(f"{where} has no 'images' list: not a COCO/LVIS annotations file")
+    try:
+        _check_ground_truth(data, where)
+    except FormatError as err:
+        raise DatasetError(str(err)) from None
     return data
+
+
+def _check_ground_truth(data: dict, where: str) -> None:
+    for i, image in enumerate(data["images"]):
+        require(image, "an object", where, f"images[{i}]")
+        field(image, "id", "an integer", where, f"images[{i}].")
+        name = field(image, "file_name", "a string", where, f"images[{i}].", default="")
+        url = field(image, "coco_url", "a string", where, f"images[{i}].", default="")
+        if not (name or url):
+            raise FormatError(f"{where}: images[{i}] has neither file_name nor coco_url")
+        if name.startswith("/") or ".." in Path(name).parts:
+            raise FormatError(f"{where}: images[{i}].file_name must be relative, got {name!r}")
+    for i, category in enumerate(field(data, "categories", "a list", where, default=[])):
+        require(category, "an object", where, f"categories[{i}]")
+        field(category, "id", "an integer", where, f"categories[{i}].")
+    for i, ann in enumerate(field(data, "annotations", "a list", where, default=[])):
+        prefix = f"annotations[{i}]."
+        require(ann, "an object", where, f"annotations[{i}]")
+        field(ann, "image_id", "an integer", where, prefix)
+        field(ann, "category_id", "an integer", where, prefix, default=0)
+        if "bbox" in ann:
+            numbers(ann["bbox"], 4, where, prefix + "bbox")
+        field(ann, "area", "a finite number", where, prefix, default=0)
+        if field(ann, "iscrowd", "an integer", where, prefix, default=0) not in (0, 1):
+            raise FormatError(f"{where}: {prefix}iscrowd must be 0 or 1")
+        if "segmentation" in ann:
+            _check_segmentation(ann["segmentation"], where, prefix + "segmentation")
+
+
+def _check_segmentation(value: Any, where: str, name: str) -> None:
+    """A COCO RLE ``{size: [h, w], counts}`` or polygons (lists of x, y numbers)."""
+    if isinstance(value, dict):
+        size = value.get("size")
+        if (
+            isinstance(size, list)
+            and len(size) == 2
+            and all(is_int(v) and v >= 0 for v in size)
+            and isinstance(value.get("counts"), (str, list))
+        ):
+            return
+    elif isinstance(value, list) and all(
+        isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(map(is_number, p))
+        for p in value
+    ):
+        return
+    raise FormatError(
+        f"{where}: {name} must be a COCO RLE {{size: [h, w], counts}} or a list of polygons "
+        "[x0, y0, x1, y1, ...]"
+    )
 
 
 def _name(annotations) -> str:
     return "the annotations" if isinstance(annotations, dict) else str(annotations)
 
 
+def _checked(annotations: str | os.PathLike | dict) -> dict:
+    """A ``ground_truth()`` result as it is, or a file read and checked."""
+    return annotations if isinstance(annotations, dict) else ground_truth(annotations)
+
+
 def image_files(annotations: str | os.PathLike | dict) -> dict[int, str]:
     """``{image_id: file name}`` of COCO or LVIS ground truth (LVIS names its images by
-    ``coco_url``; the file is the URL's last part)."""
+    ``coco_url``; the file is the URL's last part). Give a file, or ``ground_truth()``'s dict."""
     files = {}
-    for image in ground_truth(annotations)["images"]:
+    for image in _checked(annotations)["images"]:
         name = image.get("file_name") or str(image.get("coco_url", "")).rsplit("/", 1)[-1]
-        if "id" not in image or not name:
-            raise DatasetError(f"{_name(annotations)}: an image entry lacks 'id' or a file name")
         files[int(image["id"])] = name
     return files
 
 
 def is_lvis(annotations: str | os.PathLike | dict) -> bool:
     """LVIS ground truth marks its categories with a frequency (rare/common/frequent)."""
-    categories = ground_truth(annotations).get("categories") or [{}]
+    categories = _checked(annotations).get("categories") or [{}]
     return "frequency" in categories[0]
 
 
@@ -100,9 +157,12 @@ def load_detections(path: str | os.PathLike, min_score: float = 0.0) -> dict[int
             x, y, w, h = (float(v) for v in det["bbox"])
             det_ = Detection(int(det["category_id"]), float(det["score"]), (x, y, x + w, y + h))
             image_id = int(det["image_id"])
+            if not is_int(det["image_id"]) or not is_int(det["category_id"]):
+                raise ValueError("ids must be integers")
         except (KeyError, TypeError, ValueError) as err:
             raise DatasetError(
-                f"{path}: detection {i} needs image_id, category_id, score and bbox [x, y, w, h]"
+                f"{path}: detection {i} needs an integer image_id and category_id, a score and "
+                "bbox [x, y, w, h]"
             ) from err
         if not np.all(np.isfinite([*det_.box_xyxy, det_.score])) or w < 0 or h < 0:
             raise DatasetError(f"{path}: detection {i} has a non-finite or negative box")
@@ -148,6 +208,8 @@ def segment_detections(
 
     Images already in ``OUT/parts`` are skipped (resume). ``limit``: the first N images of the
     annotations file only. ``after_image(image_id)`` is called after each image is saved.
+    ``predictor`` may be a function that makes one: it is called once the files are checked,
+    so a bad file fails before a model is loaded.
     """
     from tqdm.auto import tqdm
 
@@ -163,6 +225,8 @@ def segment_detections(
     ids = sorted(files)[:limit] if limit else sorted(files)
     _check_run(out_dir, {"detections": Path(detections).name, "single_mask": single_mask})
     todo = [i for i in ids if not _part_path(out_dir, i).exists()]
+    if todo and not hasattr(predictor, "set_image"):
+        predictor = predictor()
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(todo, unit="image", desc="segmenting boxes", disable=not show)
     for image_id in bar:

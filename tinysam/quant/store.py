@@ -19,11 +19,12 @@ import torch
 
 from ..build import build_sam_model, sam_model_registry
 from ..checkpoint import CheckpointError, load_strict, read_state_dict
+from ..formats import FormatError, field, require
 from ..io import atomic_write
 from ..modeling import Sam
 from .layers import QuantLayer
 from .model import prepare, quant_layers, quantizers
-from .quantizers import qrange
+from .quantizers import TWIN_KINDS, qrange
 
 WEIGHTS_FILE = "quantized.pt"
 CONFIG_FILE = "quant.json"
@@ -118,7 +119,35 @@ def read_config(path: str | os.PathLike) -> tuple[Path, dict]:
             f"{config_path} has format version {config.get('format_version')}; this tinysam "
             f"reads version {FORMAT_VERSION}: quantize again"
         )
+    try:
+        _check_config(config, str(config_path))
+    except FormatError as err:
+        raise CheckpointError(f"{err}; quantize again") from None
     return directory, config
+
+
+def _check_config(config: dict, where: str) -> None:
+    """The fields ``load_quantized`` reads, with their types and ranges."""
+    model_type = field(config, "model_type", "a string", where)
+    if model_type not in sam_model_registry:
+        raise FormatError(f"{where}: model_type {model_type!r} is not a known model type")
+    bits = field(config, "bits", "an object", where, default={})
+    for role in ("weight", "activation"):
+        value = field(bits, role, "an integer", where, "bits.", default=8)
+        if not 2 <= value <= 8:
+            raise FormatError(f"{where}: bits.{role} must be between 2 and 8, got {value}")
+    layers = field(config, "layers", "an object", where, default={})
+    for name in layers:
+        entry = field(layers, name, "an object", where, "layers.")
+        for role, described in entry.items():
+            if role == "kind":
+                continue
+            require(described, "an object", where, f"layers.{name}.{role}")
+            twin = field(described, "twin", "a string", where, f"layers.{name}.{role}.", "none")
+            if twin not in TWIN_KINDS:
+                raise FormatError(
+                    f"{where}: layers.{name}.{role}.twin must be one of {', '.join(TWIN_KINDS)}"
+                )
 
 
 def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
@@ -131,9 +160,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     """A fake-quantized model from a directory written by ``save_quantized`` (or its
     ``quantized.pt``); ``model.quant_config`` holds the JSON."""
     directory, config = read_config(path)
-    model_type = config.get("model_type")
-    if model_type not in sam_model_registry:
-        raise CheckpointError(f"{directory / CONFIG_FILE} names unknown model type {model_type!r}")
+    model_type = config["model_type"]
     bits = config.get("bits", {})
     model = prepare(build_sam_model(model_type), bits.get("weight", 8), bits.get("activation", 8))
     state = read_state_dict(directory / WEIGHTS_FILE)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..checks import NOT_A_POINT, check_prompt_batch
+from ..formats import FormatError, field, is_int, numbers, plain_file_name
 from ..predictor_base import DEFAULT_MANY_PROMPTS, PredictorBase
 
 MANIFEST = "tinysam_onnx.json"  # tinysam.runtime.export writes it (that module needs torch)
@@ -98,17 +99,54 @@ def load_manifest(model_dir: str | os.PathLike) -> dict:
             f"{manifest.get('format_version')}, this one reads {FORMAT_VERSION}: its decoders "
             "now follow segment-anything's ONNX contract); export again with `tinysam export`"
         )
-    files = [manifest["encoder"]["file"]] + [d["file"] for d in manifest["decoders"].values()]
-    files.append(manifest["upscale"]["file"])
-    if "many_prompt_decoder" in manifest:
-        many = manifest["many_prompt_decoder"]
-        files += [many["file"], many["masks_file"]]
+    try:
+        files = _manifest_files(manifest, str(path))
+    except FormatError as err:
+        raise OnnxModelError(f"{err}; export again with `tinysam export`") from None
     missing = [name for name in files if not (model_dir / name).is_file()]
     if missing:
         raise OnnxModelError(
             f"{model_dir} lacks {', '.join(missing)}; export again with `tinysam export`"
         )
     return manifest
+
+
+def _manifest_files(manifest: dict, where: str) -> list[str]:
+    """Check every field the predictor reads; return the files the manifest names."""
+    field(manifest, "image_size", "an integer", where)
+    if field(manifest, "image_format", "a string", where) not in ("RGB", "BGR"):
+        raise FormatError(f"{where}: image_format must be RGB or BGR")
+    field(manifest, "mask_threshold", "a finite number", where)
+    numbers(field(manifest, "pixel_mean", "a list", where), 3, where, "pixel_mean")
+    numbers(field(manifest, "pixel_std", "a list", where), 3, where, "pixel_std")
+    files = [
+        plain_file_name(
+            field(manifest, "encoder", "an object", where).get("file"), where, "encoder.file"
+        )
+    ]
+    decoders = field(manifest, "decoders", "an object", where)
+    field(decoders, "multimask", "an object", where, "decoders.")
+    for name in decoders:
+        files.append(
+            plain_file_name(
+                field(decoders, name, "an object", where, "decoders.").get("file"),
+                where,
+                f"decoders.{name}.file",
+            )
+        )
+    inputs = field(decoders["multimask"], "inputs", "an object", where, "decoders.multimask.")
+    mask_input = field(inputs, "mask_input", "a list", where, "decoders.multimask.inputs.")
+    if len(mask_input) != 4 or not all(is_int(v) for v in mask_input[2:]):
+        raise FormatError(f"{where}: decoders.multimask.inputs.mask_input must be [B, 1, H, W]")
+    upscale = field(manifest, "upscale", "an object", where)
+    files.append(plain_file_name(upscale.get("file"), where, "upscale.file"))
+    many = field(manifest, "many_prompt_decoder", "an object", where, default=None)
+    if many is not None:
+        files.append(plain_file_name(many.get("file"), where, "many_prompt_decoder.file"))
+        files.append(
+            plain_file_name(many.get("masks_file"), where, "many_prompt_decoder.masks_file")
+        )
+    return files
 
 
 ENCODER_ENGINES = ("onnxruntime", "openvino")
