@@ -144,3 +144,14 @@ def test_thin_images_keep_a_pixel_across():
     assert resize.get_preprocess_shape(1, 5000, 1024) == (1, 1024)
     assert resize.get_preprocess_shape(5000, 2, 1024) == (1024, 1)
     assert resize.apply_image(np.zeros((1, 5000, 3), np.uint8)).shape == (1, 1024, 3)
+
+
+def test_stale_parts_of_killed_writes_are_swept(tmp_path):
+    from tinysam.io import remove_stale_parts
+
+    (tmp_path / ".a.json.k2j4h5l6.part").write_text("{half")
+    (tmp_path / ".b.json.k2j4h5l6.part").write_text("not ours to remove")
+    (tmp_path / "a.json.part").write_text("a user's file")
+    assert remove_stale_parts(tmp_path, {"a.json"}) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.json.k2j4h5l6.part", "a.json.part"]
+    assert remove_stale_parts(tmp_path / "missing", {"a.json"}) == 0

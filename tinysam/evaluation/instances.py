@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..formats import FormatError, field, is_int, is_number, numbers, require
-from ..io import atomic_write, load_image
+from ..io import atomic_write, load_image, remove_stale_parts
 from ..masks import encode_masks
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -224,6 +224,7 @@ def segment_detections(
         )
     ids = sorted(files)[:limit] if limit else sorted(files)
     _check_run(out_dir, {"detections": Path(detections).name, "single_mask": single_mask})
+    remove_stale_parts(out_dir / PARTS, {_part_path(out_dir, i).name for i in ids})
     todo = [i for i in ids if not _part_path(out_dir, i).exists()]
     if todo and not hasattr(predictor, "set_image"):
         predictor = predictor()
