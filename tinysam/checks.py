@@ -88,6 +88,14 @@ def check_points(point_coords, point_labels) -> tuple[np.ndarray, np.ndarray]:
     return coords, labels.astype(np.int64)
 
 
+def check_inside(points, width: int, height: int) -> None:
+    """Refuse (x, y) pixel points outside a WxH image: a click cannot land there, so such a
+    point is a mix-up of frames (normalised coordinates, (y, x) order, another image)."""
+    for x, y in finite_array(points, "point_coords").reshape(-1, 2):
+        if not (0 <= x < width and 0 <= y < height):
+            raise ValueError(f"point {x:g},{y:g} is outside the {width}x{height} image (X,Y order)")
+
+
 def check_box(box) -> np.ndarray:
     """Validate one XYXY box (shape 4 or 1x4) with x0 <= x1 and y0 <= y1."""
     array = finite_array(box, "box")

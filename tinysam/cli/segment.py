@@ -63,6 +63,7 @@ def _suffixed(path: Path, index: int) -> Path:
 
 
 def run_segment(args: argparse.Namespace) -> dict:
+    from ..checks import check_inside
     from ..io import load_image, save_png
     from ..visualize import draw_overlay
 
@@ -71,9 +72,7 @@ def run_segment(args: argparse.Namespace) -> dict:
     check_max_pixels(args)
     image = load_image(args.image, max_pixels=args.max_pixels)
     h, w = image.shape[:2]
-    for x, y, _ in args.point:
-        if not (0 <= x < w and 0 <= y < h):
-            raise UsageError(f"point {x:g},{y:g} is outside the {w}x{h} image (X,Y order)")
+    check_inside([p[:2] for p in args.point], w, h)
     predictor = predictor_from_args(args)
     predictor.set_image(image)
     coords = np.array([p[:2] for p in args.point]) if args.point else None

@@ -35,6 +35,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..checks import check_inside
 from ..io import ImageError, ImageTooLarge, read_image
 from ..masks import coco_rle
 from ..predictor_base import ModelOutputError
@@ -216,6 +217,9 @@ class DemoService:
         coords = np.asarray(points, np.float64) if points else None
         view = self._view(cached)
         try:
+            if points:
+                h, w = cached.image.shape[:2]
+                check_inside(points, w, h)
             masks, scores, _ = view.predict(
                 point_coords=coords,
                 point_labels=np.asarray(labels, np.float64) if points else None,
