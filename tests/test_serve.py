@@ -318,9 +318,13 @@ def post_json(port: int, path: str, payload) -> tuple[int, dict]:
 def post_image(port: int, data: bytes) -> tuple[int, dict]:
     boundary = "tinysamtestboundary"
     body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
-        f"Content-Type: image/png\r\n\r\n"
-    ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
     return call(port, "POST", "/api/images", body, headers)
 

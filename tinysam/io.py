@@ -90,7 +90,20 @@ MAX_PIXELS_ENV = "TINYSAM_MAX_PIXELS"
 
 # Pillow modes that convert("RGB") maps faithfully (8 bits a channel, or palette / 1-bit).
 _EIGHT_BIT_MODES = {
-    "1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"
+    "1",
+    "L",
+    "LA",
+    "La",
+    "P",
+    "PA",
+    "RGB",
+    "RGBA",
+    "RGBa",
+    "RGBX",
+    "CMYK",
+    "YCbCr",
+    "LAB",
+    "HSV",
 }
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 
