@@ -379,3 +379,15 @@ def test_export_errors(capsys, tmp_path, vit_t_checkpoint):
     code, _, err = run_cli(capsys, "export", "--checkpoint", missing, "--out-dir", tmp_path)
     assert code == 2 and "no.pth" in one_error_line(err, "export")
     assert not (tmp_path / "x").exists()
+
+
+def test_segment_a_thin_image(capsys, tmp_path, vit_t_checkpoint):
+    """5000x1 is a valid image: resized to 1024x1, never to zero pixels across."""
+    Image.fromarray(np.full((1, 5000, 3), 120, np.uint8)).save(tmp_path / "thin.png")
+    code, stdout, err = run_cli(
+        capsys, "segment", tmp_path / "thin.png", "--point", "100,0",
+        "--checkpoint", vit_t_checkpoint, "--out", tmp_path / "m.png",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(stdout)["size"] == [1, 5000]
+    assert np.asarray(Image.open(tmp_path / "m.png")).shape == (1, 5000)
