@@ -49,6 +49,14 @@ def _bomb(width: int, height: int, bit_depth: int = 1, color_type: int = 0) -> b
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
 
 
+def segment_fails(capsys, tmp_path, words: str, *argv) -> None:
+    """``tinysam segment ARGV``: one error line containing ``words``, exit 2, nothing written."""
+    code, out, err = run_cli(capsys, "segment", *argv, "--out", tmp_path / "m.png")
+    assert code == 2 and out == ""
+    assert words in one_error_line(err, "segment")
+    assert not (tmp_path / "m.png").exists()
+
+
 # --------------------------------------------------------------------------- files on disk
 # name -> (how to make it in a folder, words the error must contain)
 IMAGE_FILES = {
@@ -84,13 +92,7 @@ def test_segment_refuses_bad_image_files(capsys, tmp_path, vit_t_checkpoint, cas
     path = tmp_path / f"{case}.png"
     if make is not None:
         make(path)
-    code, out, err = run_cli(
-        capsys, "segment", path, "--point", "1,1", "--checkpoint", vit_t_checkpoint,
-        "--out", tmp_path / "m.png",
-    )  # fmt: skip
-    assert code == 2 and out == ""
-    assert words in one_error_line(err, "segment")
-    assert not (tmp_path / "m.png").exists()
+    segment_fails(capsys, tmp_path, words, path, "--point", "1,1", "--checkpoint", vit_t_checkpoint)
 
 
 # name -> (argv after `segment SAMPLE`, words)
@@ -116,12 +118,7 @@ PROMPTS = {
 @pytest.mark.parametrize("case", sorted(PROMPTS))
 def test_segment_refuses_bad_prompts(capsys, tmp_path, vit_t_checkpoint, case):
     argv, words = PROMPTS[case]
-    code, out, err = run_cli(
-        capsys, "segment", SAMPLE, *argv, "--checkpoint", vit_t_checkpoint,
-        "--out", tmp_path / "m.png",
-    )  # fmt: skip
-    assert code == 2 and out == ""
-    assert words in one_error_line(err, "segment")
+    segment_fails(capsys, tmp_path, words, SAMPLE, *argv, "--checkpoint", vit_t_checkpoint)
 
 
 class _NotAWeight:
@@ -174,12 +171,7 @@ def test_segment_refuses_bad_checkpoints(capsys, tmp_path, vit_t_checkpoint, cas
     path = tmp_path / ("c.safetensors" if case == "damaged_safetensors" else "c.pth")
     if make is not None:
         make(path)
-    code, out, err = run_cli(
-        capsys, "segment", SAMPLE, "--point", "10,10", "--checkpoint", path,
-        "--out", tmp_path / "m.png",
-    )  # fmt: skip
-    assert code == 2 and out == ""
-    assert words in one_error_line(err, "segment")
+    segment_fails(capsys, tmp_path, words, SAMPLE, "--point", "10,10", "--checkpoint", path)
 
 
 # --------------------------------------------------------------------------- the web API
