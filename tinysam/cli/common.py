@@ -107,6 +107,53 @@ def check_max_pixels(args: argparse.Namespace) -> None:
         raise UsageError("--max-pixels must be at least 1")
 
 
+def add_ray_args(parser: argparse.ArgumentParser) -> None:
+    """Running a many-image job on a Ray cluster (``tinysam[ray]``)."""
+    group = parser.add_argument_group("many machines (Ray; pip install 'tinysam[ray]')")
+    group.add_argument(
+        "--ray",
+        action="store_true",
+        help="run on Ray: a local cluster, or the one $RAY_ADDRESS names",
+    )
+    group.add_argument(
+        "--ray-address", metavar="ADDR", help="run on the Ray cluster at ADDR (e.g. HOST:6379)"
+    )
+    group.add_argument(
+        "--workers", type=int, default=1, help="Ray actors, each holding one model (1)"
+    )
+    group.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per Ray actor (0)")
+
+
+def uses_ray(args: argparse.Namespace) -> bool:
+    """Whether the run goes to Ray; if so, Ray must be installed (checked before any work)."""
+    if not (args.ray or args.ray_address):
+        return False
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise UsageError("--ray needs Ray: pip install 'tinysam[ray]'") from None
+    if args.workers < 1 or args.gpus_per_worker < 0:
+        raise UsageError("--workers must be at least 1 and --gpus-per-worker not negative")
+    return True
+
+
+def run_batch(job, items: list[str], args: argparse.Namespace):
+    """``job`` over ``items``: on Ray when asked (``--threads`` CPUs per worker), else here."""
+    from ..batch import run_local, run_ray
+
+    if not uses_ray(args):
+        return run_local(job, items, force=args.force)
+    return run_ray(
+        job,
+        items,
+        address=args.ray_address,
+        workers=args.workers,
+        threads=args.threads or 1,
+        gpus=args.gpus_per_worker,
+        force=args.force,
+    )
+
+
 def _check_threads(args: argparse.Namespace) -> None:
     if args.threads is not None and args.threads < 1:
         raise UsageError("--threads must be at least 1")
@@ -142,6 +189,14 @@ def torch_device(name: str, local_rank: int = 0):
 def predictor_from_args(args: argparse.Namespace):
     """The predictor the arguments ask for (``backends.load_predictor``): SamPredictor, or
     OnnxPredictor (no torch needed) for ``--backend onnx|openvino``."""
+    return predictor_spec(args)()
+
+
+def predictor_spec(args: argparse.Namespace, resolve: bool = False):
+    """``load_predictor`` with the arguments' settings, not yet called: picklable, so Ray
+    workers can each make their own. With ``resolve``, the checkpoint is found (downloaded)
+    now, once, and the workers get its path."""
+    import functools
     import os
 
     from ..backends import load_predictor
@@ -153,18 +208,32 @@ def predictor_from_args(args: argparse.Namespace):
                 f"--backend {args.backend} runs the export in --onnx-dir on the CPU"
             )
         _check_threads(args)
-        if not (args.onnx_dir or os.environ.get("TINYSAM_ONNX_DIR")):
+        onnx_dir = args.onnx_dir or os.environ.get("TINYSAM_ONNX_DIR")
+        if not onnx_dir:
             raise UsageError(
                 f"--backend {args.backend} needs --onnx-dir DIR (or $TINYSAM_ONNX_DIR), "
                 "a folder written by `tinysam export --out-dir DIR`"
             )
-        return load_predictor(args.backend, onnx_dir=args.onnx_dir, threads=args.threads)
+        onnx_dir = Path(onnx_dir).resolve() if resolve else onnx_dir
+        return functools.partial(
+            load_predictor, args.backend, onnx_dir=onnx_dir, threads=args.threads
+        )
     if args.onnx_dir is not None:
         raise UsageError("--onnx-dir is for --backend onnx or openvino")
     _check_threads(args)
-    return load_predictor(
+    checkpoint = args.checkpoint
+    if resolve and checkpoint is None:
+        from ..checkpoint import resolve_checkpoint
+
+        checkpoint = resolve_checkpoint(args.model or "vit_t", progress=sys.stderr.isatty()).path
+    return functools.partial(
+        load_predictor,
         "torch",
-        checkpoint=args.checkpoint,
+        checkpoint=None
+        if checkpoint is None
+        else Path(checkpoint).resolve()
+        if resolve
+        else checkpoint,
         model_type=args.model,
         device=torch_device(args.device),
         threads=args.threads,
@@ -206,6 +275,7 @@ _EXTRAS = {
     "fastapi": "serve",
     "uvicorn": "serve",
     "multipart": "serve",
+    "ray": "ray",
 }
 
 

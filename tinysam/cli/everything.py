@@ -12,10 +12,12 @@ from .common import (
     add_mask_filter_args,
     add_max_pixels_arg,
     add_model_args,
+    add_ray_args,
     check_max_pixels,
-    one_line,
-    predictor_from_args,
+    predictor_spec,
+    run_batch,
     strict_json,
+    uses_ray,
 )
 
 
@@ -47,12 +49,14 @@ def register(sub) -> None:
     every.add_argument("--force", action="store_true", help="redo images already done")
     add_max_pixels_arg(every)
     add_model_args(every, backend=True)
+    add_ray_args(every)
     every.set_defaults(run=run_everything, show=show_everything)
 
 
 def run_everything(args: argparse.Namespace) -> dict:
-    from ..everything import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator
+    from ..batch.runner import pending
     from ..everything.export import (
+        EverythingJob,
         check_no_clobber,
         everything_outputs,
         our_overlays,
@@ -60,6 +64,7 @@ def run_everything(args: argparse.Namespace) -> dict:
     )
     from ..io import remove_stale_parts
 
+    on_ray = uses_ray(args)
     if args.input.is_dir():
         images = sorted(p for p in args.input.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if args.out.resolve() == args.input.resolve():
@@ -80,77 +85,52 @@ def run_everything(args: argparse.Namespace) -> dict:
     except ValueError as err:
         raise UsageError(f"{err}; choose another --out") from None
     remove_stale_parts(args.out, {p.name for outputs in plan.values() for p in outputs})
-
-    todo = [image for image in images if args.force or not all(p.exists() for p in plan[image])]
-    summary = {"images": len(images), "skipped": len(images) - len(todo), "masks": 0}
-    if not todo:
-        return summary
-    predictor = predictor_from_args(args)
-    generator_class = (
-        SamHierarchicalMaskGenerator if args.mode == "hierarchical" else SamAutomaticMaskGenerator
-    )
-    generator = generator_class(
-        predictor,
+    job = EverythingJob(
+        predictor_spec(args, resolve=on_ray),
+        {str(image): [str(p) for p in outputs] for image, outputs in plan.items()},
+        mode=args.mode,
         points_per_side=args.points_per_side,
         pred_iou_thresh=args.pred_iou_thresh,
         stability_score_thresh=args.stability_thresh,
-        output_mode="coco_rle",
+        max_pixels=args.max_pixels,
     )
-    if len(todo) == 1:  # one image: say what runs, it can take a while on a CPU
-        print(
-            f"tinysam everything: {todo[0].name}: {args.mode} mode, "
-            f"{args.points_per_side}x{args.points_per_side} grid...",
-            file=sys.stderr,
+    if len(images) == 1 and not on_ray:
+        return _run_one(job, images[0], args)
+    if on_ray and pending(job, list(job.plan), args.force):
+        job.make_predictor()  # a bad checkpoint or export fails here, once, not in every worker
+    batch = run_batch(job, [str(image) for image in images], args)
+    summary = {"images": batch.items, "skipped": batch.skipped, "masks": 0}
+    summary["masks"] = sum(result["masks"] for result in batch.results)
+    if on_ray:
+        summary.update(
+            seconds=round(batch.seconds, 3),
+            images_per_second=round(batch.items_per_second, 3),
+            per_worker=batch.per_worker,
         )
-    if len(images) == 1 and len(todo) == 1:
-        written = _run_one(generator, todo[0], plan[todo[0]], args, summary)
-        return summary if written is None else {**summary, **written}
-    _run_folder(generator, todo, plan, args, summary)
+    if batch.failed:
+        summary["failed"] = [Path(item).name for item in batch.failed]
+    if batch.stopped:
+        summary["stopped"] = batch.stopped
+    if batch.done:
+        _warn_if_nothing_passed(summary, args)
     return summary
 
 
-def _run_one(generator, image: Path, outputs: list[Path], args, summary: dict) -> dict | None:
-    from ..everything.export import write_everything
-
-    written = write_everything(generator, image, outputs, args.mode, args.max_pixels)
-    summary["masks"] += written["masks"]
+def _run_one(job, image: Path, args) -> dict:
+    """One image here: its outputs named in the summary; a bad image is the error itself."""
+    summary = {"images": 1, "skipped": 0, "masks": 0}
+    if not args.force and all(p.exists() for p in job.outputs(str(image))):
+        return {**summary, "skipped": 1}
+    print(
+        f"tinysam everything: {image.name}: {args.mode} mode, "
+        f"{args.points_per_side}x{args.points_per_side} grid...",
+        file=sys.stderr,
+    )
+    job.setup()
+    written = job.run(str(image))
+    summary["masks"] = written["masks"]
     _warn_if_nothing_passed(summary, args)
-    return written
-
-
-def _run_folder(generator, todo: list[Path], plan, args, summary: dict) -> None:
-    """Every image in turn. A bad image (unreadable, too large, a directory, a broken link) is
-    reported and skipped; a failed write (disk full) stops the run; the summary says both."""
-    from tqdm.auto import tqdm
-
-    from ..everything.export import write_everything
-    from ..io import ImageError
-
-    failed = []
-    bar = tqdm(todo, unit="image", disable=not sys.stderr.isatty())
-    try:
-        for image_path in bar:
-            bar.set_postfix_str(image_path.name)
-            try:
-                written = write_everything(
-                    generator, image_path, plan[image_path], args.mode, args.max_pixels
-                )
-            except (ImageError, FileNotFoundError) as err:
-                failed.append(image_path.name)
-                tqdm.write(
-                    f"tinysam everything: skipped {image_path.name}: {one_line(err)}",
-                    file=sys.stderr,
-                )
-                continue
-            summary["masks"] += written["masks"]
-    except OSError as err:
-        summary["stopped"] = one_line(err)
-    finally:
-        bar.close()
-        if failed:
-            summary["failed"] = failed
-    if len(failed) < len(todo):
-        _warn_if_nothing_passed(summary, args)
+    return {**summary, **written}
 
 
 def _warn_if_nothing_passed(summary: dict, args) -> None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..io import atomic_write, describe_os_error, load_image, save_png
+from ..io import ImageError, atomic_write, describe_os_error, load_image, save_png
 from ..masks import decodable_rle
 
 OVERLAY_SUFFIX = ".overlay.png"
@@ -82,9 +85,8 @@ def write_everything(
         "mode": mode,
         "points_per_side": generator.points_per_side,
         "prompts": generator.stats.prompts,
-        "seconds": round(seconds, 3),
         "annotations": records,
-    }
+    }  # no timing here: the same image gives the same bytes wherever it ran
     try:
         # The overlay first: the JSON's presence marks the image as done.
         if overlay_path:
@@ -104,3 +106,45 @@ def write_everything(
     if overlay_path:
         summary["overlay"] = str(overlay_path[0])
     return summary
+
+
+@dataclass
+class EverythingJob:
+    """``tinysam everything`` for one image at a time: the per-image code of local runs and of
+    Ray workers alike (see ``tinysam.batch``). ``make_predictor`` must be picklable (e.g. a
+    ``functools.partial`` of ``tinysam.backends.load_predictor``); ``plan`` maps each image
+    path to its output paths (``everything_outputs``)."""
+
+    make_predictor: Callable[[], Any]
+    plan: dict[str, list[str]]
+    mode: str = "hierarchical"
+    points_per_side: int = 32
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    max_pixels: int | None = None
+    skippable = (ImageError, FileNotFoundError)
+
+    def outputs(self, item: str) -> list[Path]:
+        return [Path(p) for p in self.plan[item]]
+
+    def setup(self) -> None:
+        from .automatic import SamAutomaticMaskGenerator
+        from .hierarchical import SamHierarchicalMaskGenerator
+
+        generator_class = (
+            SamHierarchicalMaskGenerator
+            if self.mode == "hierarchical"
+            else SamAutomaticMaskGenerator
+        )
+        self._generator = generator_class(
+            self.make_predictor(),
+            points_per_side=self.points_per_side,
+            pred_iou_thresh=self.pred_iou_thresh,
+            stability_score_thresh=self.stability_score_thresh,
+            output_mode="coco_rle",
+        )
+
+    def run(self, item: str) -> dict[str, Any]:
+        return write_everything(
+            self._generator, Path(item), self.outputs(item), self.mode, self.max_pixels
+        )

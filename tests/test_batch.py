@@ -1,0 +1,204 @@
+"""Many images locally and on a real Ray cluster (started here, on 127.0.0.1): the same bytes,
+resuming, a killed worker retried, a corrupt image reported while the rest finish."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tinysam.backends import load_predictor
+from tinysam.batch import run_local, run_ray
+from tinysam.everything.export import EverythingJob, everything_outputs, output_names
+
+from conftest import REPO
+
+ray = pytest.importorskip("ray", reason="the ray extra: pip install 'tinysam[ray]'")
+
+SETTINGS = dict(mode="dense", points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, golden) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    for k, name in enumerate(["picture1.jpg", "picture2.jpg", "picture3.jpg"] * 2):
+        with Image.open(golden / "images" / name) as image:
+            image.resize((96 + 16 * k, 80)).save(folder / f"img{k}.png")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # The workers import this module (SlowEverythingJob) like the driver does.
+    paths = os.pathsep.join([str(REPO / "tests"), str(REPO)])
+    ray.init(
+        address="local",  # a new cluster of our own, whatever else runs on this machine
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": paths, "RAY_USAGE_STATS_ENABLED": "0"}},
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture()
+def one_thread():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def make_job(checkpoint: Path, photos: Path, out: Path, job_class=EverythingJob) -> EverythingJob:
+    images = sorted(photos.iterdir())
+    names = output_names(images)
+    plan = {str(i): [str(p) for p in everything_outputs(names[i], out, False)] for i in images}
+    spec = functools.partial(load_predictor, "torch", checkpoint=checkpoint, threads=1)
+    return job_class(spec, plan, **SETTINGS)
+
+
+def outputs_of(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.json"))}
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, vit_t_checkpoint, photos):
+    before = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("local")
+    job = make_job(vit_t_checkpoint, photos, out)
+    summary = run_local(job, list(job.plan), progress=False)
+    torch.set_num_threads(before)
+    return summary, outputs_of(out)
+
+
+def test_ray_writes_the_same_bytes_as_a_local_run(
+    cluster, local_run, vit_t_checkpoint, photos, tmp_path
+):
+    local, expected = local_run
+    assert local.done == 6 and list(local.failed) == [str(photos / "corrupt.png")]
+    assert "not an image" in local.failed[str(photos / "corrupt.png")]
+    job = make_job(vit_t_checkpoint, photos, tmp_path)
+    summary = run_ray(job, list(job.plan), workers=2, threads=1, progress=False)
+    assert summary.done == 6 and summary.skipped == 0
+    assert list(summary.failed) == [str(photos / "corrupt.png")]  # reported, the rest finished
+    assert sum(summary.per_worker.values()) == 6
+    assert outputs_of(tmp_path) == expected  # byte for byte
+
+    # A second run after an interrupted one does only what is missing.
+    for name in ("img1.json", "img4.json"):
+        (tmp_path / name).unlink()
+    again = run_ray(job, list(job.plan), workers=2, threads=1, progress=False)
+    assert again.skipped == 4 and again.done == 2  # the corrupt image is tried again
+    assert list(again.failed) == [str(photos / "corrupt.png")]
+    assert outputs_of(tmp_path) == expected
+
+
+class SlowEverythingJob(EverythingJob):
+    """Records each worker's pid (so the test can kill one) and works slowly enough to be
+    caught mid-job."""
+
+    pid_dir: str = ""
+
+    def setup(self) -> None:
+        super().setup()
+        Path(self.pid_dir, str(os.getpid())).touch()
+
+    def run(self, item: str):
+        time.sleep(1.0)
+        return super().run(item)
+
+
+def test_a_killed_worker_is_retried_and_the_job_completes(
+    cluster, local_run, vit_t_checkpoint, photos, tmp_path
+):
+    _, expected = local_run
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    out = tmp_path / "out"
+    job = make_job(vit_t_checkpoint, photos, out, SlowEverythingJob)
+    job.pid_dir = str(pids)
+    result = {}
+
+    def drive() -> None:
+        result["summary"] = run_ray(job, list(job.plan), workers=1, threads=1, progress=False)
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    for _ in range(600):  # up to 60 s for the worker to start and finish one image
+        if list(out.glob("*.json")):
+            break
+        time.sleep(0.1)
+    victims = [int(p.name) for p in pids.iterdir()]
+    assert victims, "no worker started"
+    os.kill(victims[0], signal.SIGKILL)
+    driver.join(timeout=300)
+    assert not driver.is_alive()
+    summary = result["summary"]
+    assert summary.stopped is None and summary.done == 6, summary
+    assert len(list(pids.iterdir())) >= 2  # Ray started a new worker
+    assert outputs_of(out) == expected
+
+
+def test_cli_on_a_cluster_started_with_ray_start(local_run, vit_t_checkpoint, photos, tmp_path):
+    """`ray start --head` on 127.0.0.1, then `tinysam everything --ray-address` joins it."""
+    _, expected = local_run
+    import socket
+
+    ray.shutdown()  # this process's own cluster, if an earlier test started one
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Ray >= 2.52 protects a cluster with a token (~/.ray/auth_token); clients opt in.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+         "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false",
+         "--disable-usage-stats"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        out = tmp_path / "out"
+        command = [
+            sys.executable, "-m", "tinysam.cli", "everything", str(photos), "--out", str(out),
+            "--checkpoint", str(vit_t_checkpoint), "--threads", "1", "--mode", "dense",
+            "--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-thresh", "0",
+            "--ray-address", f"127.0.0.1:{port}", "--workers", "2",
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 2, done.stderr  # the corrupt image
+        summary = json.loads(done.stdout)
+        assert summary["failed"] == ["corrupt.png"] and summary["images"] == 7
+        assert sum(summary["per_worker"].values()) == 6
+        assert "1 image(s) could not be read: corrupt.png" in done.stderr
+        assert outputs_of(out) == expected
+    finally:
+        head.terminate()  # --block: stopping it stops the processes it started, only those
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        head.stderr.close()
+
+
+def test_without_ray_the_cli_names_the_extra(capsys, tmp_path, photos, monkeypatch):
+    from conftest import one_error_line, run_cli
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    code, _, err = run_cli(
+        capsys, "everything", photos, "--out", tmp_path, "--ray", "--checkpoint", "x.pth"
+    )
+    assert code == 2 and "pip install 'tinysam[ray]'" in one_error_line(err, "everything")

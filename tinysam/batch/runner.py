@@ -1,0 +1,206 @@
+"""Run a job over many items (image paths, image ids) in this process or on a Ray cluster.
+
+A *job* is the per-item code, the same object on both paths (no second implementation):
+
+- ``outputs(item)``: the files a finished item leaves; an item whose outputs all exist is done,
+  so a run that was killed (driver or worker) resumes with what is missing;
+- ``setup()``: once per process that works (loads the model);
+- ``run(item)``: do one item, write its outputs atomically, return a small JSON-able dict;
+- ``skippable``: the exception types that mean "this item is bad" (reported, never fatal).
+
+Locally the items run in turn with a progress bar. With Ray, Ray Data streams them to a pool of
+actors, each holding one job (one model) with ``threads`` CPUs (``gpus`` GPUs); workers read
+the items themselves (paths must be visible to every node), a dead actor is restarted and its
+item retried by Ray. Both return the same ``BatchSummary``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+
+class Job(Protocol):
+    skippable: tuple[type[BaseException], ...]
+
+    def outputs(self, item: str) -> list: ...
+
+    def setup(self) -> None: ...
+
+    def run(self, item: str) -> dict[str, Any]: ...
+
+
+@dataclass
+class BatchSummary:
+    """What a run did: counts, throughput, who did what, and what failed (with why)."""
+
+    items: int = 0
+    skipped: int = 0  # already done by an earlier run
+    done: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # item -> one-line reason
+    seconds: float = 0.0
+    per_worker: dict[str, int] = field(default_factory=dict)
+    results: list[dict[str, Any]] = field(default_factory=list)  # each done item's run() dict
+    stopped: str | None = None  # why the run stopped early (a failed write: disk full, ...)
+
+    @property
+    def items_per_second(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self, results: bool = False) -> dict[str, Any]:
+        out = asdict(self)
+        if not results:
+            out.pop("results")
+        out["seconds"] = round(self.seconds, 3)
+        out["items_per_second"] = round(self.items_per_second, 3)
+        return out
+
+
+def pending(job: Job, items: list[str], force: bool = False) -> list[str]:
+    """The items whose outputs are not all there yet (all of them with ``force``)."""
+    if force:
+        return list(items)
+    return [i for i in items if not all(os.path.exists(p) for p in job.outputs(i))]
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    # Ray wraps a worker's exception in a traceback; its last line is the error itself.
+    return (lines[-1] if lines else type(err).__name__).strip()
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _attempt(job: Job, item: str) -> dict[str, Any]:
+    """One item, as a row: status ok / failed (a skippable error) with its reason."""
+    try:
+        result = job.run(item)
+    except job.skippable as err:
+        reason = (str(err) or type(err).__name__).splitlines()[0]
+        return {"item": item, "status": "failed", "error": reason, "worker": worker_name()}
+    return {"item": item, "status": "ok", "result": result, "worker": worker_name()}
+
+
+def _progress(total: int, desc: str, show: bool | None):
+    from tqdm.auto import tqdm
+
+    show = sys.stderr.isatty() if show is None else show
+    return tqdm(total=total, unit="image", desc=desc, disable=not show or total <= 1)
+
+
+def _record(summary: BatchSummary, row: dict[str, Any], bar) -> None:
+    if row["status"] == "ok":
+        summary.done += 1
+        summary.results.append(row["result"])
+        summary.per_worker[row["worker"]] = summary.per_worker.get(row["worker"], 0) + 1
+    else:
+        summary.failed[row["item"]] = row["error"]
+        bar.write(
+            f"tinysam: skipped {os.path.basename(row['item'])}: {row['error']}", file=sys.stderr
+        )
+    bar.update()
+
+
+def run_local(
+    job: Job, items: list[str], force: bool = False, progress: bool | None = None
+) -> BatchSummary:
+    """Every pending item in this process, in order."""
+    todo = pending(job, items, force)
+    summary = BatchSummary(items=len(items), skipped=len(items) - len(todo))
+    if not todo:
+        return summary
+    start = time.perf_counter()
+    job.setup()
+    with _progress(len(todo), "local", progress) as bar:
+        try:
+            for item in todo:
+                _record(summary, _attempt(job, item), bar)
+        except OSError as err:  # not the item's fault: the run cannot go on
+            summary.stopped = _one_line(err)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+class _RayWorker:
+    """A Ray Data actor: one job (one model), rows of items in, rows of outcomes out."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        job.setup()
+
+    def __call__(self, batch: dict) -> dict:
+        import json
+
+        rows = [_attempt(self.job, str(item)) for item in batch["item"]]
+        return {
+            "item": [r["item"] for r in rows],
+            "status": [r["status"] for r in rows],
+            "error": [r.get("error", "") for r in rows],
+            "worker": [r["worker"] for r in rows],
+            "result": [json.dumps(r.get("result")) for r in rows],
+        }
+
+
+def run_ray(
+    job: Job,
+    items: list[str],
+    *,
+    address: str | None = None,
+    workers: int = 1,
+    threads: int = 1,
+    gpus: float = 0,
+    force: bool = False,
+    progress: bool | None = None,
+) -> BatchSummary:
+    """Every pending item on a Ray cluster: ``address`` ``None`` starts a local one (or joins
+    the one ``$RAY_ADDRESS`` names); ``workers`` actors, each with ``threads`` CPUs and
+    ``gpus`` GPUs. A worker that dies is restarted and its items retried by Ray."""
+    import json
+
+    # Our progress bar and summary say what Ray Data and the core workers would log.
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
+    import ray
+
+    todo = pending(job, items, force)
+    summary = BatchSummary(items=len(items), skipped=len(items) - len(todo))
+    if not todo:
+        return summary
+    start = time.perf_counter()
+    if not ray.is_initialized():
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level="ERROR",
+            configure_logging=True,
+        )
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.verbose_progress = False
+    dataset = ray.data.from_items([{"item": item} for item in todo], override_num_blocks=len(todo))
+    outcomes = dataset.map_batches(
+        _RayWorker,
+        fn_constructor_kwargs={"job": job},
+        batch_size=1,
+        concurrency=workers,
+        num_cpus=threads,
+        num_gpus=gpus or None,
+    )
+    with _progress(len(todo), f"ray x{workers}", progress) as bar:
+        try:
+            for row in outcomes.iter_rows():
+                row = dict(row)
+                if row["status"] == "ok":
+                    row["result"] = json.loads(row["result"])
+                _record(summary, row, bar)
+        except Exception as err:  # a worker's non-item error, after Ray's retries
+            summary.stopped = _one_line(err)
+    summary.seconds = time.perf_counter() - start
+    return summary
