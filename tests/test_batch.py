@@ -202,3 +202,89 @@ def test_without_ray_the_cli_names_the_extra(capsys, tmp_path, photos, monkeypat
         capsys, "everything", photos, "--out", tmp_path, "--ray", "--checkpoint", "x.pth"
     )
     assert code == 2 and "pip install 'tinysam[ray]'" in one_error_line(err, "everything")
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory, vit_t_checkpoint, photos):
+    """`tinysam embed` of the photos, run locally (one thread, as the Ray workers)."""
+    from conftest import run_cli
+
+    before = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("embeddings")
+
+    class Capture:  # run_cli's capsys, without a test function around it
+        def readouterr(self):
+            return "", ""
+
+    code = run_cli(
+        Capture(), "embed", photos, "--out", out, "--checkpoint", vit_t_checkpoint,
+        "--threads", "1",
+    )[0]  # fmt: skip
+    torch.set_num_threads(before)
+    return code, out
+
+
+def test_embed_writes_loadable_embeddings_and_an_index(embedded, photos, vit_t_model):
+    from tinysam import SamPredictor
+    from tinysam.embeddings import file_sha256, load_embedding, read_index
+    from tinysam.io import load_image
+
+    code, out = embedded
+    assert code == 2  # the corrupt image is reported
+    assert sorted(p.name for p in out.glob("*.npz")) == [f"img{k}.npz" for k in range(6)]
+    index = read_index(out)
+    data = (photos / "img3.png").read_bytes()
+    assert index[file_sha256(data)] == out / "img3.npz"
+
+    fresh = SamPredictor(vit_t_model)
+    fresh.set_image(load_image(photos / "img3.png"))
+    loaded = SamPredictor(vit_t_model)
+    loaded.restore_image_state(load_embedding(out / "img3.npz"))
+    assert loaded.original_size == fresh.original_size and loaded.input_size == fresh.input_size
+    prompt = {"point_coords": [[40.0, 30.0]], "point_labels": [1]}
+    masks_a, scores_a, _ = fresh.predict(**prompt)
+    masks_b, scores_b, _ = loaded.predict(**prompt)
+    assert (masks_a == masks_b).mean() > 0.999
+    assert scores_a == pytest.approx(scores_b, abs=1e-4)  # 2 threads vs 1 in the encoder
+
+
+def test_embed_on_ray_gives_the_same_arrays(cluster, embedded, vit_t_checkpoint, photos, tmp_path):
+    import numpy as np
+
+    from tinysam.embeddings import EmbeddingJob, load_embedding
+
+    _, local = embedded
+    images = sorted(photos.iterdir())
+    plan = {str(i): str(tmp_path / f"{i.stem}.npz") for i in images}
+    spec = functools.partial(load_predictor, "torch", checkpoint=vit_t_checkpoint, threads=1)
+    summary = run_ray(EmbeddingJob(spec, plan), list(plan), workers=2, threads=1, progress=False)
+    assert summary.done == 6 and len(summary.failed) == 1
+    for k in range(6):
+        a = load_embedding(local / f"img{k}.npz")
+        b = load_embedding(tmp_path / f"img{k}.npz")
+        assert np.array_equal(a.features, b.features)
+
+
+def test_serve_answers_known_uploads_without_encoding(embedded, photos, vit_t_model):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from tinysam import SamPredictor
+    from tinysam.embeddings import read_index
+    from tinysam.serve.app import DemoService, create_app
+
+    _, out = embedded
+    with_index = DemoService(SamPredictor(vit_t_model), embeddings=read_index(out))
+    plain = DemoService(SamPredictor(vit_t_model))
+    data = (photos / "img2.png").read_bytes()
+    answers = []
+    for service in (with_index, plain):
+        client = TestClient(create_app(service))
+        image_id = client.post("/api/images", files={"file": ("a.png", data)}).json()["image_id"]
+        click = {"points": [[50, 40]], "labels": [1]}
+        answers.append(client.post(f"/api/images/{image_id}/predict", json=click).json())
+    assert with_index.precomputed == 1 and plain.precomputed == 0
+    assert answers[0]["score"] == pytest.approx(answers[1]["score"], abs=1e-4)

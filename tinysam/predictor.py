@@ -71,6 +71,9 @@ class SamPredictor(PredictorBase):
     def _numpy(value) -> np.ndarray:
         return value.cpu().numpy()
 
+    def _backend_array(self, value) -> torch.Tensor:
+        return torch.as_tensor(value, dtype=torch.float32, device=self.device)
+
     @torch.no_grad()
     def predict_torch(
         self,

@@ -103,6 +103,10 @@ class PredictorBase(ABC):
     def _numpy(value) -> np.ndarray:
         """A backend array as numpy."""
 
+    def _backend_array(self, value):
+        """An array (e.g. a saved embedding, numpy) as this backend's array type."""
+        return value
+
     # ------------------------------------------------------------------ image
 
     def set_image(self, image: np.ndarray | Image.Image, image_format: str = "RGB") -> None:
@@ -131,7 +135,7 @@ class PredictorBase(ABC):
     def restore_image_state(self, state: ImageState) -> None:
         """Make a saved image current again, as if ``set_image`` had just encoded it."""
         self.reset_image()  # drops per-image helpers (e.g. the many-prompt decoder's work)
-        self.features = state.features
+        self.features = self._backend_array(state.features)
         self.original_size = tuple(state.original_size)
         self.input_size = tuple(state.input_size)
         self.is_image_set = True

@@ -15,6 +15,7 @@ from ..version import __version__
 from . import (
     bench,
     distill,
+    embed,
     evaluate,
     everything,
     export,
@@ -32,7 +33,7 @@ from .common import (
     print_json,
 )
 
-COMMANDS = (segment, info, everything, export, distill, quantize, evaluate, bench, serve)
+COMMANDS = (segment, info, everything, embed, export, distill, quantize, evaluate, bench, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

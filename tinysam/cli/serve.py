@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .common import add_model_args, predictor_from_args
 
@@ -45,6 +46,11 @@ def register(sub) -> None:
     serve.add_argument(
         "--everything-points", type=int, default=32, help="everything-mode grid per side (32)"
     )
+    serve.add_argument(
+        "--embeddings",
+        type=Path,
+        help="a folder written by `tinysam embed`: uploads of those images skip the encoder",
+    )
     add_model_args(serve, backend=True)
 
     serve.set_defaults(run=run_serve)
@@ -76,6 +82,7 @@ def run_serve(args: argparse.Namespace) -> None:
         max_json_bytes=args.max_json_kb << 10,
         max_points=args.max_points,
         busy_timeout=args.busy_timeout,
+        embeddings=_embeddings(args.embeddings),
     )
     if not is_loopback(args.host):
         print(
@@ -84,6 +91,18 @@ def run_serve(args: argparse.Namespace) -> None:
         )
     print(f"tinysam serve: {url(args.host, args.port)} (API docs at /docs)", file=sys.stderr)
     run(service, args.host, args.port)
+
+
+def _embeddings(folder) -> dict:
+    from ..embeddings import read_index
+    from .common import UsageError
+
+    if folder is None:
+        return {}
+    try:
+        return read_index(folder)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def is_loopback(host: str) -> bool:

@@ -16,7 +16,6 @@ reading), JSON body bytes, image pixels, points per click.
 import asyncio
 import base64
 import copy
-import hashlib
 import io
 import json
 import logging
@@ -36,6 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..checks import check_inside
+from ..embeddings import file_sha256, load_embedding
 from ..io import ImageError, ImageTooLarge, read_image
 from ..masks import coco_rle
 from ..predictor_base import ModelOutputError
@@ -112,6 +112,7 @@ class DemoService:
         max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
         max_points: int = DEFAULT_MAX_POINTS,
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT_S,
+        embeddings: dict | None = None,
     ) -> None:
         self.predictor = predictor
         self.cache = EmbeddingCache(cache_bytes)
@@ -121,6 +122,9 @@ class DemoService:
         self.max_json_bytes = max_json_bytes
         self.max_points = max_points
         self.busy_timeout = busy_timeout
+        # Upload id (SHA-256 prefix) -> an embedding file of `tinysam embed`: no encoding.
+        self.embeddings = embeddings or {}
+        self.precomputed = 0  # uploads answered from self.embeddings
         self.cancelled = 0  # everything runs abandoned (client gone, or shutting down)
         self._heavy = threading.Semaphore(1)
         self._busy = False
@@ -159,6 +163,7 @@ class DemoService:
             "cached_images": len(self.cache),
             "busy": self._busy,
             "cancelled": self.cancelled,
+            "precomputed": self.precomputed,
         }
 
     def add_image(self, data: bytes) -> dict[str, Any]:
@@ -168,17 +173,36 @@ class DemoService:
                 f"upload is {len(data)} bytes, more than the server's limit of "
                 f"{self.max_upload_bytes}",
             )
-        image_id = hashlib.sha256(data).hexdigest()[:32]
+        image_id = file_sha256(data)
         cached = self.cache.get(image_id)
         if cached is None:
             image = decode_upload(data, self.max_pixels)
-            with self._heavy_turn():
-                view = self._view()
-                view.set_image(image)
-                cached = capture(view, image)
+            cached = self._precomputed(image_id, image)
+            if cached is None:
+                with self._heavy_turn():
+                    view = self._view()
+                    view.set_image(image)
+                    cached = capture(view, image)
             self.cache.put(image_id, cached)
         h, w = cached.image.shape[:2]
         return {"image_id": image_id, "width": w, "height": h}
+
+    def _precomputed(self, image_id: str, image: np.ndarray):
+        """The upload's embedding from ``tinysam embed``, if there is one and it fits."""
+        path = self.embeddings.get(image_id)
+        if path is None:
+            return None
+        try:
+            state = load_embedding(path)
+        except ValueError:
+            logging.getLogger("tinysam.serve").warning("unusable embedding %s; encoding", path)
+            return None
+        if tuple(state.original_size) != image.shape[:2]:
+            return None
+        view = self._view()
+        view.restore_image_state(state)
+        self.precomputed += 1
+        return capture(view, image)
 
     def _cached(self, image_id: str):
         cached = self.cache.get(image_id)
