@@ -46,6 +46,13 @@ class BatchSummary:
     per_worker: dict[str, int] = field(default_factory=dict)
     results: list[dict[str, Any]] = field(default_factory=list)  # each done item's run() dict
     stopped: str | None = None  # why the run stopped early (a failed write: disk full, ...)
+    first_seconds: float = 0.0  # until the first item finished: start-up (model load, actors)
+
+    @property
+    def steady_items_per_second(self) -> float:
+        """The rate after the first item: what more images (or workers) would get."""
+        rest = self.seconds - self.first_seconds
+        return (self.done - 1) / rest if self.done > 1 and rest > 0 else 0.0
 
     @property
     def items_per_second(self) -> float:
@@ -56,7 +63,9 @@ class BatchSummary:
         if not results:
             out.pop("results")
         out["seconds"] = round(self.seconds, 3)
+        out["first_seconds"] = round(self.first_seconds, 3)
         out["items_per_second"] = round(self.items_per_second, 3)
+        out["steady_items_per_second"] = round(self.steady_items_per_second, 3)
         return out
 
 
@@ -121,6 +130,7 @@ def run_local(
         try:
             for item in todo:
                 _record(summary, _attempt(job, item), bar)
+                summary.first_seconds = summary.first_seconds or time.perf_counter() - start
         except OSError as err:  # not the item's fault: the run cannot go on
             summary.stopped = _one_line(err)
     summary.seconds = time.perf_counter() - start
@@ -200,6 +210,7 @@ def run_ray(
                 if row["status"] == "ok":
                     row["result"] = json.loads(row["result"])
                 _record(summary, row, bar)
+                summary.first_seconds = summary.first_seconds or time.perf_counter() - start
         except Exception as err:  # a worker's non-item error, after Ray's retries
             summary.stopped = _one_line(err)
     summary.seconds = time.perf_counter() - start
