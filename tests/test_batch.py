@@ -288,3 +288,51 @@ def test_serve_answers_known_uploads_without_encoding(embedded, photos, vit_t_mo
         answers.append(client.post(f"/api/images/{image_id}/predict", json=click).json())
     assert with_index.precomputed == 1 and plain.precomputed == 0
     assert answers[0]["score"] == pytest.approx(answers[1]["score"], abs=1e-4)
+
+
+# --------------------------------------------------------------------------- boxes -> masks
+
+
+def test_boxes_to_masks_locally_and_on_ray_give_the_same_results(
+    cluster, vit_t_checkpoint, tmp_path
+):
+    """`tinysam boxes` on a COCO annotations file: the masks of its boxes, as COCO results,
+    the same bytes from a local run and from two Ray workers (a killed-and-resumed local run
+    too); a missing image is reported, the rest finish."""
+    from test_evaluation import write_dataset
+
+    from conftest import run_cli
+
+    class Quiet:
+        def readouterr(self):
+            return "", ""
+
+    annotations, images = write_dataset(tmp_path / "data")
+    gt = json.loads(annotations.read_text())
+    gt["images"].append({"id": 9, "file_name": "missing.png", "height": 10, "width": 10})
+    gt["annotations"].append(
+        {"id": 99, "image_id": 9, "category_id": 1, "bbox": [1, 1, 3, 3], "area": 9}
+    )
+    annotations.write_text(json.dumps(gt))
+    common = ["--images", images, "--checkpoint", vit_t_checkpoint, "--threads", "1"]
+    before = torch.get_num_threads()
+    code, _, _ = run_cli(Quiet(), "boxes", annotations, "--out", tmp_path / "local", *common)
+    torch.set_num_threads(before)
+    assert code == 2  # the missing image
+    local = json.loads((tmp_path / "local" / "results.json").read_text())
+    assert len(local) == 6 and {r["image_id"] for r in local} == {1, 2, 3}
+    assert all(r["score"] == 1.0 and r["segmentation"]["size"] for r in local)
+
+    summary = run_cli(
+        Quiet(), "boxes", annotations, "--out", tmp_path / "ray", *common,
+        "--ray", "--workers", "2",
+    )  # fmt: skip
+    assert summary[0] == 2
+    assert (tmp_path / "ray" / "results.json").read_bytes() == (
+        tmp_path / "local" / "results.json"
+    ).read_bytes()
+
+    (tmp_path / "local" / "parts" / "2.json").unlink()  # as if killed before image 2
+    code, _, _ = run_cli(Quiet(), "boxes", annotations, "--out", tmp_path / "local", *common)
+    torch.set_num_threads(before)
+    assert (tmp_path / "local" / "results.json").read_text() == json.dumps(local)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from ..version import __version__
 from . import (
     bench,
+    boxes,
     distill,
     embed,
     evaluate,
@@ -33,7 +34,19 @@ from .common import (
     print_json,
 )
 
-COMMANDS = (segment, info, everything, embed, export, distill, quantize, evaluate, bench, serve)
+COMMANDS = (
+    segment,
+    info,
+    everything,
+    boxes,
+    embed,
+    export,
+    distill,
+    quantize,
+    evaluate,
+    bench,
+    serve,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

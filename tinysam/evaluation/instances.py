@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..formats import FormatError, field, is_int, is_number, numbers, require
-from ..io import atomic_write, load_image, remove_stale_parts
+from ..io import ImageError, atomic_write, load_image, remove_stale_parts
 from ..masks import encode_masks
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -171,6 +171,20 @@ def load_detections(path: str | os.PathLike, min_score: float = 0.0) -> dict[int
     return dict(grouped)
 
 
+def detections_from_annotations(gt: dict) -> dict[int, list[Detection]]:
+    """A (checked) annotations file's boxes as detections of score 1: the masks step of
+    auto-annotation when the boxes come from people or another tool."""
+    grouped: dict[int, list[Detection]] = defaultdict(list)
+    for ann in gt.get("annotations", []):
+        if "bbox" not in ann:
+            continue
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        grouped[int(ann["image_id"])].append(
+            Detection(int(ann.get("category_id", 0)), 1.0, (x, y, x + w, y + h))
+        )
+    return dict(grouped)
+
+
 def segment_boxes(
     predictor, image: np.ndarray, boxes_xyxy: np.ndarray, single_mask: bool = False
 ) -> np.ndarray:
@@ -223,23 +237,57 @@ def segment_detections(
             f"(e.g. {min(unknown)}): detections and annotations are from different datasets"
         )
     ids = sorted(files)[:limit] if limit else sorted(files)
-    _check_run(out_dir, {"detections": Path(detections).name, "single_mask": single_mask})
+    check_run_settings(out_dir, {"detections": Path(detections).name, "single_mask": single_mask})
     remove_stale_parts(out_dir / PARTS, {_part_path(out_dir, i).name for i in ids})
     todo = [i for i in ids if not _part_path(out_dir, i).exists()]
-    if todo and not hasattr(predictor, "set_image"):
-        predictor = predictor()
+    job = BoxesJob(
+        predictor if not hasattr(predictor, "set_image") else (lambda: predictor),
+        str(images_dir),
+        files,
+        {i: by_image.get(i, []) for i in ids},
+        str(out_dir),
+        single_mask,
+    )
+    if todo:
+        job.setup()  # the predictor is made now, once the files are checked
     show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(todo, unit="image", desc="segmenting boxes", disable=not show)
-    for image_id in bar:
-        dets = by_image.get(image_id, [])
+    for image_id in tqdm(todo, unit="image", desc="segmenting boxes", disable=not show):
+        job.run(str(image_id))
+        if after_image is not None:
+            after_image(image_id)
+    return merge_parts(out_dir, ids)
+
+
+@dataclass
+class BoxesJob:
+    """Boxes to masks for one image at a time: the per-image code of ``segment_detections``
+    and of ``tinysam boxes`` (locally or on Ray workers, see ``tinysam.batch``). Items are
+    image ids (as strings); each writes ``OUT/parts/<id>.json`` (COCO results with masks)."""
+
+    make_predictor: Callable[[], Any]
+    images_dir: str
+    files: dict[int, str]
+    detections: dict[int, list[Detection]]
+    out_dir: str
+    single_mask: bool = False
+    max_pixels: int | None = None
+    skippable = (ImageError, FileNotFoundError)
+
+    def outputs(self, item: str) -> list[Path]:
+        return [_part_path(Path(self.out_dir), int(item))]
+
+    def setup(self) -> None:
+        self._predictor = self.make_predictor()
+
+    def run(self, item: str) -> dict[str, Any]:
+        image_id = int(item)
+        dets = self.detections.get(image_id, [])
+        rles = []
         if dets:
-            path = Path(images_dir) / files[image_id]
-            image = load_image(path)
+            path = Path(self.images_dir) / self.files[image_id]
+            image = load_image(path, max_pixels=self.max_pixels)
             boxes = np.array([d.box_xyxy for d in dets], np.float32)
-            masks = segment_boxes(predictor, image, boxes, single_mask)
-            rles = encode_masks(masks)
-        else:
-            rles = []
+            rles = encode_masks(segment_boxes(self._predictor, image, boxes, self.single_mask))
         results = [
             {
                 "image_id": image_id,
@@ -249,14 +297,12 @@ def segment_detections(
             }
             for d, r in zip(dets, rles)
         ]
-        with atomic_write(_part_path(out_dir, image_id), "w") as f:
+        with atomic_write(self.outputs(item)[0], "w") as f:
             json.dump(results, f, allow_nan=False)
-        if after_image is not None:
-            after_image(image_id)
-    return merge_parts(out_dir, ids)
+        return {"image_id": image_id, "masks": len(results)}
 
 
-def _check_run(out_dir: Path, settings: dict) -> None:
+def check_run_settings(out_dir: Path, settings: dict) -> None:
     """Parts of a run with other settings must not mix with this one's (resume only the same
     run). The model is the caller's to keep the same."""
     path = out_dir / RUN
