@@ -40,19 +40,25 @@ def photos(tmp_path_factory, golden) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    # The workers import this module (SlowEverythingJob) like the driver does.
-    paths = os.pathsep.join([str(REPO / "tests"), str(REPO)])
-    ray.init(
-        address="local",  # a new cluster of our own, whatever else runs on this machine
-        num_cpus=2,
-        include_dashboard=False,
-        logging_level="ERROR",
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": paths, "RAY_USAGE_STATS_ENABLED": "0"}},
-    )
+def _cluster_teardown():
     yield
     ray.shutdown()
+
+
+@pytest.fixture()
+def cluster(_cluster_teardown):
+    """A local Ray cluster of this process's own (started again if a test shut it down)."""
+    if not ray.is_initialized():
+        # The workers import this module (SlowEverythingJob) like the driver does.
+        paths = os.pathsep.join([str(REPO / "tests"), str(REPO)])
+        ray.init(
+            address="local",  # a new cluster of our own, whatever else runs on this machine
+            num_cpus=2,
+            include_dashboard=False,
+            logging_level="ERROR",
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": paths, "RAY_USAGE_STATS_ENABLED": "0"}},
+        )
 
 
 @pytest.fixture()
@@ -336,3 +342,46 @@ def test_boxes_to_masks_locally_and_on_ray_give_the_same_results(
     code, _, _ = run_cli(Quiet(), "boxes", annotations, "--out", tmp_path / "local", *common)
     torch.set_num_threads(before)
     assert (tmp_path / "local" / "results.json").read_text() == json.dumps(local)
+
+
+# --------------------------------------------------------------------------- teacher cache
+
+
+def test_cache_teacher_sharded_over_ray_workers(cluster, tmp_path):
+    """`distill cache-teacher --ray`: shards spread over two workers, read back by the trainer's
+    reader (checksums verified) with the embeddings the single-process cache holds."""
+    import numpy as np
+
+    from tinysam.distill.models import small_teacher
+    from tinysam.distill.synthetic import write_synthetic_sa1b
+    from tinysam.distill.teacher_cache import TeacherEmbeddings
+
+    from conftest import run_cli
+
+    class Quiet:
+        def readouterr(self):
+            return "", ""
+
+    data = write_synthetic_sa1b(tmp_path / "sa1b", 5, size=(96, 128), seed=4)
+    torch.save(small_teacher(128).state_dict(), tmp_path / "teacher.pt")
+    common = [
+        "distill", "cache-teacher", "--teacher", "small", "--checkpoint", tmp_path / "teacher.pt",
+        "--data", data, "--image-size", "128", "--shard-size", "2", "--device", "cpu",
+    ]  # fmt: skip
+    assert run_cli(Quiet(), *common, "--out", tmp_path / "local")[0] == 0
+    code = run_cli(Quiet(), *common, "--out", tmp_path / "ray", "--ray", "--workers", "2")[0]
+    assert code == 0
+    local = TeacherEmbeddings(tmp_path / "local")
+    spread = TeacherEmbeddings(tmp_path / "ray")
+    assert len(spread) == len(local) == 5 and len(spread.index["shards"]) == 3
+    for name in local.where:
+        np.testing.assert_allclose(spread[name].numpy(), local[name].numpy(), atol=2e-3)
+
+    # Resume: a lost shard is the only one done again.
+    (tmp_path / "ray" / "shard_00001.json").unlink()
+    before = (tmp_path / "ray" / "shard_00000.npy").stat().st_mtime_ns
+    assert run_cli(Quiet(), *common, "--out", tmp_path / "ray", "--ray")[0] == 0
+    assert (tmp_path / "ray" / "shard_00000.npy").stat().st_mtime_ns == before
+    assert len(TeacherEmbeddings(tmp_path / "ray")) == 5
+    code, _, _ = run_cli(Quiet(), *common, "--out", tmp_path / "local", "--ray")
+    assert code == 2  # a folder cached without --ray is not mixed with a sharded one

@@ -168,9 +168,10 @@ def run_ray(
     force: bool = False,
     progress: bool | None = None,
 ) -> BatchSummary:
-    """Every pending item on a Ray cluster: ``address`` ``None`` starts a local one (or joins
-    the one ``$RAY_ADDRESS`` names); ``workers`` actors, each with ``threads`` CPUs and
-    ``gpus`` GPUs. A worker that dies is restarted and its items retried by Ray."""
+    """Every pending item on a Ray cluster. ``address`` ``None`` joins the one
+    ``$RAY_ADDRESS`` names, else starts a local one (``"auto"`` joins the one ``ray start``
+    started on this machine). ``workers`` actors, each with ``threads`` CPUs and ``gpus``
+    GPUs; a worker that dies is restarted and its items retried by Ray."""
     import json
 
     # Our progress bar and summary say what Ray Data and the core workers would log.
@@ -185,7 +186,8 @@ def run_ray(
     start = time.perf_counter()
     if not ray.is_initialized():
         ray.init(
-            address=address,
+            # None: $RAY_ADDRESS, else a new local cluster (never a stale one from `ray start`).
+            address=address or os.environ.get("RAY_ADDRESS") or "local",
             include_dashboard=False,
             log_to_driver=False,
             logging_level="ERROR",

@@ -13,7 +13,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .common import Parser
+from .common import Parser, add_ray_args, uses_ray
 
 TRAIN_EPILOG = """\
 examples:
@@ -59,6 +59,9 @@ def register(sub) -> None:
     )
     cache.add_argument("--shard-size", type=int, default=64, help="embeddings per shard (64)")
     cache.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto)")
+    cache.add_argument("--threads", type=int, help="CPU threads (per Ray worker with --ray)")
+    add_ray_args(cache)
+    cache.set_defaults(force=False)
 
     train = steps.add_parser(
         "train",
@@ -149,6 +152,8 @@ def _cache_teacher(args) -> dict:
 
     if args.shard_size < 1:
         raise UsageError("--shard-size must be at least 1")
+    if uses_ray(args):
+        return _cache_teacher_on_ray(args)
     device = torch_device(args.device)
     dataset = SA1BDataset(args.data, args.image_size)
     names = [entry.name for entry in dataset.entries]
@@ -175,6 +180,59 @@ def _cache_teacher(args) -> dict:
         "shards": len(index["shards"]),
         "out": str(args.out),
     }
+
+
+def _cache_teacher_on_ray(args) -> dict:
+    """The shards spread over Ray workers (``TeacherCacheJob``); the index written at the end."""
+    from ..distill.data import SA1BDataset
+    from ..distill.teacher_cache import (
+        TeacherCacheJob,
+        chunks,
+        read_index,
+        write_sharded_index,
+    )
+    from .common import UsageError, run_batch, torch_device
+
+    index = read_index(args.out)
+    if index is not None and index.get("shard_size") != args.shard_size:
+        how = "without --ray" if "shard_size" not in index else "with another --shard-size"
+        raise UsageError(f"{args.out} was cached {how}; use another --out")
+    if index is not None and index.get("teacher") != args.teacher:
+        held = index.get("teacher")
+        raise UsageError(f"{args.out} holds embeddings of {held}; use another --out")
+    names = [entry.name for entry in SA1BDataset(args.data, args.image_size).entries]
+    device = torch_device(args.device)
+    if device.type == "cuda" and not args.gpus_per_worker:
+        args.gpus_per_worker = 1
+    job = TeacherCacheJob(
+        str(args.data.resolve()),
+        str(args.out.resolve()),
+        args.teacher,
+        None if args.checkpoint is None else str(args.checkpoint.resolve()),
+        args.image_size,
+        args.shard_size,
+        names,
+        "cuda" if device.type == "cuda" else "cpu",
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    count = len(chunks(names, args.shard_size))
+    batch = run_batch(job, [str(k) for k in range(count)], args)
+    index = write_sharded_index(args.out, args.teacher, args.shard_size, count)
+    failed = {name: why for r in batch.results for name, why in r["failed"].items()}
+    summary = {
+        "teacher": args.teacher,
+        "images": len(names),
+        "shards": len(index["shards"]),
+        "cached": sum(len(shard["names"]) for shard in index["shards"]),
+        "seconds": round(batch.seconds, 3),
+        "per_worker": batch.per_worker,
+        "out": str(args.out),
+    }
+    if failed or batch.failed:
+        summary["failed"] = sorted(failed) + [f"shard {k}" for k in batch.failed]
+    if batch.stopped:
+        summary["stopped"] = batch.stopped
+    return summary
 
 
 def _read_config(args):

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +153,88 @@ class TeacherEmbeddings:
                 raise CacheError(f"{path} is corrupt (checksum mismatch); delete it and re-cache")
             self._open[k] = np.load(path, mmap_mode="r", allow_pickle=False)
         return self._open[k]
+
+
+# --------------------------------------------------------------------------- many workers
+# With --ray, shard k holds the k-th ``shard_size`` images in name order, written whole by one
+# worker next to ``shard_k.json`` (its names and SHA-256, the mark that it is done); the driver
+# lists the finished shards in ``index.json`` at the end: the format ``TeacherEmbeddings`` reads.
+
+
+def chunks(names: list[str], shard_size: int) -> list[list[str]]:
+    """The images of each shard, in name order."""
+    ordered = sorted(names)
+    return [ordered[k : k + shard_size] for k in range(0, len(ordered), shard_size)]
+
+
+@dataclass
+class TeacherCacheJob:
+    """The teacher's embeddings, one shard at a time (items: shard numbers as strings); the
+    same code locally and on Ray workers (see ``tinysam.batch``). A bad image is left out of
+    its shard and named in the result."""
+
+    data: str
+    out: str
+    teacher: str
+    checkpoint: str | None
+    image_size: int
+    shard_size: int
+    names: list[str]
+    device: str = "cpu"
+    skippable = (CacheError,)
+
+    def outputs(self, item: str) -> list[Path]:
+        return [Path(self.out) / f"shard_{int(item):05d}.json"]
+
+    def setup(self) -> None:
+        from .data import SA1BDataset
+        from .models import build_teacher
+
+        self._dataset = SA1BDataset(self.data, self.image_size)
+        self._position = {entry.name: i for i, entry in enumerate(self._dataset.entries)}
+        teacher = build_teacher(self.teacher, self.image_size, self.checkpoint, progress=False)
+        self._encoder = teacher.image_encoder.to(self.device)
+
+    def run(self, item: str) -> dict:
+        k = int(item)
+        done, failed, rows = [], {}, []
+        with torch.no_grad():
+            for name in chunks(self.names, self.shard_size)[k]:
+                try:
+                    sample = self._dataset[self._position[name]]
+                except (ValueError, KeyError, OSError) as err:
+                    failed[name] = str(err).splitlines()[0]
+                    continue
+                embedding = self._encoder(sample.image[None].float().to(self.device))[0]
+                rows.append(embedding.cpu().to(torch.float16).numpy())
+                done.append(name)
+        if not rows:
+            raise CacheError(f"no image of shard {k} could be read: {failed}")
+        out = Path(self.out)
+        path = out / f"shard_{k:05d}.npy"
+        with atomic_write(path, "wb") as f:
+            np.save(f, np.stack(rows), allow_pickle=False)
+        shard = {"file": path.name, "names": done, "sha256": _sha256(path), "failed": failed}
+        with atomic_write(self.outputs(item)[0], "w") as f:
+            json.dump(shard, f)
+        return {"shard": k, "images": len(done), "failed": failed, "shape": list(rows[0].shape)}
+
+
+def write_sharded_index(out: str | os.PathLike, teacher: str, shard_size: int, count: int) -> dict:
+    """``index.json`` listing the finished shards (those with their ``.json``), in order."""
+    out = Path(out)
+    shards, shape = [], None
+    for k in range(count):
+        marker = out / f"shard_{k:05d}.json"
+        if marker.is_file():
+            shard = json.loads(marker.read_text())
+            shards.append({key: shard[key] for key in ("file", "names", "sha256")})
+            if shape is None:
+                rows = np.load(out / shard["file"], mmap_mode="r", allow_pickle=False)
+                shape = list(rows.shape[1:])
+    index = {"format": FORMAT, "teacher": teacher, "shard_size": shard_size, "shards": shards}
+    if shape is not None:
+        index["shape"] = shape
+    with atomic_write(out / INDEX, "w") as f:
+        json.dump(index, f)
+    return index
