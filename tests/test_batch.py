@@ -127,6 +127,7 @@ class SlowEverythingJob(EverythingJob):
         return super().run(item)
 
 
+@pytest.mark.slow  # ~50 s; `pytest -m slow` (CI runs it)
 def test_a_killed_worker_is_retried_and_the_job_completes(
     cluster, local_run, vit_t_checkpoint, photos, tmp_path
 ):
@@ -158,6 +159,7 @@ def test_a_killed_worker_is_retried_and_the_job_completes(
     assert outputs_of(out) == expected
 
 
+@pytest.mark.slow  # ~70 s: a cluster started from scratch; `pytest -m slow` (CI runs it)
 def test_cli_on_a_cluster_started_with_ray_start(local_run, vit_t_checkpoint, photos, tmp_path):
     """`ray start --head` on 127.0.0.1, then `tinysam everything --ray-address` joins it."""
     _, expected = local_run

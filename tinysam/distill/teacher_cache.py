@@ -50,6 +50,12 @@ def read_index(folder: Path) -> dict | None:
     return index
 
 
+def teacher_embedding(encode: Callable[[torch.Tensor], torch.Tensor], sample) -> np.ndarray:
+    """One image's stored embedding (C x h x w float16): the per-image code of both the
+    single-process cache and the sharded one."""
+    return encode(sample.image[None].float())[0].cpu().to(torch.float16).numpy()
+
+
 def cache_teacher(
     encode: Callable[[torch.Tensor], torch.Tensor],
     samples: Iterable,
@@ -96,8 +102,7 @@ def cache_teacher(
         for sample in samples:
             if sample.name in done:
                 continue
-            embedding = encode(sample.image[None].float())[0]
-            pending.append(embedding.cpu().to(torch.float16).numpy())
+            pending.append(teacher_embedding(encode, sample))
             pending_names.append(sample.name)
             if progress:
                 progress(1)
@@ -193,7 +198,8 @@ class TeacherCacheJob:
         self._dataset = SA1BDataset(self.data, self.image_size)
         self._position = {entry.name: i for i, entry in enumerate(self._dataset.entries)}
         teacher = build_teacher(self.teacher, self.image_size, self.checkpoint, progress=False)
-        self._encoder = teacher.image_encoder.to(self.device)
+        encoder = teacher.image_encoder.to(self.device)
+        self._encode = lambda image: encoder(image.to(self.device))
 
     def run(self, item: str) -> dict:
         k = int(item)
@@ -205,8 +211,7 @@ class TeacherCacheJob:
                 except (ValueError, KeyError, OSError) as err:
                     failed[name] = str(err).splitlines()[0]
                     continue
-                embedding = self._encoder(sample.image[None].float().to(self.device))[0]
-                rows.append(embedding.cpu().to(torch.float16).numpy())
+                rows.append(teacher_embedding(self._encode, sample))
                 done.append(name)
         if not rows:
             raise CacheError(f"no image of shard {k} could be read: {failed}")
