@@ -120,3 +120,50 @@ def onnx_predictor(onnx_dir, golden_image):
 def any_predictor(request):
     """Both backends with the golden image set, for checks they must share."""
     return request.getfixturevalue("predictor" if request.param == "torch" else "onnx_predictor")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_tinysam(command: str, checkpoint, health: str, *options) -> tuple:
+    """A real ``tinysam COMMAND`` server on 127.0.0.1 (a free port), once ``health`` answers:
+    (process, port). Stop it with ``stop_server``."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tinysam.cli", command, "--checkpoint", str(checkpoint),
+         "--port", str(port), "--threads", "2", *options],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):  # up to 60 s to import torch and load the model
+        if process.poll() is not None:
+            pytest.fail(f"tinysam {command} exited: {process.stderr.read()}")
+        try:
+            with urllib.request.urlopen(base + health, timeout=1):
+                return process, port
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    pytest.fail(f"tinysam {command} did not start in 60 s")
+
+
+def stop_server(process) -> None:
+    import subprocess
+
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    process.stderr.close()

@@ -15,6 +15,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from tinysam.serve.app import DemoService, create_app  # noqa: E402
 
+from conftest import start_tinysam, stop_server  # noqa: E402
+
 EMBEDDING_BYTES = 256 * 64 * 64 * 4
 
 
@@ -249,49 +251,8 @@ def test_serve_cli_refuses_a_busy_port(capsys):
 # `tinysam serve` started as users start it, on 127.0.0.1, with small limits.
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(checkpoint, *options) -> tuple:
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tinysam.cli", "serve", "--checkpoint", str(checkpoint),
-         "--port", str(port), "--threads", "2", *options],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(300):  # up to 60 s to import torch and load the model
-        if process.poll() is not None:
-            pytest.fail(f"tinysam serve exited: {process.stderr.read()}")
-        try:
-            with urllib.request.urlopen(base + "/api/health", timeout=1):
-                return process, port
-        except OSError:
-            time.sleep(0.2)
-    process.kill()
-    pytest.fail("tinysam serve did not start in 60 s")
-
-
-def stop_server(process) -> None:
-    import subprocess
-
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    process.stderr.close()
+    return start_tinysam("serve", checkpoint, "/api/health", *options)
 
 
 def call(port: int, method: str, path: str, body: bytes = b"", headers=None, timeout=60.0):

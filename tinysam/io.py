@@ -289,3 +289,37 @@ def download_file(
         except OSError as err:
             raise DownloadError(describe_os_error(err, dest)) from err
     return dest
+
+
+def fetch_bytes(
+    url: str,
+    *,
+    max_bytes: int,
+    timeout: float = 30.0,
+    secret_headers: dict[str, str] | None = None,
+) -> bytes:
+    """The body at ``url`` in memory, refused (``DownloadError``) past ``max_bytes``.
+
+    ``secret_headers`` (an API token) go to ``url``'s server only, never to a server it
+    redirects to (a storage service's signed URL, say).
+    """
+    request = urllib.request.Request(url, headers={"User-Agent": "tinysam"})
+    for name, value in (secret_headers or {}).items():
+        request.add_unredirected_header(name, value)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > max_bytes:
+                raise DownloadError(
+                    f"{url} is {int(length)} bytes, more than the limit of {max_bytes}"
+                )
+            data = response.read(max_bytes + 1)
+    except urllib.error.HTTPError as err:
+        raise DownloadError(f"download of {url} failed: HTTP {err.code} {err.reason}") from err
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+        reason = getattr(err, "reason", err)
+        raise DownloadError(f"cannot download {url} ({reason})") from err
+    if len(data) > max_bytes:
+        raise DownloadError(f"{url} is more than the limit of {max_bytes} bytes")
+    return data
+

@@ -21,6 +21,7 @@ from . import (
     everything,
     export,
     info,
+    label_studio,
     quantize,
     segment,
     serve,
@@ -46,6 +47,7 @@ COMMANDS = (
     evaluate,
     bench,
     serve,
+    label_studio,
 )
 
 

@@ -276,6 +276,8 @@ _EXTRAS = {
     "uvicorn": "serve",
     "multipart": "serve",
     "ray": "ray",
+    "label_studio_sdk": "label-studio",
+    "label_studio_converter": "label-studio",
 }
 
 

@@ -113,8 +113,11 @@ class DemoService:
         max_points: int = DEFAULT_MAX_POINTS,
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT_S,
         embeddings: dict | None = None,
+        everything_options: dict | None = None,
     ) -> None:
         self.predictor = predictor
+        # Further SamHierarchicalMaskGenerator settings (thresholds) for the everything mode.
+        self.everything_options = everything_options or {}
         self.cache = EmbeddingCache(cache_bytes)
         self.max_upload_bytes = max_upload_bytes
         self.max_pixels = max_pixels
@@ -222,6 +225,27 @@ class DemoService:
         box: list[float] | None,
         multimask: bool,
     ) -> dict[str, Any]:
+        mask, score = self.segment(image_id, points, labels, box, multimask)
+        h, w = mask.shape
+        return {
+            "score": score,
+            "width": int(w),
+            "height": int(h),
+            "area": int(mask.sum()),
+            "mask_png": png_base64(mask.astype(np.uint8) * 255),
+            "rle": coco_rle(mask),
+        }
+
+    def segment(
+        self,
+        image_id: str,
+        points: list[list[float]],
+        labels: list[int],
+        box: list[float] | None,
+        multimask: bool,
+    ) -> tuple[np.ndarray, float]:
+        """The best mask (HxW bool) for the prompts on a cached image, and its score; every
+        prompt problem is an ``ApiError`` (4xx) naming it."""
         if len(points) > self.max_points:
             raise ApiError(
                 422,
@@ -255,40 +279,13 @@ class DemoService:
         except ValueError as err:  # the predictor's input checks: one line, the fix
             raise ApiError(400, str(err).splitlines()[0]) from None
         best = int(np.argmax(scores))
-        h, w = masks.shape[-2:]
-        return {
-            "score": float(scores[best]),
-            "width": int(w),
-            "height": int(h),
-            "area": int(masks[best].sum()),
-            "mask_png": png_base64(masks[best].astype(np.uint8) * 255),
-            "rle": coco_rle(masks[best]),
-        }
+        return masks[best], float(scores[best])
 
     def everything(self, image_id: str, cancel: threading.Event | None = None) -> dict[str, Any]:
         """Every mask; stops (``Cancelled``) when ``cancel`` is set or the server stops."""
-        from ..everything import SamHierarchicalMaskGenerator, SharedEmbedding
-        from ..everything.masks import rle_to_mask
         from ..visualize import draw_masks
 
-        cached = self._cached(image_id)
-
-        def stop() -> bool:
-            return self._stopping.is_set() or (cancel is not None and cancel.is_set())
-
-        with self._heavy_turn():
-            view = _StopsWhenAsked(self._view(cached), stop)
-            generator = SamHierarchicalMaskGenerator(
-                SharedEmbedding(view, current=cached.image),
-                points_per_side=self.everything_points,
-                output_mode="uncompressed_rle",
-            )
-            try:
-                records = generator.generate(cached.image)
-            except Cancelled:
-                self.cancelled += 1
-                raise
-        masks = [rle_to_mask(r["segmentation"]) for r in records]
+        records, masks = self.everything_masks(image_id, cancel)
         annotations = []
         for record, mask in zip(records, masks):
             annotations.append(
@@ -303,9 +300,36 @@ class DemoService:
             )
         return {
             "count": len(annotations),
-            "overlay_png": png_base64(draw_masks(cached.image, masks)),
+            "overlay_png": png_base64(draw_masks(self._cached(image_id).image, masks)),
             "annotations": annotations,
         }
+
+    def everything_masks(
+        self, image_id: str, cancel: threading.Event | None = None
+    ) -> tuple[list[dict], list[np.ndarray]]:
+        """The everything mode's records and their HxW bool masks, one heavy turn."""
+        from ..everything import SamHierarchicalMaskGenerator, SharedEmbedding
+        from ..everything.masks import rle_to_mask
+
+        cached = self._cached(image_id)
+
+        def stop() -> bool:
+            return self._stopping.is_set() or (cancel is not None and cancel.is_set())
+
+        with self._heavy_turn():
+            view = _StopsWhenAsked(self._view(cached), stop)
+            generator = SamHierarchicalMaskGenerator(
+                SharedEmbedding(view, current=cached.image),
+                points_per_side=self.everything_points,
+                output_mode="uncompressed_rle",
+                **self.everything_options,
+            )
+            try:
+                records = generator.generate(cached.image)
+            except Cancelled:
+                self.cancelled += 1
+                raise
+        return records, [rle_to_mask(r["segmentation"]) for r in records]
 
 
 class BodyLimit:
@@ -380,19 +404,8 @@ async def _json_response(send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(service: DemoService):
-    """The FastAPI application around ``service``."""
-    app = FastAPI(
-        title="tinysam",
-        description="Promptable segmentation on a CPU: upload an image once, then click.",
-        version="1",
-    )
-
-    class PredictRequest(BaseModel):
-        points: list[list[float]] = Field(default_factory=list, description="[[x, y], ...]")
-        labels: list[int] = Field(default_factory=list, description="1 positive, 0 negative")
-        box: list[float] | None = Field(None, description="[x0, y0, x1, y1]")
-        multimask: bool = Field(True, description="best of three masks (else single output)")
+def install_error_handlers(app: FastAPI, logger: str = "tinysam.serve") -> None:
+    """Every error as ``{"error": one line}`` with its status; never a traceback."""
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError):
@@ -411,8 +424,25 @@ def create_app(service: DemoService):
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, err: Exception):  # a bug: answer, log, keep serving
-        logging.getLogger("tinysam.serve").exception("unexpected error")
+        logging.getLogger(logger).exception("unexpected error")
         return JSONResponse({"error": f"internal error: {type(err).__name__}"}, status_code=500)
+
+
+def create_app(service: DemoService):
+    """The FastAPI application around ``service``."""
+    app = FastAPI(
+        title="tinysam",
+        description="Promptable segmentation on a CPU: upload an image once, then click.",
+        version="1",
+    )
+
+    class PredictRequest(BaseModel):
+        points: list[list[float]] = Field(default_factory=list, description="[[x, y], ...]")
+        labels: list[int] = Field(default_factory=list, description="1 positive, 0 negative")
+        box: list[float] | None = Field(None, description="[x0, y0, x1, y1]")
+        multimask: bool = Field(True, description="best of three masks (else single output)")
+
+    install_error_handlers(app)
 
     @app.get("/", include_in_schema=False)
     def page():
