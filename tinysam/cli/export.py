@@ -21,9 +21,23 @@ def register(sub) -> None:
             "--return-single-mask). Run them with --backend onnx or "
             "tinysam.runtime.OnnxPredictor (needs only numpy, Pillow and onnxruntime)."
         ),
-        epilog="example: tinysam export --out-dir tinysam-onnx/",
+        epilog=(
+            "examples: tinysam export --out-dir tinysam-onnx/ | tinysam export --format "
+            "x-anylabeling --out-dir xal/ (then X-AnyLabeling: Load Custom Model, pick "
+            "xal/tinysam_vit_t.yaml) | tinysam export --format cvat --out-dir cvat-fn/ (a "
+            "nuclio function folder and CVAT's browser decoder)"
+        ),
     )
     export.add_argument("--out-dir", type=Path, required=True, help="folder to write into")
+    export.add_argument(
+        "--format",
+        choices=("tinysam", "x-anylabeling", "cvat"),
+        default="tinysam",
+        help="tinysam (default): our ONNX export; x-anylabeling: the encoder, decoder and model "
+        "YAML X-AnyLabeling/AnyLabeling load as a Segment Anything model; cvat: a serverless "
+        "interactor (function.yaml, main.py, checkpoint) and the decoder.onnx CVAT's SAM "
+        "plug-in runs in the browser",
+    )
     export.add_argument(
         "--opset",
         type=int,
@@ -52,6 +66,8 @@ def run_export(args: argparse.Namespace) -> dict:
         raise UsageError(f"--opset must be at least {MIN_OPSET} (torch's ONNX exporter)")
     sam, resolved = load_from_args(args)
     model_type = detect_model_type(sam.state_dict())
+    if args.format != "tinysam":
+        return _export_for_tool(args, sam, model_type, resolved.path)
     files = [ENCODER_FILE, *DECODER_FILES.values(), MANY_PROMPT_FILE]
     written = [*files, MANY_PROMPT_MASKS_FILE, MANIFEST]  # masks graph: with decoder_many
     with tqdm(total=len(files), unit="file", disable=not sys.stderr.isatty()) as bar:
@@ -69,4 +85,22 @@ def run_export(args: argparse.Namespace) -> dict:
         "opset": args.opset,
         "out_dir": str(args.out_dir),
         "files": {name: (args.out_dir / name).stat().st_size for name in written},
+    }
+
+
+def _export_for_tool(args: argparse.Namespace, sam, model_type: str, checkpoint) -> dict:
+    if args.format == "x-anylabeling":
+        from ..integrations.anylabeling import export_anylabeling
+
+        paths = export_anylabeling(sam, args.out_dir, model_type, args.opset)
+    else:
+        from ..integrations.cvat import export_cvat
+
+        paths = export_cvat(sam, args.out_dir, model_type, args.opset, checkpoint)
+    return {
+        "format": args.format,
+        "model": model_type,
+        "checkpoint": str(checkpoint),
+        "out_dir": str(args.out_dir),
+        "files": {path.name: path.stat().st_size for path in paths.values()},
     }
