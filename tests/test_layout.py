@@ -80,6 +80,15 @@ def test_features_import_no_sibling_feature_and_no_cli():
         assert not graph.get(module, set()) & (FEATURES | {"cli", "backends"}), module
 
 
+def test_integrations_are_entry_points_beside_cli():
+    """integrations/ speaks other tools' contracts (Label Studio's HTTP API, nuclio's handler):
+    an entry point like cli, so it may use serve and backends, and only cli imports it."""
+    graph = _graph()
+    assert not graph.get("integrations", set()) & (FEATURES - {"serve", "everything"} | {"cli"})
+    importers = {module for module, targets in graph.items() if "integrations" in targets}
+    assert importers <= {"cli"}, importers
+
+
 def test_feature_packages_hold_no_argparse():
     for feature in FEATURES:
         for path in (PACKAGE / feature).rglob("*.py"):

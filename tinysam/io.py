@@ -322,4 +322,3 @@ def fetch_bytes(
     if len(data) > max_bytes:
         raise DownloadError(f"{url} is more than the limit of {max_bytes} bytes")
     return data
-
