@@ -263,6 +263,47 @@ def test_cvat_decoder_gives_the_segment_mask(cvat_dir, golden_image, vit_t_model
     assert_same_mask(got, best_mask(vit_t_model, golden_image, points, [1, 0], multimask=False))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["1.17.3", "1.30.0"])
+def test_cvat_decoder_runs_in_onnxruntime_web(cvat_dir, predictor, golden_image, tmp_path, version):
+    """The browser's runtime (onnxruntime-web, WebAssembly, in Node) loads the decoder and
+    gives what ONNX Runtime gives; 1.17 refuses ONNX IR 10, so the file says IR 9."""
+    import shutil
+
+    if shutil.which("npm") is None or shutil.which("node") is None:
+        pytest.fail("this check needs Node.js and npm (the machine image has them)")
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tinysam-tests"
+    package = cache / f"onnxruntime-web-{version}"
+    if not (package / "node_modules" / "onnxruntime-web").is_dir():
+        package.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["npm", "install", "--silent", "--prefix", str(package), f"onnxruntime-web@{version}"],
+            check=True, timeout=600,
+        )  # fmt: skip
+    embedding = predictor.get_image_embedding().numpy().astype("<f4")
+    (tmp_path / "embedding.bin").write_bytes(embedding.tobytes())
+    h, w = golden_image.shape[:2]
+    scale = 1024 / max(h, w)
+    spec = {"coords": [[365 * scale, 225 * scale]], "labels": [1], "size": [h, w]}
+    (tmp_path / "feeds.json").write_text(json.dumps(spec))
+    script = Path(__file__).parent / "tools" / "ort_web_decode.cjs"
+    run = subprocess.run(
+        ["node", str(script), str(cvat_dir / "decoder.onnx"), str(tmp_path / "embedding.bin"),
+         str(tmp_path / "feeds.json")],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "NODE_PATH": str(package / "node_modules")},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    web = json.loads(run.stdout)
+    decoder = ort.InferenceSession(str(cvat_dir / "decoder.onnx"))
+    feeds = cvat_feeds([[365, 225]], [1], h, w)
+    feeds["image_embeddings"] = embedding
+    out = dict(zip([o.name for o in decoder.get_outputs()], decoder.run(None, feeds)))
+    assert web["type"] == "uint8" and web["dims"] == list(out["masks"].shape)
+    assert web["bounds"] == [int(out[k][0]) for k in ("xtl", "ytl", "xbr", "ybr")]
+    assert abs(web["inside"] - int((out["masks"] > 0).sum())) <= 0.001 * out["masks"].size
+
+
 def test_cvat_crop_of_an_empty_mask_is_all_zero():
     from onnx import TensorProto, helper
 

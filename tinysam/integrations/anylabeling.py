@@ -69,7 +69,7 @@ def config_yaml(name: str, display_name: str, encoder: str, decoder: str) -> str
 
 def export_anylabeling(sam: Sam, out_dir: Path, model_type: str, opset: int) -> dict[str, Path]:
     """Write ``tinysam_<type>.encoder.onnx``, ``.decoder.onnx`` and ``tinysam_<type>.yaml``."""
-    from ..runtime.export import export_decoder, save_onnx
+    from ..runtime.export import export_decoder, portable, save_onnx
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -80,8 +80,8 @@ def export_anylabeling(sam: Sam, out_dir: Path, model_type: str, opset: int) -> 
         "decoder": out_dir / f"{stem}.decoder.onnx",
         "config": out_dir / f"{stem}.yaml",
     }
-    save_onnx(export_canvas_encoder(sam, opset), paths["encoder"])
-    save_onnx(export_decoder(sam, multimask=False, opset=opset), paths["decoder"])
+    save_onnx(portable(export_canvas_encoder(sam, opset)), paths["encoder"])
+    save_onnx(portable(export_decoder(sam, multimask=False, opset=opset)), paths["decoder"])
     text = config_yaml(
         stem, f"TinySAM ({model_type})", paths["encoder"].name, paths["decoder"].name
     )

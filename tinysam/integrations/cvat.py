@@ -65,7 +65,7 @@ def export_cvat_decoder(sam, opset: int):
     """The browser decoder (see the module doc) as an onnx.ModelProto."""
     import torch
 
-    from ..runtime.export import DECODER_INPUTS, _onnx_program, add_mask_upscaling
+    from ..runtime.export import DECODER_INPUTS, _onnx_program, add_mask_upscaling, portable
 
     embedding = sam.image_encoder.img_size // 16
     example = (
@@ -85,7 +85,7 @@ def export_cvat_decoder(sam, opset: int):
             output_names=["iou_predictions", "low_res_masks"],
             dynamic_shapes=(None, {1: points}, {1: points}, None, None),
         )
-    return add_cropped_mask(add_mask_upscaling(model, sam.image_encoder.img_size))
+    return portable(add_cropped_mask(add_mask_upscaling(model, sam.image_encoder.img_size)))
 
 
 def add_cropped_mask(model):

@@ -401,6 +401,17 @@ def export_upscaling(mask_size: tuple[int, int], image_size: int, opset: int = D
     return add_mask_upscaling(model, image_size)
 
 
+# IR version 10 (onnx >= 1.16) is refused by ONNX Runtime before 1.18, e.g. the onnxruntime-web
+# an annotation tool bundles; the graphs use nothing of it, so files for other tools say 9.
+PORTABLE_IR_VERSION = 9
+
+
+def portable(model):
+    """``model`` marked with ``PORTABLE_IR_VERSION``, for runtimes we do not control."""
+    model.ir_version = min(model.ir_version, PORTABLE_IR_VERSION)
+    return model
+
+
 def save_onnx(model, path: Path) -> None:
     """Write an ONNX model atomically; one over 1 GiB keeps its weights in ``<name>.data``."""
     import onnx
