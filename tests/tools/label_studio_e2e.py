@@ -4,7 +4,11 @@ task uploaded, ``tinysam label-studio`` connected as its ML backend (Label Studi
 (``POST /api/ml/{id}/interactive-annotating``, what its labeling screen calls on a click).
 The brush mask that comes back is decoded and compared with ``tinysam segment``'s.
 
-    python tests/tools/label_studio_e2e.py LS_URL TOKEN BACKEND_URL CHECKPOINT IMAGE X Y
+    python tests/tools/label_studio_e2e.py LS_URL TOKEN BACKEND_URL CHECKPOINT IMAGE X Y \
+        [SCREENSHOT.png USER PASSWORD]
+
+With a screenshot path (and the Label Studio login), the answer is also stored as a prediction
+and Label Studio's editor, opened in headless Chromium (playwright), is captured showing it.
 
 Label Studio must be running with the legacy token TOKEN (``label-studio start
 --user-token TOKEN --enable-legacy-api-token``) and, for a backend on 127.0.0.1, with
@@ -123,9 +127,41 @@ def main() -> None:
             }
         )
     )
+    if len(sys.argv) > 10:
+        api(
+            base, token, "POST", "/api/predictions",
+            {"task": task_id, "result": [region], "score": answer["data"]["score"],
+             "model_version": region_version(answer)},
+        )  # fmt: skip
+        screenshot(base, project["id"], task_id, *sys.argv[8:11])
     # The click goes through percent and back, so its last bits change: a pixel or two on the
     # 0 threshold may flip.
     sys.exit(0 if (got != want).mean() < 1e-3 else 1)
+
+
+def region_version(answer: dict) -> str:
+    return answer["data"].get("model_version") or "tinysam"
+
+
+def screenshot(base: str, project: int, task: int, path: str, user: str, password: str) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(base + "/user/login/")
+        page.fill("input[name=email]", user)
+        page.fill("input[name=password]", password)
+        page.click("button[type=submit]")
+        page.wait_for_load_state("networkidle")
+        page.goto(f"{base}/projects/{project}/data?task={task}")
+        page.wait_for_timeout(8000)
+        page.get_by_text("tinysam-").first.click()  # the prediction's tab
+        page.mouse.move(1300, 850)
+        page.wait_for_timeout(3000)
+        page.screenshot(path=path)
+        browser.close()
+    print("screenshot", path)
 
 
 if __name__ == "__main__":
