@@ -412,3 +412,60 @@ def test_cli_refuses_bad_options(capsys):
         code, _, err = run_cli(capsys, "label-studio", *argv)
         assert code == 2
         assert message in one_error_line(err, "label-studio")
+
+
+@pytest.mark.slow
+def test_a_real_label_studio_server_gets_the_mask(vit_t_checkpoint, golden, tmp_path):
+    """Label Studio 1.23.2 itself (in its own venv): project and upload through its API, this
+    backend connected (Label Studio calls /health and /setup), a click sent through
+    /api/ml/{id}/interactive-annotating; tests/tools/label_studio_e2e.py checks the mask."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from conftest import free_port
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tinysam-tests"
+    venv = cache / "label-studio-1.23.2"
+    if not (venv / "bin" / "label-studio").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run(
+            [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "label-studio==1.23.2"],
+            check=True, timeout=1500,
+        )  # fmt: skip
+    token = "e2e0123456789abcdef0123456789abcdef0123"
+    port = free_port()
+    env = {**os.environ, "SSRF_PROTECTION_ENABLED": "false", "USE_DEFAULT_BANNED_SUBNETS": "false"}
+    studio = subprocess.Popen(
+        [str(venv / "bin" / "label-studio"), "start", "--no-browser", "--port", str(port),
+         "--data-dir", str(tmp_path / "ls"), "--username", "e2e@example.com",
+         "--password", "tinysam-e2e-pw", "--user-token", token, "--enable-legacy-api-token",
+         "--agree-fix-sqlite"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    backend, backend_port = start_tinysam("label-studio", vit_t_checkpoint, "/health")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(600):  # first start migrates its database: minutes
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2):
+                    break
+            except OSError:
+                assert studio.poll() is None, "label-studio exited"
+                time.sleep(1)
+        script = Path(__file__).parent / "tools" / "label_studio_e2e.py"
+        image = golden / "images" / "picture1.jpg"
+        run = subprocess.run(
+            [sys.executable, str(script), base, token, f"http://127.0.0.1:{backend_port}",
+             str(vit_t_checkpoint), str(image), "365", "225"],
+            capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert '"region_type": "brushlabels"' in run.stdout
+    finally:
+        stop_server(backend)
+        studio.terminate()
+        studio.wait(timeout=60)
