@@ -40,24 +40,23 @@ def canvas_image(golden_image) -> np.ndarray:
     return np.asarray(resized)
 
 
-@pytest.fixture(scope="module")
-def anylabeling_dir(vit_t_checkpoint, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("xal")
+def export_for(tool: str, checkpoint: Path, out: Path) -> Path:
+    """``tinysam export --format TOOL`` into ``out``."""
     from tinysam.cli import main
 
-    assert main(["export", "--format", "x-anylabeling", "--out-dir", str(out),
-                 "--checkpoint", str(vit_t_checkpoint)]) in (0, None)  # fmt: skip
+    argv = ["export", "--format", tool, "--out-dir", str(out), "--checkpoint", str(checkpoint)]
+    assert main(argv) in (0, None)
     return out
+
+
+@pytest.fixture(scope="module")
+def anylabeling_dir(vit_t_checkpoint, tmp_path_factory) -> Path:
+    return export_for("x-anylabeling", vit_t_checkpoint, tmp_path_factory.mktemp("xal"))
 
 
 @pytest.fixture(scope="module")
 def cvat_dir(vit_t_checkpoint, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cvat")
-    from tinysam.cli import main
-
-    assert main(["export", "--format", "cvat", "--out-dir", str(out),
-                 "--checkpoint", str(vit_t_checkpoint)]) in (0, None)  # fmt: skip
-    return out
+    return export_for("cvat", vit_t_checkpoint, tmp_path_factory.mktemp("cvat"))
 
 
 def best_mask(model, image, points=None, labels=None, box=None, multimask=True) -> np.ndarray:

@@ -7,6 +7,7 @@ import os
 import sys
 
 from .common import UsageError, add_model_args, predictor_from_args
+from .serve import add_cache_and_pixel_args
 
 
 def register(sub) -> None:
@@ -62,14 +63,9 @@ def register(sub) -> None:
         help="require HTTP basic auth (default: $BASIC_AUTH_USER:$BASIC_AUTH_PASS if set); "
         "enter the same in Label Studio's model settings",
     )
-    backend.add_argument(
-        "--cache-mb", type=int, default=512, help="memory for cached image embeddings (512 MiB)"
-    )
+    add_cache_and_pixel_args(backend)
     backend.add_argument(
         "--max-image-mb", type=float, default=50, help="task image download limit (50 MiB)"
-    )
-    backend.add_argument(
-        "--max-pixels", type=int, default=40_000_000, help="image pixel-count limit (40 M)"
     )
     backend.add_argument(
         "--max-request-mb", type=float, default=32, help="request body limit (32 MiB)"

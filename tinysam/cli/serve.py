@@ -23,13 +23,8 @@ def register(sub) -> None:
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (8000)")
-    serve.add_argument(
-        "--cache-mb", type=int, default=512, help="memory for cached image embeddings (512 MiB)"
-    )
+    add_cache_and_pixel_args(serve)
     serve.add_argument("--max-upload-mb", type=float, default=20, help="upload size limit (20)")
-    serve.add_argument(
-        "--max-pixels", type=int, default=40_000_000, help="image pixel-count limit (40 M)"
-    )
     serve.add_argument(
         "--max-points", type=int, default=100, help="points in one click request (100)"
     )
@@ -91,6 +86,16 @@ def run_serve(args: argparse.Namespace) -> None:
         )
     print(f"tinysam serve: {url(args.host, args.port)} (API docs at /docs)", file=sys.stderr)
     run(service, args.host, args.port)
+
+
+def add_cache_and_pixel_args(parser: argparse.ArgumentParser) -> None:
+    """The embedding cache and image size flags every server shares."""
+    parser.add_argument(
+        "--cache-mb", type=int, default=512, help="memory for cached image embeddings (512 MiB)"
+    )
+    parser.add_argument(
+        "--max-pixels", type=int, default=40_000_000, help="image pixel-count limit (40 M)"
+    )
 
 
 def _embeddings(folder) -> dict:
