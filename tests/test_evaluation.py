@@ -484,3 +484,25 @@ def test_bench_counts_flops_and_times_backends(vit_t_checkpoint, capsys):
     code = main(["bench", "--checkpoint", str(vit_t_checkpoint), "--repeats", "1"])
     out = capsys.readouterr().out
     assert code == 0 and "| torch |" in out and "G MACs" in out
+
+
+def test_machine_limits_are_measured_and_rows_rated_against_them(capsys):
+    import math
+
+    from tinysam.evaluation.bench import Latency, ModelCost, bench_table
+    from tinysam.evaluation.limits import limits_table, measure_limits
+
+    limits = measure_limits(threads=1, n=128, repeats=1, copy_mb=8)
+    rates = [limits.fp32_gflops_torch, limits.fp32_gflops_onnxruntime,
+             limits.int8_gops_onnxruntime, limits.memory_gb_per_s]  # fmt: skip
+    assert all(math.isfinite(r) and r > 0 for r in rates), rates
+    assert limits.best_fp32() == max(rates[:2])
+    table = limits_table(limits)
+    assert "int8 GEMM" in table and "memory copy" in table and limits.cpu in table
+    # 2 GFLOP at 100 GFLOP/s is 20 ms ideal: 40 ms measured is 50% of the limit.
+    cost = ModelCost(5_000_000, 4_000_000, 6_000, 2_000_000_000, 1_000_000)
+    rated = bench_table(cost, [Latency("onnxruntime", 40.0, 3.0)], fp32_limit=100.0)
+    assert "| onnxruntime | 40.0 | 50% | 3.0 |" in rated and "20.0 ms" in rated
+    code = main(["bench", "--limits-only", "--repeats", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "fp32 GEMM, torch" in out and '"limits"' in out

@@ -18,7 +18,8 @@ def register(sub) -> None:
         description=(
             "Count parameters and FLOPs (torch.utils.flop_counter) and time the image encoder "
             "and a one-point decode on torch and, with --onnx-dir, ONNX Runtime (and OpenVINO "
-            "if installed), runs alternating between backends."
+            "if installed), runs alternating between backends. --limits measures the machine "
+            "first (GEMM rates, memory bandwidth) and rates each row against it."
         ),
     )
     bench.add_argument(
@@ -26,6 +27,15 @@ def register(sub) -> None:
     )
     bench.add_argument("--repeats", type=int, default=5, help="timed runs per backend (5)")
     bench.add_argument("--onnx-dir", type=Path, help="an export made by `tinysam export`")
+    bench.add_argument(
+        "--limits",
+        action="store_true",
+        help="first measure the machine (fp32 and int8 GEMM rates, memory bandwidth) and give "
+        "each encoder row its percentage of the best fp32 GEMM rate",
+    )
+    bench.add_argument(
+        "--limits-only", action="store_true", help="measure the machine's limits and stop"
+    )
     add_model_args(bench, backend=False)
     bench.set_defaults(run=run_bench)
 
@@ -38,6 +48,14 @@ def run_bench(args: argparse.Namespace) -> dict:
 
     if args.repeats < 1:
         raise UsageError("--repeats must be at least 1")
+    limits = None
+    if args.limits or args.limits_only:
+        from ..evaluation.limits import limits_table, measure_limits
+
+        limits = measure_limits(threads=args.threads, repeats=args.repeats)
+        print(limits_table(limits))
+        if args.limits_only:
+            return {"limits": asdict(limits)}
     if args.image is not None:
         image = load_image(args.image)
     else:  # timings do not depend on the content
@@ -58,5 +76,8 @@ def run_bench(args: argparse.Namespace) -> dict:
             )
     cost = count_costs(sam)
     latencies = measure_latency(predictors, image, args.repeats)
-    print(bench_table(cost, latencies))
-    return {"costs": asdict(cost), "latency": [asdict(r) for r in latencies]}
+    print(bench_table(cost, latencies, limits.best_fp32() if limits else None))
+    result = {"costs": asdict(cost), "latency": [asdict(r) for r in latencies]}
+    if limits is not None:
+        result["limits"] = asdict(limits)
+    return result

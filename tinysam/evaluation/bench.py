@@ -83,7 +83,9 @@ def measure_latency(predictors: dict, image: np.ndarray, repeats: int = 5) -> li
     return [Latency(name, encoder[name] * 1e3, decoder[name] * 1e3) for name in predictors]
 
 
-def bench_table(cost: ModelCost, latencies: list[Latency]) -> str:
+def bench_table(cost: ModelCost, latencies: list[Latency], fp32_limit: float | None = None) -> str:
+    """The table; with ``fp32_limit`` (GFLOP/s, ``limits.measure_limits``), each encoder row
+    also says how close it came: its FLOPs over the limit, divided by its time."""
     lines = [
         f"parameters: image encoder {cost.encoder_parameters / 1e6:.2f} M, "
         f"prompt encoder {cost.prompt_encoder_parameters / 1e3:.1f} K, "
@@ -92,8 +94,21 @@ def bench_table(cost: ModelCost, latencies: list[Latency]) -> str:
         f"({cost.encoder_flops / 2e9:.1f} G MACs), one-point decode "
         f"{cost.decoder_flops / 1e9:.2f} G",
         "",
-        "| backend | encoder ms | decoder ms (one point) |",
-        "|---|---|---|",
     ]
-    lines += [f"| {r.backend} | {r.encoder_ms:.1f} | {r.decoder_ms:.1f} |" for r in latencies]
+    if fp32_limit is None:
+        lines += ["| backend | encoder ms | decoder ms (one point) |", "|---|---|---|"]
+        lines += [f"| {r.backend} | {r.encoder_ms:.1f} | {r.decoder_ms:.1f} |" for r in latencies]
+        return "\n".join(lines) + "\n"
+    from .limits import percent_of_limit
+
+    ideal_ms = cost.encoder_flops / (fp32_limit * 1e9) * 1e3
+    lines += [
+        f"encoder ideal at the best fp32 GEMM rate ({fp32_limit:.1f} GFLOP/s): {ideal_ms:.1f} ms",
+        "",
+        "| backend | encoder ms | encoder % of fp32 limit | decoder ms (one point) |",
+        "|---|---|---|---|",
+    ]
+    for r in latencies:
+        share = percent_of_limit(cost.encoder_flops, r.encoder_ms / 1e3, fp32_limit)
+        lines.append(f"| {r.backend} | {r.encoder_ms:.1f} | {share:.0f}% | {r.decoder_ms:.1f} |")
     return "\n".join(lines) + "\n"

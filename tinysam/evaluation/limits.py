@@ -1,0 +1,144 @@
+"""What this machine can do at most, measured in the same run as the benchmarks that compare
+against it: dense fp32 GEMM (torch's kernel and ONNX Runtime's), int8 GEMM (ONNX Runtime's
+``MatMulInteger``, the u8 x s8 kernel its quantized graphs run) and memory bandwidth.
+
+A model's ideal time is its FLOP count over the GEMM rate; a benchmark row's "% of limit" is
+that ideal over the measured time. Rates are medians of interleaved repeats (``perf``), so a
+noisy machine slows them as it slows the rows.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..perf import interleaved_medians
+
+
+@dataclass
+class MachineLimits:
+    cpu: str
+    threads: int
+    fp32_gflops_torch: float
+    fp32_gflops_onnxruntime: float | None  # None: onnxruntime not installed
+    int8_gops_onnxruntime: float | None
+    memory_gb_per_s: float
+
+    def best_fp32(self) -> float:
+        return max(r for r in (self.fp32_gflops_torch, self.fp32_gflops_onnxruntime) if r)
+
+
+def cpu_kind() -> str:
+    """The CPU's model name and the vector extensions that decide kernel speed."""
+    name, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name == "unknown CPU":
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    wanted = [
+        ("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"), ("avx_vnni", "AVX-VNNI"),
+        ("avx512_bf16", "BF16"), ("amx_int8", "AMX"), ("avx2", "AVX2"),
+    ]  # fmt: skip
+    extensions = [label for flag, label in wanted if flag in flags]
+    if "AVX-512" in extensions:
+        extensions.remove("AVX2")
+    return f"{name} ({', '.join(extensions) or 'no AVX'})"
+
+
+def _torch_gemm(n: int, threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    return lambda: torch.mm(a, b, out=out)
+
+
+def _ort_gemm(n: int, threads: int, int8: bool):
+    """A one-node ONNX Runtime session: MatMul (fp32) or MatMulInteger (u8 x s8 -> s32)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    if int8:
+        weight = numpy_helper.from_array(rng.integers(-127, 128, (n, n), dtype=np.int8), "b")
+        node = helper.make_node("MatMulInteger", ["a", "b"], ["y"])
+        a_type, y_type = TensorProto.UINT8, TensorProto.INT32
+        feed = rng.integers(0, 256, (n, n), dtype=np.uint8)
+    else:
+        weight = numpy_helper.from_array(rng.standard_normal((n, n), dtype=np.float32), "b")
+        node = helper.make_node("MatMul", ["a", "b"], ["y"])
+        a_type = y_type = TensorProto.FLOAT
+        feed = rng.standard_normal((n, n), dtype=np.float32)
+    graph = helper.make_graph(
+        [node], "gemm", [helper.make_tensor_value_info("a", a_type, [n, n])],
+        [helper.make_tensor_value_info("y", y_type, [n, n])], initializer=[weight],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return lambda: session.run(None, {"a": feed})
+
+
+def _copy(megabytes: int):
+    source = np.ones(megabytes << 18, np.float32)  # megabytes MiB
+    target = np.empty_like(source)
+    return lambda: np.copyto(target, source)
+
+
+def measure_limits(
+    threads: int | None = None, n: int = 2048, repeats: int = 5, copy_mb: int = 256
+) -> MachineLimits:
+    """GEMM rates on n x n matrices and the copy bandwidth of ``copy_mb`` MiB (read + write)."""
+    threads = threads or len(os.sched_getaffinity(0))
+    jobs = {"torch": _torch_gemm(n, threads), "copy": _copy(copy_mb)}
+    try:
+        jobs["ort_fp32"] = _ort_gemm(n, threads, int8=False)
+        jobs["ort_int8"] = _ort_gemm(n, threads, int8=True)
+    except ImportError:
+        pass
+    for job in jobs.values():  # warm-up: first calls allocate and pick kernels
+        job()
+    seconds = interleaved_medians(jobs, repeats)
+    flops = 2.0 * n**3
+    return MachineLimits(
+        cpu=cpu_kind(),
+        threads=threads,
+        fp32_gflops_torch=flops / seconds["torch"] / 1e9,
+        fp32_gflops_onnxruntime=flops / seconds["ort_fp32"] / 1e9 if "ort_fp32" in jobs else None,
+        int8_gops_onnxruntime=flops / seconds["ort_int8"] / 1e9 if "ort_int8" in jobs else None,
+        memory_gb_per_s=2 * (copy_mb << 20) / seconds["copy"] / 1e9,
+    )
+
+
+def limits_table(limits: MachineLimits) -> str:
+    def rate(value: float | None, unit: str) -> str:
+        return "onnxruntime not installed" if value is None else f"{value:.1f} {unit}"
+
+    return (
+        f"machine: {limits.cpu}, {limits.threads} threads\n\n"
+        "| limit | rate |\n|---|---|\n"
+        f"| fp32 GEMM, torch (torch.mm) | {rate(limits.fp32_gflops_torch, 'GFLOP/s')} |\n"
+        f"| fp32 GEMM, ONNX Runtime (MatMul) | "
+        f"{rate(limits.fp32_gflops_onnxruntime, 'GFLOP/s')} |\n"
+        f"| int8 GEMM, ONNX Runtime (MatMulInteger u8 x s8) | "
+        f"{rate(limits.int8_gops_onnxruntime, 'GOP/s')} |\n"
+        f"| memory copy (read + write) | {limits.memory_gb_per_s:.1f} GB/s |\n"
+    )
+
+
+def percent_of_limit(flops: float, seconds: float, rate_gflops: float) -> float:
+    """How close a run of ``flops`` in ``seconds`` came to ``rate_gflops``: ideal / measured."""
+    return 100.0 * (flops / (rate_gflops * 1e9)) / seconds
