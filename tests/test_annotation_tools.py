@@ -74,6 +74,9 @@ def best_mask(model, image, points=None, labels=None, box=None, multimask=True) 
     return masks[int(np.argmax(scores))]
 
 
+# The X-AnyLabeling export takes ~40 s (two graphs), so its tests run with the slow ones,
+# beside the check through X-AnyLabeling's own code.
+@pytest.mark.slow
 def test_anylabeling_files_and_config(anylabeling_dir):
     names = sorted(p.name for p in anylabeling_dir.iterdir())
     assert names == [
@@ -118,6 +121,7 @@ def anylabeling_mask(folder: Path, image: np.ndarray, point) -> np.ndarray:
     return masks[0][0] > 0.0
 
 
+@pytest.mark.slow
 def test_anylabeling_click_gives_the_segment_mask(anylabeling_dir, canvas_image, vit_t_model):
     point = [480, 300]
     want = best_mask(vit_t_model, canvas_image, [point], [1])
