@@ -106,15 +106,11 @@ def run_label_studio(args: argparse.Namespace) -> None:
 
     import uvicorn
 
-    from ..integrations.label_studio import (
-        ImageSource,
-        LabelStudioBackend,
-        mask_to_brush_rle,  # fail now if the extra is missing
-    )
+    from ..integrations.label_studio import ImageSource, LabelStudioBackend, brush_encoder
     from ..integrations.label_studio_app import create_label_studio_app
     from ..serve.app import DemoService
 
-    del mask_to_brush_rle
+    brush_encoder()  # a missing extra is an error now, not at the first click
     max_image_bytes = int(args.max_image_mb * (1 << 20))
     service = DemoService(
         predictor_from_args(args),

@@ -40,8 +40,8 @@ KEYPOINTS = "keypointlabels"
 RECTANGLES = "rectanglelabels"
 
 
-def mask_to_brush_rle(mask: np.ndarray) -> list[int]:
-    """An HxW mask as Label Studio's brush RLE (RGBA, 255 inside), by its own converter."""
+def brush_encoder():
+    """Label Studio's own brush RLE encoder (``mask2rle``), or an ImportError naming the extra."""
     try:
         from label_studio_sdk.converter.brush import mask2rle
     except ImportError:  # the converter before it moved into the SDK
@@ -49,9 +49,15 @@ def mask_to_brush_rle(mask: np.ndarray) -> list[int]:
             from label_studio_converter.brush import mask2rle
         except ImportError:
             raise ImportError(
-                "Label Studio's brush encoder is missing: pip install 'tinysam[label-studio]'"
+                "Label Studio's brush encoder is missing: pip install 'tinysam[label-studio]'",
+                name="label_studio_sdk",
             ) from None
-    return mask2rle(np.asarray(mask, bool).astype(np.uint8) * 255)
+    return mask2rle
+
+
+def mask_to_brush_rle(mask: np.ndarray) -> list[int]:
+    """An HxW mask as Label Studio's brush RLE (RGBA, 255 inside), by its own converter."""
+    return brush_encoder()(np.asarray(mask, bool).astype(np.uint8) * 255)
 
 
 @dataclass(frozen=True)
