@@ -38,6 +38,7 @@ from .masks import (
     uncrop_masks,
     uncrop_points,
 )
+from .upscaled import upscaled_masks
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 MASK_THRESHOLD = 0.0
@@ -253,6 +254,11 @@ class SamAutomaticMaskGenerator:
         if keep is not None:
             low_res, iou_preds, point_rows = low_res[keep], iou_preds[keep], point_rows[keep]
 
+        if high is None:
+            out = self._masks_from_low_res(low_res, iou_preds, point_rows, crop_box, orig_size)
+            self.stats.postprocess_s += time.perf_counter() - start
+            return out
+
         out = _empty_masks()
         predictor = self.predictor
         h, w = predictor.original_size
@@ -291,6 +297,43 @@ class SamAutomaticMaskGenerator:
             )
         self.stats.postprocess_s += time.perf_counter() - start
         return out
+
+    def _masks_from_low_res(
+        self,
+        low_res: torch.Tensor,
+        iou_preds: torch.Tensor,
+        point_rows: torch.Tensor,
+        crop_box: list[int],
+        orig_size: tuple[int, int],
+    ) -> MaskData:
+        """Stability filter, boxes and RLEs straight from the low-res logits (``upscaled``):
+        the reference's values without its full-size logits."""
+        predictor = self.predictor
+        geometry = upscaled_masks(tuple(predictor.input_size), tuple(predictor.original_size))
+        offset = self.stability_score_offset
+        thresholds = [MASK_THRESHOLD + offset, MASK_THRESHOLD - offset]
+        cells = geometry.analyse(low_res.cpu(), thresholds)
+        stability = (
+            cells.count(MASK_THRESHOLD + offset).int() / cells.count(MASK_THRESHOLD - offset).int()
+        )
+        if self.stability_score_thresh > 0.0:
+            passed = (stability >= self.stability_score_thresh).nonzero()[:, 0]
+            cells, iou_preds = cells.select(passed), iou_preds[passed]
+            point_rows, stability = point_rows[passed], stability[passed]
+        if len(iou_preds) == 0:
+            return _empty_masks()
+        segments = cells.segments(MASK_THRESHOLD)
+        boxes = segments.boxes(len(iou_preds))
+        orig_h, orig_w = orig_size
+        inside = (~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])).numpy()
+        kept = np.flatnonzero(inside)
+        return MaskData(
+            iou_preds=iou_preds.cpu()[kept],
+            points=point_rows[kept],
+            stability_score=stability[kept],
+            boxes=boxes[kept],
+            rles=segments.rles(kept, tuple(crop_box[:2]), orig_size),
+        )
 
     # ------------------------------------------------------------------ output
 
