@@ -7,6 +7,13 @@ with the many-prompt decoder switched off, measured in the same run; the authors
 
     python benchmarks/everything.py [--checkpoint PATH] [--pred-iou-thresh 0.88]
         [--stability-thresh 0.95] [--points-per-side 32] [--threads 2] [--skip-plain]
+        [--post-masks 256 --post-size 1200x1800]
+
+The last table is the post-processing of masks that are all kept (thresholds 0): stability
+scores, boxes and RLE of each mask at the image's size, the reference's way (upscale every
+mask's logits, ``upscale_logits``) against the low-res cells (``everything.upscaled``), on
+mask-like logits (smooth blobs with wavy edges, as trained decoders make; random weights make
+pixel noise instead, whose RLE is as long as the mask and goes the reference's way).
 
 Without --checkpoint a seeded random vit_t is used: timings do not depend on the weights, but
 how many prompts pass the IoU filter (and so how many masks are made) does.
@@ -15,9 +22,11 @@ how many prompts pass the IoU filter (and so how many masks are made) does.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tinysam import (
@@ -26,8 +35,15 @@ from tinysam import (
     SamPredictor,
     build_sam_vit_t,
 )
+from tinysam.everything.masks import (
+    batched_mask_to_box,
+    calculate_stability_score,
+    mask_to_rle,
+)
+from tinysam.everything.upscaled import UpscaledMasks
 from tinysam.io import load_image
 from tinysam.predictor_base import DEFAULT_MANY_PROMPTS
+from tinysam.transforms import ResizeLongestSide, upscale_logits
 
 IMAGE = Path(__file__).resolve().parents[1] / "assets" / "picture1.jpg"
 
@@ -61,6 +77,53 @@ def run(generator_class, sam, image, args, fast: bool) -> dict:
     }
 
 
+def mask_like_logits(count: int, extent: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """``count`` low-res logit maps (256x256) of elliptic blobs with wavy edges inside the
+    image's part of the frame (``extent``), sloped ~3 per low-res pixel and clipped to
+    [-30, 20] as SAM's are."""
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
+    out = torch.empty(count, 256, 256)
+    for i in range(count):
+        cy, cx = (torch.rand(2, generator=g) * torch.tensor(extent)).tolist()
+        radius = 4 + float(torch.rand(1, generator=g)) ** 2 * 80
+        aspect = 0.5 + float(torch.rand(1, generator=g))
+        angle = float(torch.rand(1, generator=g)) * math.pi
+        dx, dy = xs - cx, ys - cy
+        u = dx * math.cos(angle) + dy * math.sin(angle)
+        v = -dx * math.sin(angle) + dy * math.cos(angle)
+        distance = torch.sqrt((u * aspect) ** 2 + (v / aspect) ** 2)
+        wave = 0.15 * radius * torch.sin(torch.atan2(v, u) * 5 + i)
+        out[i] = ((radius + wave - distance) * 3).clamp(-30, 20)
+    return out
+
+
+def post_processing(low_res: torch.Tensor, size: tuple[int, int]) -> dict:
+    """Seconds per mask of both ways (the generator's batches: 8 full-size maps at a time for
+    the reference, 64 masks for the cells) and how many RLEs are identical."""
+    input_size = ResizeLongestSide(1024).get_preprocess_shape(*size, 1024)
+    geometry = UpscaledMasks(input_size, size)
+    reference_rles, cells_rles = [], []
+    start = time.perf_counter()
+    for batch in low_res.split(8):
+        logits = upscale_logits(batch[:, None], input_size, size)[:, 0]
+        calculate_stability_score(logits, 0.0, 1.0)
+        masks = logits > 0
+        batched_mask_to_box(masks)
+        reference_rles += mask_to_rle(masks)
+    reference = time.perf_counter() - start
+    start = time.perf_counter()
+    for batch in low_res.split(64):
+        cells = geometry.analyse(batch, [1.0, -1.0])
+        cells.count(1.0), cells.count(-1.0)
+        segments = cells.segments(0.0)
+        segments.boxes(len(batch))
+        cells_rles += segments.rles(np.arange(len(batch)), (0, 0), size)
+    fast = time.perf_counter() - start
+    same = sum(a["counts"] == b["counts"] for a, b in zip(reference_rles, cells_rles))
+    return {"reference": reference / len(low_res), "cells": fast / len(low_res), "same": same}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -77,7 +140,14 @@ def main() -> None:
         help="hierarchical covered-area logit cutoff (random weights rarely reach 8.5)",
     )
     parser.add_argument("--skip-plain", action="store_true", help="only the fast path")
+    parser.add_argument("--post-masks", type=int, default=256, help="masks in the last table")
+    parser.add_argument("--post-size", default="1200x1800", help="HxW of the last table's image")
+    parser.add_argument("--post-only", action="store_true", help="only the last table")
     args = parser.parse_args()
+    if args.post_only:
+        torch.set_num_threads(args.threads)
+        post_table(args)
+        return
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -114,6 +184,25 @@ def main() -> None:
                 f"  hierarchical rounds (prompts): {fast['rounds']}, "
                 f"covered by round 1: {fast['covered']:.0%}"
             )
+    post_table(args)
+
+
+def post_table(args) -> None:
+    size = tuple(int(v) for v in args.post_size.split("x"))
+    input_size = ResizeLongestSide(1024).get_preprocess_shape(*size, 1024)
+    low_res = mask_like_logits(args.post_masks, (input_size[0] / 4, input_size[1] / 4))
+    r = post_processing(low_res, size)
+    print(
+        f"\npost-processing, every mask kept: {args.post_masks} mask-like logits at "
+        f"{size[1]}x{size[0]}, {args.threads} threads"
+    )
+    header = f"{'way':<34}{'ms per mask':>12}{'x 3072 masks':>14}{'speedup':>9}"
+    print(header)
+    print("-" * len(header))
+    for name, key in (("reference (upscale every mask)", "reference"), ("low-res cells", "cells")):
+        per = r[key]
+        print(f"{name:<34}{per * 1e3:>12.2f}{per * 3072:>13.1f}s{r['reference'] / per:>8.2f}x")
+    print(f"RLEs identical: {r['same']} of {args.post_masks}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ shared by the tests that read its outputs.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import shutil
@@ -163,6 +164,104 @@ def test_search_beats_min_max_scales_on_its_objective(calibrated):
     assert all(r.weighted for r in results)  # every layer got Fisher weights
 
 
+def _plain_grid_search(layer, record, config):
+    """The alternating grid search written the plain way (one candidate at a time, every
+    distance from the full products), as docs/method.md states it: the oracle for the
+    search's shared and batched work."""
+    from tinysam.quant.quantizers import fake_quant_channels
+    from tinysam.quant.search import _act
+
+    data = record.tensors()
+    out, weights = data["out"], data["grad"].square()
+    weights = weights if weights.sum() > 0 else torch.ones_like(out)
+
+    def columns(approx):
+        return ((approx - out) ** 2 * weights).reshape(-1, out.shape[-1]).sum(0)
+
+    thetas = config.thetas()
+    if isinstance(layer, QuantMatMul):
+        a, b = data["a"], data["b"]
+        twin = layer.a_quant.twin
+        step_a, step_b = record.a_absmax / 128, record.b_absmax / 128
+        s_a, s_b = step_a, step_b
+        best = float(columns(_act(a, s_a, twin, 8) @ _act(b, s_b, "none", 8)).sum())
+        for _ in range(config.rounds):
+            for t in thetas:
+                d = float(
+                    columns(_act(a, float(t) * step_a, twin, 8) @ _act(b, s_b, "none", 8)).sum()
+                )
+                if d < best:
+                    best, s_a = d, float(t) * step_a
+            for t in thetas:
+                d = float(
+                    columns(_act(a, s_a, twin, 8) @ _act(b, float(t) * step_b, "none", 8)).sum()
+                )
+                if d < best:
+                    best, s_b = d, float(t) * step_b
+        return s_a, s_b
+    a, weight = data["a"], layer.weight.detach()
+    axis, channel = layer.weight_quant.axis, layer.column_channel()
+    channels = layer.weight_quant.scale.numel()
+    bias = 0.0 if layer.bias is None else layer.bias.detach()[channel]
+    twin = "gelu" if record.post_gelu else "none"
+    dims = [d for d in range(weight.ndim) if d != axis]
+    step_a, step_w = record.a_absmax / 128, weight.abs().amax(dim=dims).clamp_min(1e-12) / 128
+
+    def output(a_q, s_w):
+        w_q = fake_quant_channels(weight, s_w, axis, 8)
+        return torch.einsum("rgk,gok->rgo", a_q, layer.matrix(w_q)).flatten(1) + bias
+
+    def per_channel(cols):
+        return torch.zeros(channels).index_add_(0, channel, cols)
+
+    s_a, s_w = step_a, step_w.clone()
+    best = float(columns(output(_act(a, s_a, twin, 8), s_w)).sum())
+    for _ in range(config.rounds):
+        for t in thetas:
+            d = float(columns(output(_act(a, float(t) * step_a, twin, 8), s_w)).sum())
+            if d < best:
+                best, s_a = d, float(t) * step_a
+        a_q = _act(a, s_a, twin, 8)
+        best_w = per_channel(columns(output(a_q, s_w)))
+        for t in thetas:
+            d = per_channel(columns(output(a_q, t * step_w)))
+            s_w = torch.where(d < best_w, t * step_w, s_w)
+            best_w = torch.minimum(d, best_w)
+        best = float(best_w.sum())
+    return s_a, s_w
+
+
+def test_search_picks_what_the_plain_grid_search_picks(calibrated):
+    """The search shares work between candidates (batched products, depthwise layers scored
+    from second moments, a stop after a round that moved nothing): the scales it picks are
+    the plain search's."""
+    from tinysam.quant.search import search_layer
+
+    qmodel, records, _ = calibrated
+    layers = quant_layers(qmodel)
+    names = [
+        "image_encoder.patch_embed.seq.2",  # conv
+        "image_encoder.layers.0.blocks.0.conv2",  # depthwise conv, post-GELU
+        "image_encoder.layers.1.blocks.0.local_conv",  # depthwise conv
+        "image_encoder.layers.1.blocks.0.mlp.fc2",  # linear, post-GELU
+        "image_encoder.layers.1.blocks.0.attn.weighted",  # product, post-softmax
+        "mask_decoder.transformer.layers.0.cross_attn_image_to_token.scores",  # product
+        "mask_decoder.output_upscaling.0",  # transposed conv
+    ]
+    config = SearchConfig(candidates=16, rounds=3)
+    for name in names:
+        layer = copy.deepcopy(layers[name])  # the shared fixture keeps its scales
+        expected = _plain_grid_search(layer, records[name], config)
+        search_layer(name, layer, records[name], config)
+        if isinstance(layer, QuantMatMul):
+            got = (float(layer.a_quant.scale), float(layer.b_quant.scale))
+            assert got == pytest.approx(expected, rel=1e-6), name
+        else:
+            assert float(layer.input_quant.scale) == pytest.approx(expected[0], rel=1e-6), name
+            same = torch.isclose(layer.weight_quant.scale, expected[1], rtol=1e-6)
+            assert same.float().mean() >= 0.99, (name, int((~same).sum()))
+
+
 def test_calibration_boxes_surround_the_answered_masks():
     masks = torch.full((2, 4, 256, 256), -5.0)
     masks[0, 2, 10:20, 30:50] = 5.0  # the best multimask output of prompt 0
@@ -303,15 +402,17 @@ def quantize_run(golden, vit_t_checkpoint, tmp_path_factory):
     shutil.copy(golden / "images" / "picture1.jpg", calib)
     shutil.copy(golden / "images" / "picture3.jpg", test)
     out = root / "out"
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         code = main(
             ["quantize", "--checkpoint", str(vit_t_checkpoint), "--calib", str(calib)]
             + ["--test", str(test), "--out", str(out), "--candidates", "10", "--rounds", "1"]
             + ["--prompts", "4", "--rows", "64", "--test-prompts", "8"]
         )
     assert code == 0
-    return out, json.loads(stdout.getvalue())
+    summary = json.loads(stdout.getvalue())
+    summary["stage_lines"] = stderr.getvalue().splitlines()
+    return out, summary
 
 
 @pytest.mark.slow
@@ -326,6 +427,14 @@ def test_quantize_writes_model_onnx_and_report(quantize_run):
         for kind in ("point", "box"):
             assert kinds[kind]["mean_iou"] > 0.9, (name, kind, kinds[kind])
     assert set(summary["agreement"]) == set(report["agreement"])
+    # Not a terminal: no progress bars, one line per stage as it ends.
+    lines = summary["stage_lines"]
+    stages = [line.split(":")[0] for line in lines]
+    assert stages[:4] == ["calibrate", "search", "saved", "onnx"], lines
+    assert stages[4:-1] == ["report"] * len(report["agreement"]), lines
+    assert "64 sampled positions per layer and image" in lines[0]  # --rows 64, one image
+    assert lines[-1].startswith("done in ")
+    assert not any("\r" in line for line in lines)
     assert "| layer |" in (out / "report.md").read_text()
     config = json.loads((out / "quant.json").read_text())
     assert config["search"]["candidates"] == 10 and config["calibration"]["images"] == [

@@ -46,7 +46,11 @@ def register(sub) -> None:
     q.add_argument("--theta-high", type=float, default=1.2, help="highest range factor (1.2)")
     q.add_argument("--prompts", type=int, default=16, help="grid prompts per image (16)")
     q.add_argument(
-        "--rows", type=int, default=512, help="sampled output positions per layer and image (512)"
+        "--rows",
+        type=int,
+        default=1024,
+        help="sampled output positions per layer, shared out over the calibration images "
+        "(1024); the search's time grows with it",
     )
     q.add_argument(
         "--no-twin",
@@ -111,4 +115,5 @@ def run_quantize(args: argparse.Namespace) -> dict:
         model_type=args.model,
         test_paths=test_paths,
         progress=lambda it, what: tqdm(it, desc=what, unit=UNITS[what], disable=not show),
+        say=lambda line: print(line, file=sys.stderr, flush=True),
     )

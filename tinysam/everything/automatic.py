@@ -311,8 +311,20 @@ class SamAutomaticMaskGenerator:
         predictor = self.predictor
         geometry = upscaled_masks(tuple(predictor.input_size), tuple(predictor.original_size))
         offset = self.stability_score_offset
-        thresholds = [MASK_THRESHOLD + offset, MASK_THRESHOLD - offset]
-        cells = geometry.analyse(low_res.cpu(), thresholds)
+        thresholds = [MASK_THRESHOLD + offset, MASK_THRESHOLD - offset, MASK_THRESHOLD]
+        out = _empty_masks()
+        batch = geometry.masks_per_batch(len(thresholds))  # bounds the memory of big images
+        for first in range(0, len(low_res), batch):
+            rows = slice(first, first + batch)
+            cells = geometry.analyse(low_res[rows].cpu(), thresholds)
+            out.cat(
+                self._filtered_masks(cells, iou_preds[rows], point_rows[rows], crop_box, orig_size)
+            )
+        return out
+
+    def _filtered_masks(self, cells, iou_preds, point_rows, crop_box, orig_size) -> MaskData:
+        """The stability filter, then boxes, the crop-edge filter and RLEs of what passes."""
+        offset = self.stability_score_offset
         stability = (
             cells.count(MASK_THRESHOLD + offset).int() / cells.count(MASK_THRESHOLD - offset).int()
         )

@@ -36,6 +36,8 @@ MARGIN = 1e-4
 DENSE_SHARE = 0.25
 # Upscale in chunks of about this many full-size logits (bounds memory on big images).
 FULL_SIZE_CHUNK = 1 << 25
+# Cells whose pixels are computed at once (float64 transients of about 32 MB).
+EXACT_CELLS = 1 << 16
 
 
 def mask_segments(masks: torch.Tensor) -> Segments:
@@ -222,7 +224,12 @@ class UpscaledMasks:
 
     def analyse(self, low_res: torch.Tensor, thresholds: list[float]) -> CellLogits:
         """Decide every cell of every mask against ``thresholds``, and compute the pixels of
-        the cells that straddle any of them."""
+        the cells that straddle any of them (kept as one bit per threshold: a later
+        ``count(t)`` or ``segments(t)`` takes one of these thresholds).
+
+        Memory: at most ``DENSE_SHARE`` of a mask's pixels are computed, so a batch of K masks
+        holds at most about K * H * W * DENSE_SHARE * len(thresholds) bytes
+        (``masks_per_batch`` keeps that bounded)."""
         low_res = low_res.float()
         lowest, highest = self.extremes(low_res)
         top, bottom = max(thresholds), min(thresholds)
@@ -234,8 +241,18 @@ class UpscaledMasks:
         dense = unsure_share.float().mean(2).amax(0) > DENSE_SHARE
         exact &= ~dense[:, None, None]
         cells = exact.nonzero()
-        values = self._exact(low_res, cells) if len(cells) else None
-        return CellLogits(self, low_res, lowest, dense, exact, cells, values)
+        above = {t: [] for t in thresholds}
+        for part in cells.split(EXACT_CELLS):
+            values = self._exact(low_res, part)
+            for t in thresholds:
+                above[t].append(values > t)
+        above = {t: torch.cat(parts) for t, parts in above.items()} if len(cells) else {}
+        return CellLogits(self, low_res, lowest, dense, exact, cells, above)
+
+    def masks_per_batch(self, thresholds: int, budget: int = 1 << 28) -> int:
+        """How many masks ``analyse`` may take at once within ``budget`` bytes of pixels."""
+        h, w = self.size
+        return max(1, int(budget / (DENSE_SHARE * h * w * thresholds)))
 
     def counts(self, low_res: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
         """Pixels above each threshold, per mask: K x len(thresholds) (int64)."""
@@ -345,7 +362,7 @@ class UpscaledMasks:
 @dataclass
 class CellLogits:
     """A batch of masks decided cell by cell (``UpscaledMasks.analyse``): the pixels of the
-    cells that straddle a threshold (``values``, for ``cells``); ``dense`` masks (noise-like)
+    cells that straddle a threshold (``above``, for ``cells``); ``dense`` masks (noise-like)
     are upscaled outright when asked."""
 
     geometry: UpscaledMasks
@@ -354,15 +371,23 @@ class CellLogits:
     dense: torch.Tensor  # K
     exact_cells: torch.Tensor  # K x rows x cols
     cells: torch.Tensor  # n x 3 (mask, row block, column block), the nonzeros of exact_cells
-    values: torch.Tensor | None  # n x R x C float64
+    above: dict[float, torch.Tensor]  # threshold -> n x R x C bool, the cells' pixels above it
+
+    def _above(self, threshold: float) -> torch.Tensor | None:
+        if not len(self.cells):
+            return None
+        if threshold not in self.above:
+            raise ValueError(f"threshold {threshold} was not analysed ({list(self.above)})")
+        return self.above[threshold]
 
     def count(self, threshold: float) -> torch.Tensor:
         """Pixels above ``threshold`` per mask (K, int64)."""
         geometry = self.geometry
         surely = (self.lowest > threshold + MARGIN) & ~self.exact_cells
         count = surely.flatten(1).double() @ geometry.cell_area.flatten()
-        if self.values is not None:
-            above = (self.values > threshold) & geometry._valid(self.cells)
+        above = self._above(threshold)
+        if above is not None:
+            above = above & geometry._valid(self.cells)
             count.index_add_(0, self.cells[:, 0], torch.count_nonzero(above, (1, 2)).double())
         count = count.round().long()
         rows = self.dense.nonzero()[:, 0]
@@ -374,12 +399,12 @@ class CellLogits:
         """The masks at indices ``masks`` (increasing), as their own batch."""
         renumber = torch.full((len(self.low_res),), -1, dtype=torch.long)
         renumber[masks] = torch.arange(len(masks))
-        values, cells = self.values, self.cells
-        if values is not None:
+        above, cells = self.above, self.cells
+        if len(cells):
             keep = renumber[cells[:, 0]] >= 0
-            values, cells = values[keep], cells[keep].clone()
+            above = {t: bits[keep] for t, bits in above.items()}
+            cells = cells[keep].clone()
             cells[:, 0] = renumber[cells[:, 0]]
-            values = values if len(values) else None
         return CellLogits(
             self.geometry,
             self.low_res[masks],
@@ -387,7 +412,7 @@ class CellLogits:
             self.dense[masks],
             self.exact_cells[masks],
             cells,
-            values,
+            above,
         )
 
     def segments(self, threshold: float) -> Segments:
@@ -398,10 +423,9 @@ class CellLogits:
         if len(by_cells):
             part = self.select(by_cells) if len(by_cells) < len(self.dense) else self
             surely = (part.lowest > threshold + MARGIN) & ~part.exact_cells
-            if part.values is None:
+            exact = part._above(threshold)
+            if exact is None:
                 exact = torch.zeros(0, 1, 1, dtype=torch.bool)
-            else:
-                exact = part.values > threshold
             segments = geometry.cell_segments(
                 threshold, surely, part.exact_cells, part.cells, exact
             )

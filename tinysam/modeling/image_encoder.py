@@ -65,11 +65,19 @@ class ImageEncoderViT(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages():
+            x = stage(x)
+        return x
+
+    def stages(self) -> list:
+        """The forward pass as a chain of callables (see ``TinyViT.stages``)."""
+        return [self._embed, *self.blocks, self._neck]
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed
-        for block in self.blocks:
-            x = block(x)
+        return x if self.pos_embed is None else x + self.pos_embed
+
+    def _neck(self, x: torch.Tensor) -> torch.Tensor:
         return self.neck(x.permute(0, 3, 1, 2))
 
 

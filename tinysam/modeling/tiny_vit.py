@@ -427,11 +427,22 @@ class TinyViT(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages():
+            x = stage(x)
+        return x
+
+    def stages(self) -> list:
+        """The forward pass as a chain of callables, so that a backward pass can be taken
+        one stage at a time (quantization's calibration recomputes each stage's graph
+        instead of keeping them all)."""
+        return [self._embed, *self.layers, self._neck]
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
         # Channels-last makes the convolutions ~2x faster on CPU and turns the NCHW <-> token
         # reshapes between stages into views.
-        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
-        for layer in self.layers:
-            x = layer(x)
+        return self.patch_embed(x.contiguous(memory_format=torch.channels_last))
+
+    def _neck(self, x: torch.Tensor) -> torch.Tensor:
         b, _, c = x.shape
         s = self.embedding_size
         return self.neck(x.view(b, s, s, c).permute(0, 3, 1, 2)).contiguous()

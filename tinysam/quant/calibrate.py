@@ -2,7 +2,9 @@
 and how much the task loss cares about each of its outputs.
 
 One forward and one backward pass per calibration image, all layers at once (every layer sees
-float inputs, as in PTQ4ViT's parallel calibration). Each layer keeps a random sample of its
+float inputs, as in PTQ4ViT's parallel calibration), taken a piece at a time to bound memory:
+the decoder a few prompts at a time, the encoder stage by stage (recomputed from the
+activations between stages). Each layer keeps a random sample of its
 output positions: the inputs that make them (rows of the grouped matrix product), the float
 outputs, and the gradients of the task loss there.
 
@@ -31,12 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..perf import bounded_heap
 from ..transforms import ResizeLongestSide
 from .layers import QuantMatMul, is_post_gelu
 from .model import quant_layers
 
 GRID_SIDE = 32
 IOU_CLIP = 1e-3
+# Decoder prompts per forward/backward pass in calibration (bounds the graph's memory).
+PROMPT_GROUP = 4
 
 
 @dataclass
@@ -197,6 +202,47 @@ def encoder_input(model: nn.Module, image: np.ndarray) -> tuple[torch.Tensor, tu
     return model.preprocess(tensor), tuple(resized.shape[:2])
 
 
+def _stage_boundaries(encoder: nn.Module, x: torch.Tensor, layers: dict) -> list[torch.Tensor]:
+    """The encoder's input and each stage's output, computed without a graph or recording."""
+    recorders = {name: layer.recorder for name, layer in layers.items()}
+    for layer in layers.values():
+        layer.recorder = None  # uncalibrated quantizers are inactive: the float model
+    try:
+        boundaries = [x]
+        with torch.no_grad():
+            for stage in encoder.stages():
+                boundaries.append(stage(boundaries[-1]))
+    finally:
+        for name, layer in layers.items():
+            layer.recorder = recorders[name]
+    return boundaries
+
+
+def _decoder_gradient(model, embedding, size, prompts, generator, recorder) -> torch.Tensor:
+    """Record the decoder on grid points, then boxes around its answers, a few prompts at a
+    time (each group's graph freed by its backward pass); the loss's gradient with respect to
+    the embedding, summed over the groups."""
+    leaf = embedding.detach().requires_grad_()
+    points = grid_prompts(size, prompts, generator).to(model.device)
+    groups = points.split(PROMPT_GROUP)
+    rows, slices = recorder.rows, recorder.slices
+    recorder.rows = max(1, -(-rows // len(groups)))  # the image's sample, shared out
+    recorder.slices = max(1, -(-slices // len(groups)))
+    try:
+        for group in groups:
+            with torch.enable_grad():
+                labels = torch.ones(group.shape[:2], dtype=torch.int, device=model.device)
+                masks, iou = _decode(model, leaf, points=(group, labels))
+                boxes = answer_boxes(masks, iou, model.image_encoder.img_size)
+                box_masks, box_iou = _decode(model, leaf, boxes=boxes)
+                loss = fisher_loss(masks, iou, generator)
+                loss = loss + fisher_loss(box_masks, box_iou, generator)
+                loss.backward()
+    finally:
+        recorder.rows, recorder.slices = rows, slices
+    return leaf.grad
+
+
 def collect(
     model: nn.Module,
     images: Iterable[np.ndarray],
@@ -217,18 +263,23 @@ def collect(
     for layer in layers.values():
         layer.recorder = recorder
     try:
-        for image in progress(images) if progress else images:
-            x, size = encoder_input(model, image)
-            with torch.enable_grad():
-                embedding = model.image_encoder(x.requires_grad_())
-                points = grid_prompts(size, prompts_per_image, generator).to(model.device)
-                labels = torch.ones(points.shape[:2], dtype=torch.int, device=model.device)
-                masks, iou = _decode(model, embedding, points=(points, labels))
-                boxes = answer_boxes(masks, iou, model.image_encoder.img_size)
-                box_masks, box_iou = _decode(model, embedding, boxes=boxes)
-                loss = fisher_loss(masks, iou, generator)
-                loss = loss + fisher_loss(box_masks, box_iou, generator)
-                loss.backward()
+        with bounded_heap():  # see tinysam.perf: the graphs come and go per image
+            for image in progress(images) if progress else images:
+                x, size = encoder_input(model, image)
+                # The encoder runs once without a graph, keeping only the activations
+                # between its stages; each stage is then recomputed, recorded and
+                # back-propagated alone, last first: one stage's graph in memory at a time.
+                boundaries = _stage_boundaries(model.image_encoder, x, layers)
+                grad = _decoder_gradient(
+                    model, boundaries[-1], size, prompts_per_image, generator, recorder
+                )
+                stages = model.image_encoder.stages()
+                for stage, inputs in zip(reversed(stages), reversed(boundaries[:-1])):
+                    inputs = inputs.detach().requires_grad_()
+                    with torch.enable_grad():
+                        stage(inputs).backward(grad)
+                    grad = inputs.grad
+                del boundaries, grad
     finally:
         for layer in layers.values():
             layer.recorder = None

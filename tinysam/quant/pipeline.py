@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..io import atomic_write, load_image
 from ..modeling import Sam
+from ..perf import bounded_heap
 from ..predictor import SamPredictor
 from .calibrate import collect
 from .model import prepare, set_deploy
@@ -28,7 +29,7 @@ class QuantizeSettings:
     weight_bits: int = 8
     act_bits: int = 8
     prompts: int = 16  # grid prompts per calibration image
-    rows: int = 512  # sampled output positions per layer and image
+    rows: int = 1024  # sampled output positions per layer, over all calibration images
     seed: int = 0
     search: SearchConfig = field(default_factory=SearchConfig)
     onnx: bool = True  # the int8 ONNX export (8-bit models only)
@@ -41,6 +42,20 @@ class QuantizeSettings:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
+def rows_per_image(settings: QuantizeSettings, images: int) -> int:
+    """Each image's share of the per-layer sample (the search's cost follows the total)."""
+    return max(1, -(-settings.rows // max(1, images)))
+
+
+def peak_memory_gb() -> float:
+    """This process's peak resident memory so far (Linux and macOS)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
 def quantize(
     sam: Sam,
     calib_paths: Sequence[str | os.PathLike],
@@ -51,10 +66,11 @@ def quantize(
     model_type: str | None = None,
     test_paths: Sequence[str | os.PathLike] | None = None,
     progress=None,
+    say=None,
 ) -> dict:
     """Quantize ``sam`` into ``out``; returns a summary (layers, seconds, ONNX folder, mask
     agreement). ``test_paths`` default to the calibration images; ``progress(iterable, what)``
-    wraps the long loops (e.g. tqdm)."""
+    wraps the long loops (e.g. tqdm); ``say(line)`` gets one line as each stage ends."""
     from ..checkpoint import detect_model_type
 
     out = Path(out)
@@ -62,32 +78,44 @@ def quantize(
     test_is_calibration = test_paths is None
     test_paths = calib_paths if test_paths is None else [Path(p) for p in test_paths]
     progress = progress or (lambda iterable, what: iterable)
+    say = say or (lambda line: None)
     model_type = model_type or detect_model_type(sam.state_dict()) or "vit_t"
     weight_bits, act_bits = settings.weight_bits, settings.act_bits
     qmodel = prepare(sam, weight_bits, act_bits)
 
     start = time.perf_counter()
+    per_image = rows_per_image(settings, len(calib_paths))
     records = collect(
         qmodel,
-        [load_image(p) for p in calib_paths],
+        (load_image(p) for p in calib_paths),  # one image in memory at a time
         prompts_per_image=settings.prompts,
-        rows=settings.rows,
+        rows=per_image,
         seed=settings.seed,
         progress=lambda it: progress(it, "calibrate"),
     )
     collected = time.perf_counter() - start
+    say(
+        f"calibrate: {len(calib_paths)} images, {per_image} sampled positions per layer and "
+        f"image, {collected:.0f} s, peak memory {peak_memory_gb():.1f} GB"
+    )
     results = search_scales(
         qmodel, records, settings.search, progress=lambda it: progress(it, "search")
     )
     del records
     searched = time.perf_counter() - start - collected
+    improved = sum(r.searched_distance < r.minmax_distance for r in results)
+    say(
+        f"search: {len(results)} layers in {searched:.0f} s ({improved} better than min-max), "
+        f"peak memory {peak_memory_gb():.1f} GB"
+    )
     info = {
         "source_checkpoint": source,
         "calibration": {
             "images": [p.name for p in calib_paths],
             "prompts_per_image": settings.prompts,
             "prompts": "one-point prompts from the everything grid (32x32)",
-            "rows_per_layer_and_image": settings.rows,
+            "rows_per_layer": settings.rows,
+            "rows_per_layer_and_image": per_image,
             "seed": settings.seed,
         },
         "search": asdict(settings.search),
@@ -95,15 +123,19 @@ def quantize(
     }
     save_quantized(qmodel, out, model_type, **info)
     summary = {"out": str(out), "layers": len(results), **info["seconds"]}
+    say(f"saved: {out / 'quantized.pt'}")
 
     onnx_dir = None
     if settings.onnx and weight_bits == 8 and act_bits == 8:
         from .export import export_quantized_onnx
 
         onnx_dir = out / "onnx"
+        started = time.perf_counter()
         export_quantized_onnx(qmodel, onnx_dir, model_type, activations=settings.activations)
         summary["onnx"] = str(onnx_dir)
+        say(f"onnx: int8 model in {onnx_dir} ({time.perf_counter() - started:.0f} s)")
 
+    del qmodel  # the report reloads what was saved
     # Report: the model as saved and reloaded (what users get), against the float model.
     reloaded = load_quantized(out)
     candidates = {f"W{weight_bits}A{act_bits} simulated": SamPredictor(reloaded)}
@@ -114,14 +146,19 @@ def quantize(
         from ..runtime.predictor import OnnxPredictor
 
         candidates["int8 ONNX Runtime"] = OnnxPredictor(onnx_dir)
-    agreement = mask_agreement(
-        SamPredictor(sam),
-        candidates,
-        [load_image(p) for p in test_paths],
-        settings.test_prompts,
-        seed=settings.seed,
-    )
+    with bounded_heap():  # four models' activations, image after image: see tinysam.perf
+        agreement = mask_agreement(
+            SamPredictor(sam),
+            candidates,
+            [load_image(p) for p in test_paths],
+            settings.test_prompts,
+            seed=settings.seed,
+        )
     write_report(out, model_type, settings, agreement, results, test_paths, test_is_calibration)
+    for name, kinds in agreement.items():
+        ious = ", ".join(f"{kind} {a.mean_iou:.3f}" for kind, a in kinds.items())
+        say(f"report: {name}: mean mask IoU with the float model: {ious}")
+    say(f"done in {time.perf_counter() - start:.0f} s, peak memory {peak_memory_gb():.1f} GB")
     summary["agreement"] = {
         name: {kind: round(a.mean_iou, 4) for kind, a in kinds.items()}
         for name, kinds in agreement.items()
