@@ -178,13 +178,52 @@ def main() -> None:
                 f"{name:<13}{path:<9}{r['prompts']:>9}{r['encoder']:>9.2f}s{r['decoder']:>9.2f}s"
                 f"{r['post']:>8.2f}s{r['total']:>8.2f}s{r['masks']:>7}{speedup:>8.2f}x"
             )
+        if name == "dense":
+            dense_fast = rows["fast"]
         if name == "hierarchical":
             fast = rows["fast"]
             print(
                 f"  hierarchical rounds (prompts): {fast['rounds']}, "
                 f"covered by round 1: {fast['covered']:.0%}"
             )
+    limit_line(sam, image, args, dense_fast)
     post_table(args)
+
+
+def flop_count(sam, image, args) -> tuple[float, float]:
+    """GFLOP of the dense fast run as torch counts them (matrix products; a multiply-add is
+    two): the encoder, and everything after it (the many-prompt decoder and the masks)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    predictor = SamPredictor(sam)
+    generator = SamAutomaticMaskGenerator(
+        predictor,
+        points_per_side=args.points_per_side,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_thresh,
+        output_mode="coco_rle",
+    )
+    with FlopCounterMode(display=False) as encoder:
+        predictor.set_image(image)
+    with FlopCounterMode(display=False) as everything:
+        generator.generate(image)  # set_image is skipped: the same image
+    return encoder.get_total_flops() / 1e9, everything.get_total_flops() / 1e9
+
+
+def limit_line(sam, image, args, dense_fast: dict) -> None:
+    """The dense run against its own FLOPs over the machine's GEMM rate (torch.mm 2048^2)."""
+    from tinysam.evaluation.limits import cpu_kind, measure_limits
+
+    encoder, rest = flop_count(sam, image, args)
+    rate = measure_limits(args.threads).fp32_gflops_torch
+    ideal = (encoder + rest) / rate
+    print(
+        f"\ndense, fast decoder: {encoder:.1f} GFLOP encoder + {rest:.1f} GFLOP decoder and masks "
+        f"({rest / dense_fast['prompts']:.3f} GFLOP a prompt); torch GEMM {rate:.0f} GFLOP/s "
+        f"({cpu_kind()}, {args.threads} threads) -> ideal {ideal:.2f} s, measured "
+        f"{dense_fast['total']:.2f} s = {ideal / dense_fast['total']:.0%} of the limit "
+        f"({dense_fast['total'] / ideal:.1f}x off)"
+    )
 
 
 def post_table(args) -> None:

@@ -38,7 +38,11 @@ def rectangles(
 
 
 class OraclePredictor:
-    def __init__(self) -> None:
+    """``plain=True``: the generators call it as segment-anything calls a predictor (full-size
+    masks for every prompt); otherwise as our backends (low-res logits only)."""
+
+    def __init__(self, plain: bool = False) -> None:
+        self.filters_while_decoding = not plain
         self.transform = ResizeLongestSide(1024)
         self.device = torch.device("cpu")
         self.prompts = 0
@@ -78,6 +82,7 @@ class OraclePredictor:
         multimask_output=True,
         return_logits=False,
         upscale=True,
+        min_iou=None,  # a hint: prompts below it may be skipped; every prompt is answered here
     ):
         scale = self.original_size[0] / self.input_size[0]
         points = point_coords[:, 0, :].numpy() * scale

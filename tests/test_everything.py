@@ -169,8 +169,9 @@ def test_generate_takes_what_set_image_takes():
     """A PIL image or a gray HxW array: the same masks as the RGB array."""
     from PIL import Image
 
+    # Called as segment-anything calls a predictor (full-size masks for every prompt).
     expected = _as_set(
-        SamAutomaticMaskGenerator(OraclePredictor(), points_per_side=8).generate(IMAGE)
+        SamAutomaticMaskGenerator(OraclePredictor(plain=True), points_per_side=8).generate(IMAGE)
     )
     pil = Image.fromarray(IMAGE)
     for generator_class in (SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator):
