@@ -48,12 +48,11 @@ from tinysam.transforms import ResizeLongestSide, upscale_logits
 IMAGE = Path(__file__).resolve().parents[1] / "assets" / "picture1.jpg"
 
 
-def run(generator_class, sam, image, args, fast: bool) -> dict:
-    predictor = SamPredictor(sam, many_prompts=DEFAULT_MANY_PROMPTS if fast else 1 << 30)
+def make_generator(generator_class, predictor, args):
     extra = {}
     if generator_class is SamHierarchicalMaskGenerator:
         extra["high_score_thresh"] = args.high_score_thresh
-    generator = generator_class(
+    return generator_class(
         predictor,
         **extra,
         points_per_side=args.points_per_side,
@@ -61,6 +60,11 @@ def run(generator_class, sam, image, args, fast: bool) -> dict:
         stability_score_thresh=args.stability_thresh,
         output_mode="coco_rle",
     )
+
+
+def run(generator_class, sam, image, args, fast: bool) -> dict:
+    predictor = SamPredictor(sam, many_prompts=DEFAULT_MANY_PROMPTS if fast else 1 << 30)
+    generator = make_generator(generator_class, predictor, args)
     start = time.perf_counter()
     records = generator.generate(image)
     total = time.perf_counter() - start
@@ -114,7 +118,7 @@ def post_processing(low_res: torch.Tensor, size: tuple[int, int]) -> dict:
     reference = time.perf_counter() - start
     start = time.perf_counter()
     for batch in low_res.split(64):
-        cells = geometry.analyse(batch, [1.0, -1.0])
+        cells = geometry.analyse(batch, [1.0, -1.0, 0.0])
         cells.count(1.0), cells.count(-1.0)
         segments = cells.segments(0.0)
         segments.boxes(len(batch))
@@ -195,14 +199,12 @@ def flop_count(sam, image, args) -> tuple[float, float]:
     two): the encoder, and everything after it (the many-prompt decoder and the masks)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    # Parameters that need no gradient: FlopCounterMode's module tracker rejects, under
+    # no_grad, views of parameters that require one (they have no grad_fn).
+    for parameter in sam.parameters():
+        parameter.requires_grad_(False)
     predictor = SamPredictor(sam)
-    generator = SamAutomaticMaskGenerator(
-        predictor,
-        points_per_side=args.points_per_side,
-        pred_iou_thresh=args.pred_iou_thresh,
-        stability_score_thresh=args.stability_thresh,
-        output_mode="coco_rle",
-    )
+    generator = make_generator(SamAutomaticMaskGenerator, predictor, args)
     with FlopCounterMode(display=False) as encoder:
         predictor.set_image(image)
     with FlopCounterMode(display=False) as everything:

@@ -96,7 +96,7 @@ def quantize(
     collected = time.perf_counter() - start
     say(
         f"calibrate: {len(calib_paths)} images, {per_image} sampled positions per layer and "
-        f"image, {collected:.0f} s, peak memory {peak_memory_gb():.1f} GB"
+        f"image, {collected:.0f} s, peak memory {peak_memory_gb():.1f} GiB"
     )
     results = search_scales(
         qmodel, records, settings.search, progress=lambda it: progress(it, "search")
@@ -106,7 +106,7 @@ def quantize(
     improved = sum(r.searched_distance < r.minmax_distance for r in results)
     say(
         f"search: {len(results)} layers in {searched:.0f} s ({improved} better than min-max), "
-        f"peak memory {peak_memory_gb():.1f} GB"
+        f"peak memory {peak_memory_gb():.1f} GiB"
     )
     info = {
         "source_checkpoint": source,
@@ -158,7 +158,7 @@ def quantize(
     for name, kinds in agreement.items():
         ious = ", ".join(f"{kind} {a.mean_iou:.3f}" for kind, a in kinds.items())
         say(f"report: {name}: mean mask IoU with the float model: {ious}")
-    say(f"done in {time.perf_counter() - start:.0f} s, peak memory {peak_memory_gb():.1f} GB")
+    say(f"done in {time.perf_counter() - start:.0f} s, peak memory {peak_memory_gb():.1f} GiB")
     summary["agreement"] = {
         name: {kind: round(a.mean_iou, 4) for kind, a in kinds.items()}
         for name, kinds in agreement.items()
