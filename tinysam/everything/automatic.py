@@ -1,9 +1,10 @@
 """``SamAutomaticMaskGenerator``: masks for everything in an image, from a grid of point prompts.
 
 Parameters, filters and output records are segment-anything's. The difference is where the work
-goes: masks are filtered by predicted IoU at low resolution, and only the survivors are upscaled
-to the image size for the stability score, boxes and RLE. Upscaling is per mask, so the kept
-masks carry exactly the values the reference computes; the rejected ones are never upscaled.
+goes: masks are filtered by predicted IoU at low resolution, and the survivors' stability
+scores, boxes and RLEs come from their low-res logits without upscaling them (``upscaled``:
+full-size values only along the masks' edges, the reference's values). Only the hierarchical
+mode's first round, which needs the high-logit area, upscales its masks the reference's way.
 """
 
 from __future__ import annotations
