@@ -90,6 +90,7 @@ def local_run(tmp_path_factory, vit_t_checkpoint, photos):
     return summary, outputs_of(out)
 
 
+@pytest.mark.slow  # a Ray cluster on 127.0.0.1 (~30 s to start, shared); CI's slow phase
 def test_ray_writes_the_same_bytes_as_a_local_run(
     cluster, local_run, vit_t_checkpoint, photos, tmp_path
 ):
@@ -259,6 +260,7 @@ def test_embed_writes_loadable_embeddings_and_an_index(embedded, photos, vit_t_m
     assert scores_a == pytest.approx(scores_b, abs=1e-4)  # 2 threads vs 1 in the encoder
 
 
+@pytest.mark.slow  # a Ray cluster on 127.0.0.1 (~30 s to start, shared); CI's slow phase
 def test_embed_on_ray_gives_the_same_arrays(cluster, embedded, vit_t_checkpoint, photos, tmp_path):
     import numpy as np
 
@@ -301,6 +303,7 @@ def test_serve_answers_known_uploads_without_encoding(embedded, photos, vit_t_mo
 # --------------------------------------------------------------------------- boxes -> masks
 
 
+@pytest.mark.slow  # a Ray cluster on 127.0.0.1 (~30 s to start, shared); CI's slow phase
 def test_boxes_to_masks_locally_and_on_ray_give_the_same_results(
     cluster, vit_t_checkpoint, tmp_path
 ):
@@ -349,6 +352,7 @@ def test_boxes_to_masks_locally_and_on_ray_give_the_same_results(
 # --------------------------------------------------------------------------- teacher cache
 
 
+@pytest.mark.slow  # a Ray cluster on 127.0.0.1 (~30 s to start, shared); CI's slow phase
 def test_cache_teacher_sharded_over_ray_workers(cluster, tmp_path):
     """`distill cache-teacher --ray`: shards spread over two workers, read back by the trainer's
     reader (checksums verified) with the embeddings the single-process cache holds."""
