@@ -28,6 +28,16 @@ _THRESHOLD = 1 << 30
 _tuned = False
 
 
+def _mallopt():
+    """glibc's ``mallopt`` on Linux; None elsewhere (musl and other libcs have none)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None  # musl and other libcs have no mallopt
+
+
 def tune_allocator() -> bool:
     """Keep large freed blocks in glibc's heap; True if applied. Idempotent.
 
@@ -36,25 +46,12 @@ def tune_allocator() -> bool:
     global _tuned
     if _tuned:
         return True
-    if os.environ.get("TINYSAM_TUNE_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
+    mallopt = _mallopt()
+    if os.environ.get("TINYSAM_TUNE_MALLOC", "1") == "0" or mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False  # musl and other libcs have no mallopt
     ok = mallopt(_M_MMAP_THRESHOLD, _THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, _THRESHOLD) == 1
     _tuned = ok
     return ok
-
-
-def _mallopt():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return None  # musl and other libcs have no mallopt
 
 
 @contextmanager
