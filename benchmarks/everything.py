@@ -214,7 +214,8 @@ def flop_count(sam, image, args) -> tuple[float, float]:
 
 def limit_line(sam, image, args, dense_fast: dict) -> None:
     """The dense run against its own FLOPs over the machine's GEMM rate (torch.mm 2048^2)."""
-    from tinysam.evaluation.limits import cpu_kind, measure_limits
+    from tinysam.evaluation.limits import measure_limits
+    from tinysam.perf import cpu_kind
 
     encoder, rest = flop_count(sam, image, args)
     rate = measure_limits(args.threads).fp32_gflops_torch

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -26,14 +25,9 @@ from tinysam.backends import load_predictor
 from tinysam.batch import run_local, run_ray
 from tinysam.embeddings import EmbeddingJob
 from tinysam.everything.export import EverythingJob, everything_outputs
+from tinysam.perf import cpu_kind
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cpu_kind() -> str:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    kind = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()
-    return f"{kind}, {os.cpu_count()} cores"
 
 
 def make_job(kind: str, checkpoint: Path, images: list[Path], out: Path, threads: int):
@@ -96,7 +90,7 @@ def main() -> None:
 
     n = args.images
     steady = {r[2]: r[3].steady_items_per_second for r in rows if r[0].startswith("local")}
-    print(f"\n{args.job} over {n} images of ~800x600, CPU: {cpu_kind()}")
+    print(f"\n{args.job} over {n} images of ~800x600, CPU: {cpu_kind()}, {os.cpu_count()} cores")
     print(
         "| run | images/s overall | images/s after the first | vs local with the same "
         "threads in total (after the first) | first image (s) | Ray start-up (s) |"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,8 @@ def one_error_line(err: str, command: str) -> str:
 
 def pytest_configure(config):
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    # Remembered choices (--backend auto) and downloads stay out of the user's own cache.
+    os.environ["TINYSAM_CACHE_DIR"] = tempfile.mkdtemp(prefix="tinysam-test-cache-")
 
 
 @pytest.fixture(scope="session")

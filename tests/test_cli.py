@@ -358,7 +358,9 @@ def test_backend_onnx_segment_and_everything(capsys, tmp_path, onnx_dir, vit_t_o
         (["--backend", "onnx", "--onnx-dir", "nowhere"], "ONNX model directory not found"),
         (["--backend", "onnx", "--onnx-dir", ".", "--device", "cuda"], "for the torch backend"),
         (["--backend", "openvino"], "--backend openvino needs --onnx-dir DIR"),
-        (["--onnx-dir", "."], "--onnx-dir is for --backend onnx or openvino"),
+        (["--backend", "torch", "--onnx-dir", "."], "--onnx-dir is for --backend auto, onnx"),
+        (["--onnx-dir", "."], "is not a tinysam ONNX export"),
+        (["--onnx-dir", "nowhere"], "ONNX model directory not found"),
     ],
 )
 def test_backend_errors(capsys, tmp_path, monkeypatch, extra, message):

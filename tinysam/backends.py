@@ -3,19 +3,22 @@
 ``load_model`` resolves a checkpoint (``tinysam.checkpoint``) and builds the model
 (``tinysam.build``), or loads a folder written by ``tinysam quantize``; ``load_predictor``
 returns a ``PredictorBase`` for ``torch``, ``onnx`` (ONNX Runtime) or ``openvino`` (OpenVINO
-for the image encoder). The command line, the web demo and the evaluations get their
-predictors here. Torch is imported only for the torch backend and checkpoints, so the ONNX
-backends load without it.
+for the image encoder), or ``auto``: the fastest of those that can run what was given, measured
+once per machine (``tinysam.backend_choice``). The command line, the web demo and the
+evaluations get their predictors here. Torch is imported only for the torch backend and
+checkpoints, so the ONNX backends load without it.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 from pathlib import Path
 
 from .predictor_base import DEFAULT_MANY_PROMPTS, PredictorBase
 
-BACKENDS = ("torch", "onnx", "openvino")
+BACKENDS = ("auto", "torch", "onnx", "openvino")
 ONNX_DIR_ENV = "TINYSAM_ONNX_DIR"
 
 
@@ -62,15 +65,30 @@ def load_predictor(
     threads: int | None = None,
     many_prompts: int = DEFAULT_MANY_PROMPTS,
     progress: bool = False,
+    remeasure: bool = False,
 ) -> PredictorBase:
     """A predictor for ``backend``: ``torch`` (``checkpoint`` / ``model_type`` / ``device``, as
     ``load_model``), ``onnx`` or ``openvino`` (an export made by ``tinysam export`` in
     ``onnx_dir``, default ``$TINYSAM_ONNX_DIR``; CPU only, no torch needed). ``threads``: CPU
-    threads (torch's global setting for the torch backend)."""
+    threads (torch's global setting for the torch backend).
+
+    ``auto`` picks among the backends installed that can run what was given: an export folder
+    runs on ONNX Runtime or OpenVINO, a checkpoint on torch, and both (given explicitly, one
+    model) on any of the three. The fastest image encoder wins, timed once per machine and
+    model and cached (``remeasure`` times again)."""
     if backend not in BACKENDS:
         raise BackendError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if threads is not None and threads < 1:
         raise BackendError("threads must be at least 1")
+    if backend == "auto":
+        from .backend_choice import choose_backend
+
+        factories, model_key = auto_candidates(
+            checkpoint=checkpoint, model_type=model_type, onnx_dir=onnx_dir, device=device,
+            threads=threads, many_prompts=many_prompts, progress=progress,
+        )  # fmt: skip
+        predictor, _ = choose_backend(factories, model_key, _threads(threads), remeasure=remeasure)
+        return predictor
     if backend in ("onnx", "openvino"):
         onnx_dir = onnx_dir or os.environ.get(ONNX_DIR_ENV)
         if not onnx_dir:
@@ -96,7 +114,78 @@ def load_predictor(
     return SamPredictor(sam, many_prompts=many_prompts)
 
 
+def auto_candidates(
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    model_type: str | None = None,
+    onnx_dir: str | os.PathLike | None = None,
+    device="cpu",
+    threads: int | None = None,
+    many_prompts: int = DEFAULT_MANY_PROMPTS,
+    progress: bool = False,
+) -> tuple[dict, str]:
+    """``backend="auto"``'s candidates (name -> a function making the predictor) and the cache
+    key of the model they run. ``$TINYSAM_ONNX_DIR`` counts only when no checkpoint or model
+    type was named: a checkpoint asked for by name is never swapped for another export."""
+    if onnx_dir is None and checkpoint is None and model_type is None:
+        onnx_dir = os.environ.get(ONNX_DIR_ENV) or None
+    on_cpu = str(device) == "cpu"
+    if onnx_dir is not None and not on_cpu:
+        raise BackendError(
+            f"an ONNX export runs on the CPU; device {device!r} is for the torch backend "
+            "(give a checkpoint without an export folder)"
+        )
+    if onnx_dir is not None and model_type is not None and checkpoint is None:
+        raise BackendError(
+            "a model type with an export folder: give the checkpoint too (to compare torch "
+            "with the export), or leave the model type out"
+        )
+    load = functools.partial(
+        load_predictor, onnx_dir=onnx_dir, threads=threads, many_prompts=many_prompts
+    )
+    factories = {}
+    if _installed("torch") and (onnx_dir is None or checkpoint is not None):
+        factories["torch"] = functools.partial(
+            load_predictor, "torch", checkpoint=checkpoint, model_type=model_type,
+            device=device, threads=threads, many_prompts=many_prompts, progress=progress,
+        )  # fmt: skip
+    if onnx_dir is not None:
+        from .runtime.predictor import load_manifest
+
+        load_manifest(onnx_dir)  # a missing or foreign folder says so before anything is timed
+        for name, module in (("onnx", "onnxruntime"), ("openvino", "openvino")):
+            if _installed(module) and _installed("onnxruntime"):
+                factories[name] = functools.partial(load, name)
+    if not factories:
+        raise BackendError(
+            "no backend can run this: pip install 'tinysam[torch]' for checkpoints, "
+            "'tinysam[onnx]' for export folders"
+        )
+    if "torch" in factories and len(factories) > 1:
+        from .backend_choice import file_identity
+
+        model_key = f"checkpoint {file_identity(checkpoint)} + export {file_identity(onnx_dir)}"
+    elif "torch" in factories:
+        model_key = f"checkpoint {model_type or checkpoint or 'default'}"
+    else:
+        from .backend_choice import export_model_key
+
+        model_key = export_model_key(onnx_dir)
+    return factories, model_key
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _threads(threads: int | None) -> int:
+    from .runtime.predictor import _physical_cores
+
+    return threads or _physical_cores()
+
+
 __all__ = [
+    "auto_candidates",
     "BACKENDS",
     "BackendError",
     "load_model",

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .io import DownloadError, download_file
+from .io import CACHE_ENV, DownloadError, cache_dir, download_file  # noqa: F401  (CACHE_ENV re-exported)
 
 MODEL_TYPES = ("vit_t", "vit_b", "vit_l", "vit_h")
 # The SAM ViT teachers' embedding widths, which tell their checkpoints apart.
@@ -28,7 +28,6 @@ WEIGHT_URLS = {
     "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
 }
 CHECKPOINT_ENV = "TINYSAM_CHECKPOINT"
-CACHE_ENV = "TINYSAM_CACHE_DIR"
 
 
 class CheckpointError(ValueError):
@@ -187,14 +186,6 @@ def load_strict(
 
 
 # --------------------------------------------------------------------------- resolution
-
-
-def cache_dir() -> Path:
-    """Where downloaded weights live: $TINYSAM_CACHE_DIR, else $XDG_CACHE_HOME/tinysam."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "tinysam"
 
 
 def cached_checkpoint_path(model_type: str) -> Path:

@@ -25,6 +25,16 @@ def _new_file_mode() -> int:
 
 
 _NEW_FILE_MODE = _new_file_mode()
+CACHE_ENV = "TINYSAM_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """Where downloaded weights and remembered choices live: $TINYSAM_CACHE_DIR, else
+    $XDG_CACHE_HOME/tinysam."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tinysam"
 
 
 class DownloadError(RuntimeError):

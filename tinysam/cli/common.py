@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,15 +56,19 @@ def add_model_args(parser: argparse.ArgumentParser, backend: bool = False) -> No
     if backend:
         parser.add_argument(
             "--backend",
-            choices=("torch", "onnx", "openvino"),
-            default="torch",
-            help="torch (default); onnx: ONNX Runtime on an export made by `tinysam export` "
-            "(see --onnx-dir); openvino: the same with OpenVINO running the image encoder",
+            choices=("auto", "torch", "onnx", "openvino"),
+            default=default_backend(),
+            help="auto (the default where onnxruntime is installed, else torch): an export "
+            "folder (--onnx-dir) runs on ONNX Runtime or OpenVINO, whichever encodes faster "
+            "here, timed once per machine and cached; a checkpoint runs on torch; both given "
+            "compares all three. torch; onnx: ONNX Runtime on an export made by `tinysam "
+            "export`; openvino: the same with OpenVINO running the image encoder",
         )
         parser.add_argument(
             "--onnx-dir",
             type=Path,
-            help="with --backend onnx: the export folder (default: $TINYSAM_ONNX_DIR)",
+            help="an export folder, for --backend auto, onnx or openvino "
+            "(default: $TINYSAM_ONNX_DIR when no --checkpoint or --model is given)",
         )
     parser.add_argument(
         "--checkpoint",
@@ -186,6 +191,48 @@ def torch_device(name: str, local_rank: int = 0):
     return device
 
 
+def _auto_spec(args: argparse.Namespace, onnx_dir, resolve: bool):
+    """``--backend auto`` with an export folder: a ``load_predictor`` partial. With
+    ``resolve`` (Ray workers), the choice is made here, once, and the workers get its name."""
+    import functools
+
+    from ..backends import auto_candidates, load_predictor
+
+    if args.device != "cpu":
+        raise UsageError(
+            "--device is for the torch backend; an export (--onnx-dir) runs on the CPU: "
+            "give --backend torch, or leave --device out"
+        )
+    _check_threads(args)
+    onnx_dir = Path(onnx_dir).resolve() if resolve else Path(onnx_dir)
+    checkpoint = args.checkpoint.resolve() if resolve and args.checkpoint else args.checkpoint
+    settings = dict(
+        checkpoint=checkpoint, model_type=args.model, onnx_dir=onnx_dir, threads=args.threads
+    )
+    if not resolve:
+        return functools.partial(load_predictor, "auto", **settings)
+    from ..backend_choice import choose_backend
+
+    factories, model_key = auto_candidates(**settings)
+    threads = args.threads or len(os.sched_getaffinity(0))
+    _, choice = choose_backend(factories, model_key, threads, build=False)
+    if choice.backend == "torch":
+        return functools.partial(
+            load_predictor, "torch", checkpoint=checkpoint, model_type=args.model,
+            threads=args.threads,
+        )  # fmt: skip
+    return functools.partial(
+        load_predictor, choice.backend, onnx_dir=onnx_dir, threads=args.threads
+    )
+
+
+def default_backend() -> str:
+    """``auto`` where ONNX Runtime is installed (an export can then compete), else ``torch``."""
+    import importlib.util
+
+    return "auto" if importlib.util.find_spec("onnxruntime") is not None else "torch"
+
+
 def predictor_from_args(args: argparse.Namespace):
     """The predictor the arguments ask for (``backends.load_predictor``): SamPredictor, or
     OnnxPredictor (no torch needed) for ``--backend onnx|openvino``."""
@@ -197,29 +244,34 @@ def predictor_spec(args: argparse.Namespace, resolve: bool = False):
     workers can each make their own. With ``resolve``, the checkpoint is found (downloaded)
     now, once, and the workers get its path."""
     import functools
-    import os
 
     from ..backends import load_predictor
 
-    if args.backend in ("onnx", "openvino"):
+    backend = args.backend
+    if backend == "auto":
+        explicit = args.checkpoint is not None or args.model is not None
+        env_dir = None if explicit else os.environ.get("TINYSAM_ONNX_DIR")
+        if args.onnx_dir is None and not env_dir:
+            backend = "torch"  # nothing to compare torch with
+        else:
+            return _auto_spec(args, args.onnx_dir or env_dir, resolve)
+    if backend in ("onnx", "openvino"):
         if args.checkpoint is not None or args.model is not None or args.device != "cpu":
             raise UsageError(
                 "--checkpoint, --model and --device are for the torch backend; "
-                f"--backend {args.backend} runs the export in --onnx-dir on the CPU"
+                f"--backend {backend} runs the export in --onnx-dir on the CPU"
             )
         _check_threads(args)
         onnx_dir = args.onnx_dir or os.environ.get("TINYSAM_ONNX_DIR")
         if not onnx_dir:
             raise UsageError(
-                f"--backend {args.backend} needs --onnx-dir DIR (or $TINYSAM_ONNX_DIR), "
+                f"--backend {backend} needs --onnx-dir DIR (or $TINYSAM_ONNX_DIR), "
                 "a folder written by `tinysam export --out-dir DIR`"
             )
         onnx_dir = Path(onnx_dir).resolve() if resolve else onnx_dir
-        return functools.partial(
-            load_predictor, args.backend, onnx_dir=onnx_dir, threads=args.threads
-        )
+        return functools.partial(load_predictor, backend, onnx_dir=onnx_dir, threads=args.threads)
     if args.onnx_dir is not None:
-        raise UsageError("--onnx-dir is for --backend onnx or openvino")
+        raise UsageError("--onnx-dir is for --backend auto, onnx or openvino")
     _check_threads(args)
     checkpoint = args.checkpoint
     if resolve and checkpoint is None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..perf import interleaved_medians
+from ..perf import cpu_kind, interleaved_medians
 
 
 @dataclass
@@ -28,29 +28,6 @@ class MachineLimits:
 
     def best_fp32(self) -> float:
         return max(r for r in (self.fp32_gflops_torch, self.fp32_gflops_onnxruntime) if r)
-
-
-def cpu_kind() -> str:
-    """The CPU's model name and the vector extensions that decide kernel speed."""
-    name, flags = "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and name == "unknown CPU":
-                    name = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    wanted = [
-        ("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"), ("avx_vnni", "AVX-VNNI"),
-        ("avx512_bf16", "BF16"), ("amx_int8", "AMX"), ("avx2", "AVX2"),
-    ]  # fmt: skip
-    extensions = [label for flag, label in wanted if flag in flags]
-    if "AVX-512" in extensions:
-        extensions.remove("AVX2")
-    return f"{name} ({', '.join(extensions) or 'no AVX'})"
 
 
 def _torch_gemm(n: int, threads: int):
