@@ -279,3 +279,24 @@ def test_ray_workers_get_the_backend_decided_once(cache, onnx_dir):
     assert spec.args == ("onnx",)
     assert os.path.isabs(spec.keywords["onnx_dir"])
     assert engine(spec()) == "onnx"
+
+
+def test_int8_exports_skip_openvino_where_its_int8_saturates(tmp_path, monkeypatch, onnx_dir):
+    import shutil
+
+    from tinysam import perf
+
+    int8 = tmp_path / "int8"
+    shutil.copytree(onnx_dir, int8)
+    manifest = json.loads((int8 / "tinysam_onnx.json").read_text())
+    manifest["quantization"] = {"note": "marks the export as int8"}
+    (int8 / "tinysam_onnx.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(perf, "int8_products_saturate", lambda: True)
+    factories, key = auto_candidates(onnx_dir=int8)
+    assert set(factories) == {"onnx"} and key == "export vit_t int8"
+    monkeypatch.setattr(perf, "int8_products_saturate", lambda: False)
+    factories, _ = auto_candidates(onnx_dir=int8)
+    assert set(factories) == {"onnx", "openvino"}
+    monkeypatch.setattr(perf, "int8_products_saturate", lambda: True)
+    factories, _ = auto_candidates(onnx_dir=onnx_dir)  # float exports are not affected
+    assert set(factories) == {"onnx", "openvino"}

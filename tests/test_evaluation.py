@@ -497,8 +497,12 @@ def test_machine_limits_are_measured_and_rows_rated_against_them(capsys):
              limits.int8_gops_onnxruntime, limits.memory_gb_per_s]  # fmt: skip
     assert all(math.isfinite(r) and r > 0 for r in rates), rates
     assert limits.best_fp32() == max(rates[:2])
+    u8u8 = limits.int8_u8u8_gops_onnxruntime
+    assert math.isfinite(u8u8) and u8u8 > 0
+    assert limits.int8_ceiling() == pytest.approx(u8u8 / limits.best_fp32())
     table = limits_table(limits)
     assert "int8 GEMM" in table and "memory copy" in table and limits.cpu in table
+    assert f"| int8 ceiling: u8 x u8 GEMM / best fp32 GEMM | {limits.int8_ceiling():.2f}x" in table
     # 2 GFLOP at 100 GFLOP/s is 20 ms ideal: 40 ms measured is 50% of the limit.
     cost = ModelCost(5_000_000, 4_000_000, 6_000, 2_000_000_000, 1_000_000)
     rated = bench_table(cost, [Latency("onnxruntime", 40.0, 3.0)], fp32_limit=100.0)

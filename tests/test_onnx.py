@@ -318,6 +318,64 @@ def test_openvino_encoder_meets_the_golden_tolerances(onnx_dir, golden_image, vi
     assert np.abs(low_res - vit_t_outputs["p0_low_res_logits"]).max() < LOGIT_TOL
 
 
+def saturating_int8_graph(path) -> np.ndarray:
+    """A QDQ product whose u8 x s8 pairs (255 x 127, twice) overflow int16: an "image" in,
+    what its exact product is out."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = 64, 16
+    graph = helper.make_graph(
+        [
+            helper.make_node("QuantizeLinear", ["image", "s", "zx"], ["xq"]),
+            helper.make_node("DequantizeLinear", ["xq", "s", "zx"], ["xd"]),
+            helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"]),
+            helper.make_node("MatMul", ["xd", "wd"], ["y"]),
+        ],
+        "saturation",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [4, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, n])],
+        [
+            numpy_helper.from_array(np.array(1.0, np.float32), "s"),
+            numpy_helper.from_array(np.array(128, np.uint8), "zx"),
+            numpy_helper.from_array(np.full((k, n), 127, np.int8), "w"),
+            numpy_helper.from_array(np.ones(n, np.float32), "sw"),
+            numpy_helper.from_array(np.zeros(n, np.int8), "zw"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return np.full((4, n), 127.0 * 127 * k, np.float32)
+
+
+def test_openvino_runs_int8_graphs_only_where_they_are_exact(tmp_path, monkeypatch):
+    from tinysam import perf
+    from tinysam.runtime.predictor import OpenVinoEncoder
+
+    path = tmp_path / "encoder.onnx"
+    exact = saturating_int8_graph(path)
+    x = np.full((4, 64), 127.0, np.float32)
+    if perf.int8_products_saturate():  # this CPU: refused, and rightly so
+        with pytest.raises(OnnxModelError, match="saturate on this CPU.*--backend onnx"):
+            OpenVinoEncoder(path, 1, quantized=True)
+        raw = OpenVinoEncoder(path, 1)  # the same graph, let through as if it were float
+        assert not np.array_equal(raw.run(None, {"image": x})[0], exact), (
+            "OpenVINO's int8 is exact on this CPU now: the guard can go"
+        )
+    else:
+        encoder = OpenVinoEncoder(path, 1, quantized=True)
+        np.testing.assert_array_equal(encoder.run(None, {"image": x})[0], exact)
+    # The decision follows the CPU's flags.
+    monkeypatch.setattr(perf.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(perf, "cpu_flags", lambda: ("an x86", {"avx2", "fma"}))
+    assert perf.int8_products_saturate()
+    monkeypatch.setattr(perf, "cpu_flags", lambda: ("an x86", {"avx512f", "avx512_vnni"}))
+    assert not perf.int8_products_saturate()
+    OpenVinoEncoder(path, 1, quantized=True)  # compiles
+    monkeypatch.setattr(perf.platform, "machine", lambda: "aarch64")
+    assert not perf.int8_products_saturate()
+
+
 def test_unknown_encoder_engine(onnx_dir):
     with pytest.raises(ValueError, match="encoder_engine must be one of onnxruntime, openvino"):
         OnnxPredictor(onnx_dir, encoder_engine="tensorrt")

@@ -150,10 +150,14 @@ def auto_candidates(
             device=device, threads=threads, many_prompts=many_prompts, progress=progress,
         )  # fmt: skip
     if onnx_dir is not None:
+        from .perf import int8_products_saturate
         from .runtime.predictor import load_manifest
 
-        load_manifest(onnx_dir)  # a missing or foreign folder says so before anything is timed
-        for name, module in (("onnx", "onnxruntime"), ("openvino", "openvino")):
+        manifest = load_manifest(onnx_dir)  # a missing or foreign folder says so now
+        engines = [("onnx", "onnxruntime"), ("openvino", "openvino")]
+        if "quantization" in manifest and int8_products_saturate():
+            engines.pop()  # OpenVinoEncoder refuses int8 graphs there
+        for name, module in engines:
             if _installed(module) and _installed("onnxruntime"):
                 factories[name] = functools.partial(load, name)
     if not factories:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import platform
 import statistics
 import sys
 import time
@@ -92,8 +93,8 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> d
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def cpu_kind() -> str:
-    """The CPU's model name and the vector extensions that decide kernel speed."""
+def cpu_flags() -> tuple[str, set[str]]:
+    """The CPU's model name and its feature flags (Linux's /proc/cpuinfo; empty elsewhere)."""
     name, flags = "unknown CPU", set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -105,6 +106,12 @@ def cpu_kind() -> str:
                     flags = set(value.split())
     except OSError:
         pass
+    return name, flags
+
+
+def cpu_kind() -> str:
+    """The CPU's model name and the vector extensions that decide kernel speed."""
+    name, flags = cpu_flags()
     wanted = [
         ("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"), ("avx_vnni", "AVX-VNNI"),
         ("avx512_bf16", "BF16"), ("amx_int8", "AMX"), ("avx2", "AVX2"),
@@ -113,3 +120,13 @@ def cpu_kind() -> str:
     if "AVX-512" in extensions:
         extensions.remove("AVX2")
     return f"{name} ({', '.join(extensions) or 'no AVX'})"
+
+
+def int8_products_saturate() -> bool:
+    """Whether u8 x s8 products here go through int16 pairs that saturate: x86 CPUs without
+    VNNI (AVX2, AVX-512F). On those, int8 kernels that use them give wrong sums near the ends
+    of the ranges (see ``runtime.predictor.X64_QUANT_PRECISION``)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    _, flags = cpu_flags()
+    return not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}

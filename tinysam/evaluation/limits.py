@@ -1,6 +1,11 @@
 """What this machine can do at most, measured in the same run as the benchmarks that compare
 against it: dense fp32 GEMM (torch's kernel and ONNX Runtime's), int8 GEMM (ONNX Runtime's
-``MatMulInteger``, the u8 x s8 kernel its quantized graphs run) and memory bandwidth.
+``MatMulInteger``: its u8 x s8 kernel, and the u8 x u8 one our int8 graphs run on x86 CPUs
+without VNNI, see ``runtime.predictor.X64_QUANT_PRECISION``) and memory bandwidth.
+
+The int8 rate over the best fp32 rate is the most an int8 model can gain on the machine: its
+GEMMs can at best run that much faster, and the rest (softmax, norms, depthwise convolutions)
+not at all.
 
 A model's ideal time is its FLOP count over the GEMM rate; a benchmark row's "% of limit" is
 that ideal over the measured time. Rates are medians of interleaved repeats (``perf``), so a
@@ -25,9 +30,15 @@ class MachineLimits:
     fp32_gflops_onnxruntime: float | None  # None: onnxruntime not installed
     int8_gops_onnxruntime: float | None
     memory_gb_per_s: float
+    int8_u8u8_gops_onnxruntime: float | None = None  # the kernel X64_QUANT_PRECISION selects
 
     def best_fp32(self) -> float:
         return max(r for r in (self.fp32_gflops_torch, self.fp32_gflops_onnxruntime) if r)
+
+    def int8_ceiling(self) -> float | None:
+        """The int8 kernel our graphs run here, over the best fp32 rate."""
+        rate = self.int8_u8u8_gops_onnxruntime or self.int8_gops_onnxruntime
+        return None if rate is None else rate / self.best_fp32()
 
 
 def _torch_gemm(n: int, threads: int):
@@ -39,8 +50,9 @@ def _torch_gemm(n: int, threads: int):
     return lambda: torch.mm(a, b, out=out)
 
 
-def _ort_gemm(n: int, threads: int, int8: bool):
-    """A one-node ONNX Runtime session: MatMul (fp32) or MatMulInteger (u8 x s8 -> s32)."""
+def _ort_gemm(n: int, threads: int, int8: bool, u8u8: bool = False):
+    """A one-node ONNX Runtime session: MatMul (fp32) or MatMulInteger (u8 x s8 -> s32; with
+    ``u8u8`` the session setting that makes x86 CPUs without VNNI use u8 x u8 kernels)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -63,6 +75,10 @@ def _ort_gemm(n: int, threads: int, int8: bool):
     model.ir_version = 8
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    if u8u8:
+        from ..runtime.predictor import X64_QUANT_PRECISION
+
+        options.add_session_config_entry(X64_QUANT_PRECISION, "1")
     session = ort.InferenceSession(
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
@@ -84,25 +100,38 @@ def measure_limits(
     try:
         jobs["ort_fp32"] = _ort_gemm(n, threads, int8=False)
         jobs["ort_int8"] = _ort_gemm(n, threads, int8=True)
+        jobs["ort_u8u8"] = _ort_gemm(n, threads, int8=True, u8u8=True)
     except ImportError:
         pass
     for job in jobs.values():  # warm-up: first calls allocate and pick kernels
         job()
     seconds = interleaved_medians(jobs, repeats)
     flops = 2.0 * n**3
+
+    def rate(job: str) -> float | None:
+        return flops / seconds[job] / 1e9 if job in seconds else None
+
     return MachineLimits(
         cpu=cpu_kind(),
         threads=threads,
-        fp32_gflops_torch=flops / seconds["torch"] / 1e9,
-        fp32_gflops_onnxruntime=flops / seconds["ort_fp32"] / 1e9 if "ort_fp32" in jobs else None,
-        int8_gops_onnxruntime=flops / seconds["ort_int8"] / 1e9 if "ort_int8" in jobs else None,
+        fp32_gflops_torch=rate("torch"),
+        fp32_gflops_onnxruntime=rate("ort_fp32"),
+        int8_gops_onnxruntime=rate("ort_int8"),
         memory_gb_per_s=2 * (copy_mb << 20) / seconds["copy"] / 1e9,
+        int8_u8u8_gops_onnxruntime=rate("ort_u8u8"),
     )
 
 
 def limits_table(limits: MachineLimits) -> str:
     def rate(value: float | None, unit: str) -> str:
         return "onnxruntime not installed" if value is None else f"{value:.1f} {unit}"
+
+    ceiling = ""
+    if limits.int8_ceiling() is not None:
+        ceiling = (
+            f"| int8 ceiling: u8 x u8 GEMM / best fp32 GEMM | {limits.int8_ceiling():.2f}x "
+            "(the most int8 GEMMs gain here) |\n"
+        )
 
     return (
         f"machine: {limits.cpu}, {limits.threads} threads\n\n"
@@ -112,7 +141,9 @@ def limits_table(limits: MachineLimits) -> str:
         f"{rate(limits.fp32_gflops_onnxruntime, 'GFLOP/s')} |\n"
         f"| int8 GEMM, ONNX Runtime (MatMulInteger u8 x s8) | "
         f"{rate(limits.int8_gops_onnxruntime, 'GOP/s')} |\n"
-        f"| memory copy (read + write) | {limits.memory_gb_per_s:.1f} GB/s |\n"
+        f"| int8 GEMM, ONNX Runtime, u8 x u8 (x64quantprecision) | "
+        f"{rate(limits.int8_u8u8_gops_onnxruntime, 'GOP/s')} |\n"
+        f"| memory copy (read + write) | {limits.memory_gb_per_s:.1f} GB/s |\n" + ceiling
     )
 
 

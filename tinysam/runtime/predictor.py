@@ -209,7 +209,7 @@ class OnnxPredictor(PredictorBase):
 
         encoder_path = self.model_dir / self.manifest["encoder"]["file"]
         if encoder_engine == "openvino":
-            self.encoder = OpenVinoEncoder(encoder_path, threads or _physical_cores())
+            self.encoder = OpenVinoEncoder(encoder_path, threads or _physical_cores(), quantized)
         else:
             self.encoder = session(encoder_path.name)
         # All four mask tokens: both of SamPredictor's answers are slices of them.
@@ -370,9 +370,20 @@ class OnnxPredictor(PredictorBase):
 class OpenVinoEncoder:
     """``encoder.onnx`` compiled by OpenVINO for the CPU, in float32 (OpenVINO would pick
     bf16 on CPUs that have it, which moves the embedding by ~1e-2). Runs like an ONNX
-    Runtime session: ``run(None, {"image": x})`` -> [embedding]."""
+    Runtime session: ``run(None, {"image": x})`` -> [embedding].
 
-    def __init__(self, path: Path, threads: int) -> None:
+    An int8 graph (``quantized``) is refused on x86 CPUs without VNNI: OpenVINO's int8
+    kernels there saturate u8 x s8 pairs at int16 and have no exact mode (the W8A8 TinySAM
+    embedding moved by 15%, against 3% on ONNX Runtime, on an AVX2 EPYC)."""
+
+    def __init__(self, path: Path, threads: int, quantized: bool = False) -> None:
+        from ..perf import int8_products_saturate
+
+        if quantized and int8_products_saturate():
+            raise OnnxModelError(
+                f"OpenVINO's int8 kernels saturate on this CPU (x86 without VNNI) and would "
+                f"move {path.name}'s results; run this int8 export with --backend onnx"
+            )
         try:
             import openvino as ov
         except ImportError as err:
