@@ -98,3 +98,28 @@ def test_min_iou_skips_only_the_masks_that_fail(picture2_predictor):
     assert 0 < wanted.sum() < len(points)
     assert torch.isnan(partial[~wanted]).all()
     assert torch.allclose(partial[wanted], full[wanted], atol=1e-4)
+
+
+def test_a_big_batch_is_decoded_in_chunks_with_the_whole_batchs_results(picture2_predictor):
+    """36 prompts go through the many-prompt decoder 16 at a time (a bounded peak memory):
+    the scores, the masks made and the NaN rows are those of one pass over all 36."""
+    from tinysam.modeling.many_prompts import ManyPromptDecoder
+    from tinysam.predictor_base import MANY_PROMPT_CHUNK
+
+    p = picture2_predictor
+    points, coords, labels = _grid_prompts(p, 6)
+    assert 2 * MANY_PROMPT_CHUNK < len(points) < 3 * MANY_PROMPT_CHUNK  # the last chunk short
+    with torch.no_grad():
+        sparse, dense = p.model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+    whole = ManyPromptDecoder(
+        p.model.mask_decoder, p.features, p.model.prompt_encoder.get_dense_pe(), dense[:1]
+    )
+    iou = whole.decode(sparse)[0][:, 1:]
+    logits = whole.masks()[:, 1:]
+    threshold = float(iou.max(dim=1).values.median())
+    _, chunked_iou, chunked = p.predict_torch(coords, labels, upscale=False, min_iou=threshold)
+    assert torch.allclose(chunked_iou, iou, atol=1e-5)
+    wanted = (iou > threshold).any(dim=1)
+    assert wanted[:MANY_PROMPT_CHUNK].any() and wanted[2 * MANY_PROMPT_CHUNK :].any()
+    assert torch.isnan(chunked[~wanted]).all()
+    assert torch.allclose(chunked[wanted], logits[wanted], atol=1e-4)

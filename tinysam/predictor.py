@@ -14,7 +14,7 @@ from .checks import check_prompt_batch
 from .modeling import Sam
 from .modeling.many_prompts import ManyPromptDecoder
 from .perf import tune_allocator
-from .predictor_base import DEFAULT_MANY_PROMPTS, PredictorBase
+from .predictor_base import DEFAULT_MANY_PROMPTS, MANY_PROMPT_CHUNK, PredictorBase
 
 # Kept for code that reads it; the threshold is the ``many_prompts`` constructor argument.
 MANY_PROMPTS = DEFAULT_MANY_PROMPTS
@@ -103,15 +103,7 @@ class SamPredictor(PredictorBase):
         selected = slice(1, None) if multimask_output else slice(0, 1)
         many = getattr(self.model.mask_decoder, "supports_many_prompts", True)
         if mask_input is None and sparse.shape[0] >= self.many_prompts and many:
-            decoder = self._many_prompt_decoder(dense)
-            scores = decoder.decode(sparse)[0][:, selected]
-            rows = None if min_iou is None else (scores > min_iou).any(dim=1).nonzero()[:, 0]
-            logits = decoder.masks(rows)[:, selected]
-            if rows is None:
-                low_res = logits
-            else:
-                low_res = logits.new_full((sparse.shape[0], *logits.shape[1:]), float("nan"))
-                low_res[rows] = logits
+            scores, low_res = self._many_prompts(sparse, dense, selected, min_iou)
         else:
             low_res, scores = self.model.mask_decoder(
                 image_embeddings=self.features,
@@ -126,6 +118,25 @@ class SamPredictor(PredictorBase):
         if not return_logits:
             masks = masks > self.model.mask_threshold
         return masks, scores, low_res
+
+    def _many_prompts(
+        self, sparse: torch.Tensor, dense: torch.Tensor, selected: slice, min_iou: float | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and low-res logits through ``ManyPromptDecoder``, ``MANY_PROMPT_CHUNK``
+        prompts at a time; with ``min_iou``, logits only where a score passes (others NaN)."""
+        decoder = self._many_prompt_decoder(dense)
+        all_scores, all_logits = [], []
+        for chunk in sparse.split(MANY_PROMPT_CHUNK):
+            scores = decoder.decode(chunk)[0][:, selected]
+            rows = None if min_iou is None else (scores > min_iou).any(dim=1).nonzero()[:, 0]
+            logits = decoder.masks(rows)[:, selected]
+            if rows is not None:
+                kept = logits
+                logits = kept.new_full((chunk.shape[0], *kept.shape[1:]), float("nan"))
+                logits[rows] = kept
+            all_scores.append(scores)
+            all_logits.append(logits)
+        return torch.cat(all_scores), torch.cat(all_logits)
 
     def _many_prompt_decoder(self, dense: torch.Tensor) -> ManyPromptDecoder:
         """The current image's ManyPromptDecoder (its shared work is done once per image)."""

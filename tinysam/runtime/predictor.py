@@ -17,14 +17,13 @@ import numpy as np
 
 from ..checks import NOT_A_POINT, check_prompt_batch
 from ..formats import FormatError, field, is_int, numbers, plain_file_name
-from ..predictor_base import DEFAULT_MANY_PROMPTS, PredictorBase
+from ..predictor_base import DEFAULT_MANY_PROMPTS, MANY_PROMPT_CHUNK, PredictorBase
 
 MANIFEST = "tinysam_onnx.json"  # tinysam.runtime.export writes it (that module needs torch)
 FORMAT_VERSION = 2  # as runtime.export writes it
 BOX_LABELS = (2.0, 3.0)
 # Batches of one-point prompts of at least ``many_prompts`` asking for low-res masks only go
-# through decoder_many.onnx (1.8x faster per prompt), this many prompts per run (bounds memory).
-MANY_PROMPT_CHUNK = 16
+# through decoder_many.onnx (1.8x faster per prompt), MANY_PROMPT_CHUNK prompts per run.
 
 
 class OnnxModelError(ValueError):
