@@ -7,7 +7,11 @@ with the many-prompt decoder switched off, measured in the same run; the authors
 
     python benchmarks/everything.py [--checkpoint PATH] [--pred-iou-thresh 0.88]
         [--stability-thresh 0.95] [--points-per-side 32] [--threads 2] [--skip-plain]
-        [--post-masks 256 --post-size 1200x1800]
+        [--post-masks 256 --post-size 1200x1800] [--memory-image PHOTO]
+
+--memory-image runs ``tinysam everything`` on that image (dense, then hierarchical), each in
+its own process, and prints each run's peak resident memory (the kernel's count for the child:
+``os.wait4``) against the 1 GiB goal.
 
 The last table is the post-processing of masks that are all kept (thresholds 0): stability
 scores, boxes and RLE of each mask at the image's size, the reference's way (upscale every
@@ -147,7 +151,13 @@ def main() -> None:
     parser.add_argument("--post-masks", type=int, default=256, help="masks in the last table")
     parser.add_argument("--post-size", default="1200x1800", help="HxW of the last table's image")
     parser.add_argument("--post-only", action="store_true", help="only the last table")
+    parser.add_argument(
+        "--memory-image", type=Path, help="only the peak memory of `tinysam everything` on it"
+    )
     args = parser.parse_args()
+    if args.memory_image is not None:
+        memory_table(args)
+        return
     if args.post_only:
         torch.set_num_threads(args.threads)
         post_table(args)
@@ -227,6 +237,45 @@ def limit_line(sam, image, args, dense_fast: dict) -> None:
         f"{dense_fast['total']:.2f} s = {ideal / dense_fast['total']:.0%} of the limit "
         f"({dense_fast['total'] / ideal:.1f}x off)"
     )
+
+
+def memory_table(args) -> None:
+    """Peak RSS of the whole command (model, image, encoder, decoder, files), one process per
+    mode, so one run's heap does not count in the next."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from PIL import Image
+
+    from tinysam.perf import cpu_kind
+
+    width, height = Image.open(args.memory_image).size
+    print(
+        f"tinysam everything on {args.memory_image.name} ({width}x{height}), "
+        f"{args.threads} threads, {cpu_kind()}"
+    )
+    print(f"{'mode':<14}{'seconds':>9}{'peak RSS':>12}{'of 1 GiB':>10}")
+    for mode in ("dense", "hierarchical"):
+        with tempfile.TemporaryDirectory() as out:
+            command = [
+                sys.executable, "-m", "tinysam.cli", "everything", str(args.memory_image),
+                "--out", out, "--mode", mode, "--threads", str(args.threads), "--backend", "torch",
+                "--points-per-side", str(args.points_per_side),
+                "--pred-iou-thresh", str(args.pred_iou_thresh),
+                "--stability-thresh", str(args.stability_thresh),
+            ]  # fmt: skip
+            if args.checkpoint:
+                command += ["--checkpoint", args.checkpoint]
+            start = time.perf_counter()
+            child = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+            _, status, usage = os.wait4(child.pid, 0)
+            seconds = time.perf_counter() - start
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise SystemExit(f"tinysam everything --mode {mode} failed")
+        peak = usage.ru_maxrss / 1024  # kB -> MiB on Linux
+        print(f"{mode:<14}{seconds:>8.1f}s{peak:>9.0f} MiB{peak / 1024:>9.0%}")
 
 
 def post_table(args) -> None:
