@@ -170,3 +170,34 @@ def stop_server(process) -> None:
         process.kill()
         process.wait()
     process.stderr.close()
+
+
+def saturating_int8_graph(path) -> np.ndarray:
+    """A QDQ product whose u8 x s8 pairs (255 x 127, twice) overflow int16: an "image" in,
+    what its exact product is out."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = 64, 16
+    graph = helper.make_graph(
+        [
+            helper.make_node("QuantizeLinear", ["image", "s", "zx"], ["xq"]),
+            helper.make_node("DequantizeLinear", ["xq", "s", "zx"], ["xd"]),
+            helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"]),
+            helper.make_node("MatMul", ["xd", "wd"], ["y"]),
+        ],
+        "saturation",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [4, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, n])],
+        [
+            numpy_helper.from_array(np.array(1.0, np.float32), "s"),
+            numpy_helper.from_array(np.array(128, np.uint8), "zx"),
+            numpy_helper.from_array(np.full((k, n), 127, np.int8), "w"),
+            numpy_helper.from_array(np.ones(n, np.float32), "sw"),
+            numpy_helper.from_array(np.zeros(n, np.int8), "zw"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return np.full((4, n), 127.0 * 127 * k, np.float32)
