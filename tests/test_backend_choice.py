@@ -14,7 +14,7 @@ import torch
 
 from tinysam import backend_choice
 from tinysam.backend_choice import BackendChoiceError, choice_file, choice_key, choose_backend
-from tinysam.backends import BackendError, auto_candidates, load_predictor
+from tinysam.backends import BackendError, _threads, auto_candidates, load_predictor
 from tinysam.predictor import SamPredictor
 from tinysam.predictor_base import PredictorBase
 from tinysam.runtime import OnnxPredictor
@@ -34,17 +34,22 @@ def cache(tmp_path, monkeypatch):
 
 
 def engine(predictor) -> str:
+    """Which engine encodes images (a SamPredictor may hold an export's encoder)."""
     if isinstance(predictor, SamPredictor):
-        return "torch"
-    assert isinstance(predictor, OnnxPredictor)
-    return "openvino" if isinstance(predictor.encoder, OpenVinoEncoder) else "onnx"
+        encoder = predictor.image_encoder
+        if encoder is None:
+            return "torch"
+    else:
+        assert isinstance(predictor, OnnxPredictor)
+        encoder = predictor.encoder
+    return "openvino" if isinstance(encoder, OpenVinoEncoder) else "onnx"
 
 
-def remember(backend: str, onnx_dir, threads: int | None) -> None:
-    """Write the cache entry ``--backend auto`` will look up for this export."""
-    from tinysam.backends import _threads
-
-    factories, model_key = auto_candidates(onnx_dir=onnx_dir, threads=threads)
+def remember(backend: str, onnx_dir, threads: int | None, checkpoint=None) -> None:
+    """Write the cache entry ``--backend auto`` will look up for this export (and checkpoint)."""
+    factories, model_key = auto_candidates(
+        checkpoint=checkpoint, onnx_dir=onnx_dir, threads=threads
+    )
     key = choice_key(factories, model_key, _threads(threads))
     choice_file().parent.mkdir(parents=True, exist_ok=True)
     entries = {key: {"backend": backend}}
@@ -101,6 +106,38 @@ def test_a_checkpoint_and_its_export_compete_three_ways(cache, vit_t_checkpoint,
     (entry,) = stored().values()
     assert set(entry["encoder_ms"]) == {"torch", "onnx", "openvino"}
     assert engine(predictor) == entry["backend"]
+
+
+@pytest.mark.parametrize("winner", ["torch", "onnx", "openvino"])
+def test_with_both_the_winning_encoder_runs_images_and_torch_the_prompts(
+    cache, vit_t_checkpoint, onnx_dir, golden_image, vit_t_meta, vit_t_outputs, winner
+):
+    remember(winner, onnx_dir, None, checkpoint=vit_t_checkpoint)
+    predictor = load_predictor("auto", checkpoint=vit_t_checkpoint, onnx_dir=onnx_dir)
+    assert isinstance(predictor, SamPredictor) and engine(predictor) == winner
+    predictor.set_image(golden_image)
+    embedding = predictor.get_image_embedding()
+    assert isinstance(embedding, torch.Tensor)
+    assert np.abs(embedding.numpy() - vit_t_outputs["image_embedding"]).max() < 1e-4
+    prompt = vit_t_meta["prompts"][0]
+    _, scores, _ = predictor.predict(np.asarray(prompt["points"]), np.asarray(prompt["labels"]))
+    assert np.allclose(scores, vit_t_outputs["p0_scores"], atol=1e-4)
+    # The everything mode's path: many one-point prompts through torch's decoder.
+    coords = (
+        torch.tensor([[[365.0, 225.0]]]).repeat(16, 1, 1)
+        * torch.linspace(0.5, 1.5, 16)[:, None, None]
+    )
+    _, many, low_res = predictor.predict_torch(
+        coords, torch.ones(16, 1, dtype=torch.int), upscale=False
+    )
+    assert many.shape == (16, 3) and low_res.shape == (16, 3, 256, 256)
+
+
+def test_an_export_encoder_needs_the_model_on_the_cpu():
+    from tinysam import build_sam_vit_t
+
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        SamPredictor(build_sam_vit_t().to("meta"), image_encoder=object())
 
 
 def test_a_checkpoint_and_an_export_of_another_model_are_refused(cache, tmp_path, onnx_dir):
@@ -300,3 +337,18 @@ def test_int8_exports_skip_openvino_where_its_int8_saturates(tmp_path, monkeypat
     monkeypatch.setattr(perf, "int8_products_saturate", lambda: True)
     factories, _ = auto_candidates(onnx_dir=onnx_dir)  # float exports are not affected
     assert set(factories) == {"onnx", "openvino"}
+
+
+def test_ray_workers_with_both_files_read_the_cached_choice(cache, onnx_dir, vit_t_checkpoint):
+    import argparse
+
+    from tinysam.cli.common import add_model_args, predictor_spec
+
+    parser = argparse.ArgumentParser()
+    add_model_args(parser, backend=True)
+    argv = ["--onnx-dir", str(onnx_dir), "--checkpoint", str(vit_t_checkpoint), "--threads", "1"]
+    remember("openvino", onnx_dir, 1, checkpoint=vit_t_checkpoint)
+    spec = predictor_spec(parser.parse_args(argv), resolve=True)
+    assert spec.args == ("auto",) and os.path.isabs(spec.keywords["checkpoint"])
+    predictor = spec()
+    assert isinstance(predictor, SamPredictor) and engine(predictor) == "openvino"

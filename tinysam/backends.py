@@ -73,9 +73,10 @@ def load_predictor(
     threads (torch's global setting for the torch backend).
 
     ``auto`` picks among the backends installed that can run what was given: an export folder
-    runs on ONNX Runtime or OpenVINO, a checkpoint on torch, and both (given explicitly, one
-    model) on any of the three. The fastest image encoder wins, timed once per machine and
-    model and cached (``remeasure`` times again)."""
+    runs on ONNX Runtime or OpenVINO, a checkpoint on torch. The fastest image encoder wins,
+    timed once per machine and model and cached (``remeasure`` times again). With both given
+    explicitly (one model), the winning engine encodes the images and torch answers the
+    prompts."""
     if backend not in BACKENDS:
         raise BackendError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if threads is not None and threads < 1:
@@ -87,7 +88,11 @@ def load_predictor(
             checkpoint=checkpoint, model_type=model_type, onnx_dir=onnx_dir, device=device,
             threads=threads, many_prompts=many_prompts, progress=progress,
         )  # fmt: skip
-        predictor, _ = choose_backend(factories, model_key, _threads(threads), remeasure=remeasure)
+        predictor, choice = choose_backend(
+            factories, model_key, _threads(threads), remeasure=remeasure
+        )
+        if "torch" in factories and choice.backend != "torch":
+            return with_torch_decoders(predictor, factories["torch"]())
         return predictor
     if backend in ("onnx", "openvino"):
         onnx_dir = onnx_dir or os.environ.get(ONNX_DIR_ENV)
@@ -176,6 +181,16 @@ def auto_candidates(
 
         model_key = export_model_key(onnx_dir)
     return factories, model_key
+
+
+def with_torch_decoders(export: PredictorBase, torch_predictor: PredictorBase) -> PredictorBase:
+    """The torch predictor with the export's image encoder: the fastest encoder, and torch's
+    prompt path (its many-prompt decoder beats the ONNX graphs in the everything mode)."""
+    from .predictor import SamPredictor
+
+    return SamPredictor(
+        torch_predictor.model, torch_predictor.many_prompts, image_encoder=export.encoder
+    )
 
 
 def _installed(module: str) -> bool:

@@ -21,11 +21,21 @@ MANY_PROMPTS = DEFAULT_MANY_PROMPTS
 
 
 class SamPredictor(PredictorBase):
-    """``PredictorBase`` on a PyTorch ``Sam`` (any device)."""
+    """``PredictorBase`` on a PyTorch ``Sam`` (any device).
 
-    def __init__(self, sam_model: Sam, many_prompts: int = DEFAULT_MANY_PROMPTS) -> None:
+    ``image_encoder``: another engine for the image encoder on the CPU (an ONNX Runtime
+    session or ``OpenVinoEncoder`` of the same model's ``encoder.onnx``: ``run(None,
+    {"image": x})``), where it is faster than torch's; prompts stay on torch, whose
+    many-prompt decoder keeps work across batches that the ONNX graphs recompute."""
+
+    def __init__(
+        self, sam_model: Sam, many_prompts: int = DEFAULT_MANY_PROMPTS, image_encoder=None
+    ) -> None:
         if sam_model.device.type == "cpu":
             tune_allocator()  # ~1.5x faster CPU inference; see tinysam/perf.py
+        elif image_encoder is not None:
+            raise ValueError("an image_encoder engine runs on the CPU; keep the model there")
+        self.image_encoder = image_encoder
         self.model = sam_model
         self.image_format = sam_model.image_format
         self.mask_input_size = tuple(sam_model.prompt_encoder.mask_input_size)
@@ -56,7 +66,11 @@ class SamPredictor(PredictorBase):
         self.original_size = tuple(int(v) for v in original_image_size)
         self.input_size = tuple(shape[-2:])
         encoder_input = self.model.preprocess(transformed_image.to(self.device, torch.float32))
-        self.features = self.model.image_encoder(encoder_input)
+        if self.image_encoder is None:
+            self.features = self.model.image_encoder(encoder_input)
+        else:
+            (features,) = self.image_encoder.run(None, {"image": encoder_input.numpy()})[:1]
+            self.features = torch.from_numpy(np.ascontiguousarray(features))
         self.is_image_set = True
 
     def _prompt_arrays(self, coords, labels, boxes, mask) -> tuple:

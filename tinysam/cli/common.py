@@ -216,6 +216,9 @@ def _auto_spec(args: argparse.Namespace, onnx_dir, resolve: bool):
     factories, model_key = auto_candidates(**settings)
     threads = args.threads or len(os.sched_getaffinity(0))
     _, choice = choose_backend(factories, model_key, threads, build=False)
+    if "torch" in factories and choice.backend != "torch":
+        # An export's encoder with torch's prompts: the workers read the choice just cached.
+        return functools.partial(load_predictor, "auto", **settings)
     if choice.backend == "torch":
         return functools.partial(
             load_predictor, "torch", checkpoint=checkpoint, model_type=args.model,
