@@ -111,6 +111,7 @@ def _ddp_rank(rank: int, world_size: int, data: str, out: str, init: str, seen: 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes, about 35 s: the fast suite keeps under its 15 minutes
 def test_two_process_gloo_ddp(data, tmp_path):
     """Two ranks train together: disjoint images, identical parameters."""
     import torch.multiprocessing as mp
