@@ -7,11 +7,12 @@ with the many-prompt decoder switched off, measured in the same run; the authors
 
     python benchmarks/everything.py [--checkpoint PATH] [--pred-iou-thresh 0.88]
         [--stability-thresh 0.95] [--points-per-side 32] [--threads 2] [--skip-plain]
-        [--post-masks 256 --post-size 1200x1800] [--memory-image PHOTO]
+        [--post-masks 256 --post-size 1200x1800] [--memory-image PHOTO [--onnx-dir EXPORT]]
 
 --memory-image runs ``tinysam everything`` on that image (dense, then hierarchical), each in
 its own process, and prints each run's peak resident memory (the kernel's count for the child:
-``os.wait4``) against the 1 GiB goal.
+``os.wait4``) against the 1 GiB goal: on torch, and with --onnx-dir also on ONNX Runtime,
+OpenVINO and auto (its one-time backend choice is made before it is measured).
 
 The last table is the post-processing of masks that are all kept (thresholds 0): stability
 scores, boxes and RLE of each mask at the image's size, the reference's way (upscale every
@@ -154,6 +155,11 @@ def main() -> None:
     parser.add_argument(
         "--memory-image", type=Path, help="only the peak memory of `tinysam everything` on it"
     )
+    parser.add_argument(
+        "--onnx-dir",
+        help="with --memory-image: also measure the onnx and openvino backends on this export, "
+        "and auto (with --checkpoint: the export's encoder, torch's decoder)",
+    )
     args = parser.parse_args()
     if args.memory_image is not None:
         memory_table(args)
@@ -242,11 +248,6 @@ def limit_line(sam, image, args, dense_fast: dict) -> None:
 def memory_table(args) -> None:
     """Peak RSS of the whole command (model, image, encoder, decoder, files), one process per
     mode, so one run's heap does not count in the next."""
-    import os
-    import subprocess
-    import sys
-    import tempfile
-
     from PIL import Image
 
     from tinysam.perf import cpu_kind
@@ -256,26 +257,53 @@ def memory_table(args) -> None:
         f"tinysam everything on {args.memory_image.name} ({width}x{height}), "
         f"{args.threads} threads, {cpu_kind()}"
     )
-    print(f"{'mode':<14}{'seconds':>9}{'peak RSS':>12}{'of 1 GiB':>10}")
-    for mode in ("dense", "hierarchical"):
-        with tempfile.TemporaryDirectory() as out:
-            command = [
-                sys.executable, "-m", "tinysam.cli", "everything", str(args.memory_image),
-                "--out", out, "--mode", mode, "--threads", str(args.threads), "--backend", "torch",
-                "--points-per-side", str(args.points_per_side),
-                "--pred-iou-thresh", str(args.pred_iou_thresh),
-                "--stability-thresh", str(args.stability_thresh),
-            ]  # fmt: skip
-            if args.checkpoint:
-                command += ["--checkpoint", args.checkpoint]
-            start = time.perf_counter()
-            child = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-            _, status, usage = os.wait4(child.pid, 0)
-            seconds = time.perf_counter() - start
-            if os.waitstatus_to_exitcode(status) != 0:
-                raise SystemExit(f"tinysam everything --mode {mode} failed")
-        peak = usage.ru_maxrss / 1024  # kB -> MiB on Linux
-        print(f"{mode:<14}{seconds:>8.1f}s{peak:>9.0f} MiB{peak / 1024:>9.0%}")
+    print(f"{'backend':<10}{'mode':<14}{'seconds':>9}{'peak RSS':>12}{'of 1 GiB':>10}")
+    backends = ["torch"] + (["onnx", "openvino", "auto"] if args.onnx_dir else [])
+    for backend in backends:
+        files = []
+        if backend != "onnx" and backend != "openvino" and args.checkpoint:
+            files += ["--checkpoint", args.checkpoint]
+        if backend != "torch":
+            files += ["--onnx-dir", args.onnx_dir]
+        if backend == "auto":
+            warm_up_choice(args, files)
+        for mode in ("dense", "hierarchical"):
+            seconds, peak = peak_rss(args, mode, ["--backend", backend, *files])
+            print(f"{backend:<10}{mode:<14}{seconds:>8.1f}s{peak:>9.0f} MiB{peak / 1024:>9.0%}")
+
+
+def peak_rss(args, mode: str, extra: list[str]) -> tuple[float, float]:
+    """Seconds and peak resident MiB of one ``tinysam everything`` in its own process (the
+    kernel's count for the child: ``os.wait4``)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        command = [
+            sys.executable, "-m", "tinysam.cli", "everything", str(args.memory_image),
+            "--out", out, "--mode", mode, "--threads", str(args.threads), *extra,
+            "--points-per-side", str(args.points_per_side),
+            "--pred-iou-thresh", str(args.pred_iou_thresh),
+            "--stability-thresh", str(args.stability_thresh),
+        ]  # fmt: skip
+        start = time.perf_counter()
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"tinysam everything --mode {mode} {' '.join(extra)} failed")
+    return seconds, usage.ru_maxrss / 1024  # kB -> MiB on Linux
+
+
+def warm_up_choice(args, files: list[str]) -> None:
+    """Let ``--backend auto`` make and cache its one-time choice before it is measured (the
+    timing holds every candidate at once; later runs load the winner only)."""
+    from tinysam.backends import load_predictor
+
+    checkpoint = files[1] if files[0] == "--checkpoint" else None
+    load_predictor("auto", checkpoint=checkpoint, onnx_dir=args.onnx_dir, threads=args.threads)
 
 
 def post_table(args) -> None:

@@ -134,6 +134,22 @@ def test_with_both_the_winning_encoder_runs_images_and_torch_the_prompts(
     assert many.shape == (16, 3) and low_res.shape == (16, 3, 256, 256)
 
 
+def test_with_both_the_model_is_loaded_once_and_the_exports_decoders_never(
+    vit_t_checkpoint, onnx_dir
+):
+    """The candidates share one torch model; an export candidate loads encoder.onnx alone
+    (the decoders would only take memory: torch answers the prompts)."""
+    factories, _ = auto_candidates(checkpoint=vit_t_checkpoint, onnx_dir=onnx_dir)
+    torch_predictor = factories["torch"]()
+    for name in ("onnx", "openvino"):
+        predictor = factories[name]()
+        assert predictor.model is torch_predictor.model
+        assert engine(predictor) == name
+        assert not hasattr(predictor.image_encoder, "many_prompt_decoder")
+    session = factories["onnx"]().image_encoder
+    assert [i.name for i in session.get_inputs()] == ["image"]
+
+
 def test_an_export_encoder_needs_the_model_on_the_cpu():
     from tinysam import build_sam_vit_t
 

@@ -62,6 +62,46 @@ def test_tune_allocator_respects_opt_out(monkeypatch):
     assert perf.tune_allocator() is True
 
 
+HEAP_COUNT = """
+import ctypes, sys, tempfile, threading
+from tinysam import perf
+if sys.argv[1] == "tuned":
+    assert perf.tune_allocator()
+def work():
+    blocks = [bytearray(4096) for _ in range(100)]
+threads = [threading.Thread(target=work) for _ in range(3)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+with tempfile.NamedTemporaryFile(suffix=".xml") as out:
+    stream = libc.fopen(out.name.encode(), b"w")
+    libc.malloc_info(0, stream)
+    libc.fclose(stream)
+    print(open(out.name).read().count("<heap nr="))
+"""
+
+
+def test_tuned_threads_share_one_heap():
+    """glibc gives new threads heaps of their own, each keeping its peak; tuned, every thread
+    allocates from the one heap (malloc_info lists the heaps)."""
+    import subprocess
+    import sys
+
+    def heaps(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", HEAP_COUNT, mode], capture_output=True)
+        assert run.returncode == 0, run.stderr.decode()
+        return int(run.stdout)
+
+    assert heaps("default") > 1
+    assert heaps("tuned") == 1
+
+
 def bomb_png(width: int, height: int, bit_depth: int = 1, color_type: int = 0) -> bytes:
     """A PNG that claims WxH pixels with a tiny (empty) IDAT: what a decompression bomb's
     header looks like, without the bomb."""

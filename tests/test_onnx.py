@@ -347,8 +347,70 @@ def test_openvino_runs_int8_graphs_only_where_they_are_exact(tmp_path, monkeypat
 
 
 def test_unknown_encoder_engine(onnx_dir):
-    with pytest.raises(ValueError, match="encoder_engine must be one of onnxruntime, openvino"):
-        OnnxPredictor(onnx_dir, encoder_engine="tensorrt")
+    from tinysam.runtime.predictor import load_encoder
+
+    for make in (OnnxPredictor, load_encoder):
+        with pytest.raises(ValueError, match="encoder_engine must be one of onnxruntime, openvino"):
+            make(onnx_dir, encoder_engine="tensorrt") if make is OnnxPredictor else make(
+                onnx_dir, engine="tensorrt"
+            )
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_an_encoder_alone_and_after_its_memory_is_released(
+    onnx_dir, onnx_predictor, golden_image, vit_t_outputs, engine
+):
+    """``load_encoder`` loads encoder.onnx alone; an engine that frees its activations between
+    runs (OpenVINO's ``release_memory``) gives the same embedding after it."""
+    from tinysam.runtime.predictor import load_encoder
+
+    encoder = load_encoder(onnx_dir, engine=engine, threads=2)
+    image = onnx_predictor.preprocess(onnx_predictor.transform.apply_image(golden_image))
+    first = encoder.run(None, {"image": image})[0]
+    assert np.abs(first - vit_t_outputs["image_embedding"]).max() < EMBED_TOL
+    if engine == "openvino":
+        encoder.release_memory()
+        encoder.release_memory()  # nothing held: a no-op
+    np.testing.assert_array_equal(encoder.run(None, {"image": image})[0], first)
+
+
+def test_the_many_prompt_paths_free_the_encoders_activations_first(
+    onnx_dir, vit_t_checkpoint, golden_image
+):
+    """Everything mode's decoder runs after the encoder: an encoder engine that keeps its
+    activations is asked to free them before the many-prompt decoder, on both prompt paths
+    (torch's, with an export's encoder, and ONNX Runtime's)."""
+    from tinysam import SamPredictor
+    from tinysam.backends import load_predictor
+    from tinysam.runtime.predictor import load_encoder
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.released = inner, 0
+
+        def run(self, outputs, feeds):
+            return self.inner.run(outputs, feeds)
+
+        def release_memory(self):
+            self.released += 1
+
+    model = load_predictor("torch", checkpoint=vit_t_checkpoint).model
+    hybrid_encoder = Counting(load_encoder(onnx_dir, threads=2))
+    onnx = OnnxPredictor(onnx_dir, threads=2)
+    onnx.encoder = Counting(onnx.encoder)
+    cases = [
+        (SamPredictor(model, image_encoder=hybrid_encoder), hybrid_encoder, torch.as_tensor),
+        (onnx, onnx.encoder, np.asarray),
+    ]
+    coords = np.linspace([100.0, 100.0], [600.0, 500.0], 8)[:, None, :]
+    for predictor, encoder, as_array in cases:
+        predictor.set_image(golden_image)
+        assert encoder.released == 0
+        points = predictor.transform.apply_coords(coords, predictor.original_size)
+        _, scores, _ = predictor.predict_torch(
+            as_array(points.astype(np.float32)), as_array(np.ones((8, 1), np.int32)), upscale=False
+        )
+        assert tuple(scores.shape) == (8, 3) and encoder.released == 1
 
 
 def test_sam_vit_encoder_exports(golden, tmp_path):

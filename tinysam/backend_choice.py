@@ -185,11 +185,9 @@ def _write_choice(key: str, choice: BackendChoice, log) -> None:
         log(f"warning: cannot keep the backend choice in {path} ({err.strerror or err})")
 
 
-def export_model_key(onnx_dir: str | os.PathLike) -> str:
-    """What an export's encoder is, for the cache key: its model type and float or int8."""
-    from .runtime.predictor import load_manifest
-
-    manifest = load_manifest(onnx_dir)
+def export_model_key(manifest: dict) -> str:
+    """What an export's encoder is (from its manifest), for the cache key: its model type and
+    float or int8."""
     kind = "int8" if "quantization" in manifest else "float"
     return f"export {manifest.get('model_type', '?')} {kind}"
 

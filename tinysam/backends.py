@@ -91,8 +91,6 @@ def load_predictor(
         predictor, choice = choose_backend(
             factories, model_key, _threads(threads), remeasure=remeasure
         )
-        if "torch" in factories and choice.backend != "torch":
-            return with_torch_decoders(predictor, factories["torch"]())
         return predictor
     if backend in ("onnx", "openvino"):
         onnx_dir = onnx_dir or os.environ.get(ONNX_DIR_ENV)
@@ -162,9 +160,15 @@ def auto_candidates(
         engines = [("onnx", "onnxruntime"), ("openvino", "openvino")]
         if "quantization" in manifest and int8_products_saturate():
             engines.pop()  # OpenVinoEncoder refuses int8 graphs there
-        for name, module in engines:
-            if _installed(module) and _installed("onnxruntime"):
-                factories[name] = functools.partial(load, name)
+        engines = [(n, m) for n, m in engines if _installed(m) and _installed("onnxruntime")]
+        if "torch" in factories:
+            factories.update(
+                _torch_with_export_encoders(
+                    factories["torch"], onnx_dir, manifest, [m for _, m in engines], threads
+                )
+            )
+        else:
+            factories.update({name: functools.partial(load, name) for name, _ in engines})
     if not factories:
         raise BackendError(
             "no backend can run this: pip install 'tinysam[torch]' for checkpoints, "
@@ -179,18 +183,32 @@ def auto_candidates(
     else:
         from .backend_choice import export_model_key
 
-        model_key = export_model_key(onnx_dir)
+        model_key = export_model_key(manifest)
     return factories, model_key
 
 
-def with_torch_decoders(export: PredictorBase, torch_predictor: PredictorBase) -> PredictorBase:
-    """The torch predictor with the export's image encoder: the fastest encoder, and torch's
-    prompt path (its many-prompt decoder beats the ONNX graphs in the everything mode)."""
+def _torch_with_export_encoders(
+    load_torch, onnx_dir, manifest: dict, engines: list[str], threads: int | None
+) -> dict:
+    """With a checkpoint and its export: "torch" loads the model once, and each export
+    candidate is that model with the export's image encoder on its engine (the fastest
+    encoder, and torch's prompt path: its many-prompt decoder beats the ONNX graphs in the
+    everything mode). The export's decoders are never loaded."""
     from .predictor import SamPredictor
+    from .runtime.predictor import load_encoder
 
-    return SamPredictor(
-        torch_predictor.model, torch_predictor.many_prompts, image_encoder=export.encoder
-    )
+    torch_predictor = functools.cache(load_torch)
+    factories = {"torch": torch_predictor}
+    names = {"onnxruntime": "onnx", "openvino": "openvino"}
+
+    def hybrid(engine: str) -> PredictorBase:
+        base = torch_predictor()
+        encoder = load_encoder(onnx_dir, manifest, engine, threads)
+        return SamPredictor(base.model, base.many_prompts, image_encoder=encoder)
+
+    for engine in engines:
+        factories[names[engine]] = functools.partial(hybrid, engine)
+    return factories
 
 
 def _installed(module: str) -> bool:

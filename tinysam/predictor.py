@@ -14,7 +14,12 @@ from .checks import check_prompt_batch
 from .modeling import Sam
 from .modeling.many_prompts import ManyPromptDecoder
 from .perf import tune_allocator
-from .predictor_base import DEFAULT_MANY_PROMPTS, MANY_PROMPT_CHUNK, PredictorBase
+from .predictor_base import (
+    DEFAULT_MANY_PROMPTS,
+    MANY_PROMPT_CHUNK,
+    PredictorBase,
+    release_encoder_memory,
+)
 
 # Kept for code that reads it; the threshold is the ``many_prompts`` constructor argument.
 MANY_PROMPTS = DEFAULT_MANY_PROMPTS
@@ -138,6 +143,7 @@ class SamPredictor(PredictorBase):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores and low-res logits through ``ManyPromptDecoder``, ``MANY_PROMPT_CHUNK``
         prompts at a time; with ``min_iou``, logits only where a score passes (others NaN)."""
+        release_encoder_memory(self.image_encoder)
         decoder = self._many_prompt_decoder(dense)
         all_scores, all_logits = [], []
         for chunk in sparse.split(MANY_PROMPT_CHUNK):

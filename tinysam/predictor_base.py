@@ -30,6 +30,14 @@ DEFAULT_MANY_PROMPTS = 8
 MANY_PROMPT_CHUNK = 16
 
 
+def release_encoder_memory(encoder) -> None:
+    """Before the many-prompt decoder grows its buffers: an encoder engine that keeps its
+    activations between runs (``OpenVinoEncoder``) frees them; others have nothing to free."""
+    release = getattr(encoder, "release_memory", None)
+    if release is not None:
+        release()
+
+
 class ModelOutputError(ValueError):
     """The model answered with NaN or infinite numbers: its weights (or export) are damaged."""
 
