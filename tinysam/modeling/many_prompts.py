@@ -109,6 +109,7 @@ class LowRankTokens:
     head_rows: list[HeadRows]
     cache: dict  # prompt-independent products, shared across batches of one image
     stage: int = 0  # LayerNorms applied so far
+    unit_scale: bool = False  # scale is all ones (before the first LayerNorm)
 
     @property
     def rank(self) -> int:
@@ -138,6 +139,15 @@ class LowRankTokens:
         bias_part = (queries * proj.bias.view(heads, 1, d)).sum(-1).flatten(1)  # B x HT
         constant = reduced @ self.offset + bias_part
         n = self.shared.shape[0]
+        q_heads = queries.transpose(0, 1).reshape(heads, batch * t, d)  # H x B*T x d
+        if self.unit_scale and not self.rank and extra is not None:
+            # The first attentions: every prompt sees the same keys, one product per head.
+            keys = self.cached(
+                ("keys", id(proj)),
+                lambda: (self.shared @ proj.weight.T + extra).T.reshape(heads, d, -1),
+            )  # H x d x N
+            out = (q_heads @ keys).view(heads, batch, t, n).transpose(0, 1)
+            return out + constant.view(batch, heads, t, 1)
         if self.rank:
             out = torch.baddbmm(
                 constant[..., None], reduced @ self.basis.transpose(1, 2), self.coeffs
@@ -146,7 +156,6 @@ class LowRankTokens:
             out = constant[..., None].expand(batch, heads * t, n).contiguous()
         out = out.view(batch, heads, t, n)  # low-rank part, B x H x T x N
         # Shared part: per head, q . (W_h shared[n]) scaled per token; and the extra term.
-        q_heads = queries.transpose(0, 1).reshape(heads, batch * t, d)  # H x B*T x d
         shared = self.cached(
             ("scores", id(proj)), lambda: (self.shared @ proj.weight.T).T.reshape(heads, d, -1)
         )  # H x d x N
@@ -166,7 +175,8 @@ class LowRankTokens:
             ("values", id(proj)),
             lambda: (self.shared @ proj.weight.T).view(n, heads, d).transpose(0, 1),
         )  # H x N x d
-        scaled = (probs * self.scale[:, None, None, :]).transpose(0, 1).reshape(heads, batch * t, n)
+        scaled = probs if self.unit_scale else probs * self.scale[:, None, None, :]
+        scaled = scaled.transpose(0, 1).reshape(heads, batch * t, n)
         out = (scaled @ shared).view(heads, batch, t, d).transpose(0, 1)  # B x H x T x d
         if self.rank:
             mixed = probs.flatten(1, 2) @ self.coeffs.transpose(1, 2)  # B x HT x r
@@ -192,6 +202,7 @@ class LowRankTokens:
             [*self.head_rows, rows],
             self.cache,
             self.stage,
+            self.unit_scale,
         )
 
     def layer_norm(self, norm: torch.nn.LayerNorm) -> LowRankTokens:
@@ -266,6 +277,7 @@ class LowRankTokens:
             [r.select(rows) for r in self.head_rows],
             self.cache,
             self.stage,
+            self.unit_scale,
         )
 
     def dense(self) -> torch.Tensor:
@@ -380,6 +392,7 @@ class ManyPromptDecoder:
             image.new_zeros(c),
             [],
             self._shared_cache,
+            unit_scale=True,
         )
 
     @torch.no_grad()
