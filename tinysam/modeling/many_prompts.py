@@ -218,23 +218,28 @@ class LowRankTokens:
         scale, coeffs = self.scale, self.coeffs
         # |token - mean|^2 = scale^2 |s|^2 + |o|^2 + 2 scale s.o
         #                    + sum_k c_k [(G c)_k + 2 scale (s.b_k) + 2 (b_k.o)]
-        # In place on the fresh B x r x N buffer: these are the largest tensors here.
-        per_row = self._shared_dots(shared_c).mul_(2 * scale[:, None, :])  # B x r x N
-        per_row.add_(2 * (basis_c @ offset_c)[..., None])
-        per_row.baddbmm_(basis_c @ basis_c.transpose(1, 2), coeffs)
+        # Summed over the rows part by part (each part's B x rows x N terms in place on one
+        # fresh buffer): the B x r x N terms are the largest tensors here.
+        gram = basis_c @ basis_c.transpose(1, 2)  # B x r x r
+        with_offset = 2 * (basis_c @ offset_c)  # B x r
         var = (
             scale * scale * self.cached(("sq",), lambda: (shared_c * shared_c).sum(-1))
             + offset_c @ offset_c
             + 2 * scale * self.cached(("offset",), lambda: shared_c @ offset_c)
-            + per_row.mul_(coeffs).sum(1)
-        ) / channels
+        )
+        for start, stop, dots in self._shared_dots(shared_c):
+            per_row = torch.mul(dots, 2 * scale[:, None, :])  # B x rows x N
+            per_row.add_(with_offset[:, start:stop, None])
+            per_row.baddbmm_(gram[:, start:stop], coeffs)
+            var = var + per_row.mul_(coeffs[:, start:stop]).sum(1)
+        var = var / channels
         inv_std = torch.rsqrt(var + norm.eps)  # B x N
         gamma = norm.weight
         batch = coeffs.shape[0]
         head_rows = [
             rows.normalized(row_means[:, rows.start : rows.stop], gamma) for rows in self.head_rows
         ]
-        new_coeffs = torch.cat([coeffs * inv_std[:, None, :], inv_std[:, None, :]], dim=1)
+        new_coeffs = scaled_rows(coeffs, inv_std)
         return LowRankTokens(
             self.cached(("normed",), lambda: shared_c * gamma),
             scale * inv_std,
@@ -246,25 +251,25 @@ class LowRankTokens:
             self.stage + 1,
         )
 
-    def _shared_dots(self, shared_c: torch.Tensor) -> torch.Tensor:
-        """basis rows . centred shared tokens, B x r x N (rows' means do not matter here)."""
+    def _shared_dots(self, shared_c: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
+        """basis rows . centred shared tokens, in parts of rows (start, stop, B x rows x N),
+        rows' means aside (they do not matter here)."""
         batch, r = self.basis.shape[:2]
 
-        def fixed(start: int, stop: int) -> torch.Tensor:
+        def fixed(start: int, stop: int) -> tuple[int, int, torch.Tensor]:
             # Rows no attention made are fixed vectors, the same for every prompt.
             dots = self.cached(("fixed", start), lambda: self.basis[0, start:stop] @ shared_c.T)
-            return dots.expand(batch, -1, -1)
+            return start, stop, dots.expand(batch, -1, -1)
 
-        # Concatenated in row order (slice assignment would export as a slow ScatterND).
         parts, position = [], 0
         for rows in sorted(self.head_rows, key=lambda rows: rows.start):
             if rows.start > position:
                 parts.append(fixed(position, rows.start))
-            parts.append(rows.dots(shared_c, self.cached))
+            parts.append((rows.start, rows.stop, rows.dots(shared_c, self.cached)))
             position = rows.stop
         if position < r:
             parts.append(fixed(position, r))
-        return torch.cat(parts, dim=1)
+        return parts
 
     def select(self, rows: torch.Tensor) -> LowRankTokens:
         scale = self.scale[rows] if self.scale.shape[0] > 1 else self.scale
@@ -284,6 +289,24 @@ class LowRankTokens:
         """The tokens themselves, B x N x C."""
         out = torch.baddbmm(self.offset, self.coeffs.transpose(1, 2), self.basis)
         return out.addcmul_(self.scale[..., None], self.shared)
+
+
+def exporting() -> bool:
+    """Inside a graph export (ONNX, torch.export), where in-place slice writes become slow
+    ScatterND nodes and concatenation is the better graph."""
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+
+
+def scaled_rows(coeffs: torch.Tensor, per_token: torch.Tensor) -> torch.Tensor:
+    """``cat([coeffs * per_token, per_token])`` (B x r+1 x N for B x r x N and B x N), written
+    once: the coefficients are the largest tensors here."""
+    if exporting():
+        return torch.cat([coeffs * per_token[:, None, :], per_token[:, None, :]], dim=1)
+    batch, rank, n = coeffs.shape
+    out = coeffs.new_empty(batch, rank + 1, n)
+    torch.mul(coeffs, per_token[:, None, :], out=out[:, :rank])
+    out[:, rank] = per_token
+    return out
 
 
 class ManyPromptDecoder:
