@@ -346,6 +346,30 @@ def test_openvino_runs_int8_graphs_only_where_they_are_exact(tmp_path, monkeypat
     assert not perf.int8_products_saturate()
 
 
+def test_sessions_share_one_arena_with_the_same_results(onnx_dir, onnx_predictor):
+    """Sessions allocate from the process's shared arena (see ``use_shared_arena``); a session
+    with its own arena gives the same numbers."""
+    import onnxruntime as ort
+
+    from tinysam.runtime.predictor import session_options
+
+    shared, own = session_options(2), session_options(2, shared_arena=False)
+    assert shared.get_session_config_entry("session.use_env_allocators") == "1"
+    assert not shared.enable_mem_pattern and own.enable_mem_pattern
+    path = str(onnx_dir / "decoder_many.onnx")
+    feeds = {
+        "image_embeddings": onnx_predictor.features,
+        "point_coords": np.array([[[500.0, 300.0], [0.0, 0.0]]] * 3, np.float32),
+        "point_labels": np.array([[1.0, -1.0]] * 3, np.float32),
+    }
+    results = [
+        ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]).run(None, feeds)
+        for options in (shared, own)
+    ]
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_unknown_encoder_engine(onnx_dir):
     from tinysam.runtime.predictor import load_encoder
 

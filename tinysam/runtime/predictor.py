@@ -88,7 +88,7 @@ def use_shared_arena(options) -> None:
         )
         try:
             ort.create_and_register_allocator(cpu, config)
-        except Exception:  # one is registered already (by the caller): use that one
+        except Exception:  # some versions refuse a second one (the caller's): share that
             pass
         _SHARED_ARENA_REGISTERED = True
     options.add_session_config_entry("session.use_env_allocators", "1")
