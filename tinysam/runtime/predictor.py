@@ -71,11 +71,12 @@ def use_shared_arena(options) -> None:
     """Make a session allocate from one CPU arena shared by the process's sessions, grown by
     what is asked (not by powers of two), without per-graph memory patterns.
 
-    Each session's own arena keeps its peak for the process's life, and grows in doublings:
+    A session's own arena keeps its peak while the session lives, and grows in doublings:
     the encoder's activations (about 300 MB at 1024x1024) stayed reserved while the
     many-prompt decoder grew its own 700 MB, and everything mode peaked at 1.46 GB on an
-    1800x1200 photo. Shared, the decoders reuse the encoder's blocks: 0.76 GB, as fast
-    (benchmarks/everything.py --memory-image).
+    1800x1200 photo. Shared, the decoders reuse the encoder's blocks: 0.76 GB
+    (benchmarks/everything.py --memory-image), for an encoder about 3% slower (no memory
+    pattern) and a decoder as fast. The shared arena lives as long as the process.
     """
     global _SHARED_ARENA_REGISTERED
     import onnxruntime as ort
