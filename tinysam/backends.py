@@ -164,7 +164,7 @@ def auto_candidates(
         if "torch" in factories:
             factories.update(
                 _torch_with_export_encoders(
-                    factories["torch"], onnx_dir, manifest, [m for _, m in engines], threads
+                    factories["torch"], onnx_dir, manifest, engines, threads
                 )
             )
         else:
@@ -188,7 +188,7 @@ def auto_candidates(
 
 
 def _torch_with_export_encoders(
-    load_torch, onnx_dir, manifest: dict, engines: list[str], threads: int | None
+    load_torch, onnx_dir, manifest: dict, engines: list[tuple[str, str]], threads: int | None
 ) -> dict:
     """With a checkpoint and its export: "torch" loads the model once, and each export
     candidate is that model with the export's image encoder on its engine (the fastest
@@ -199,15 +199,14 @@ def _torch_with_export_encoders(
 
     torch_predictor = functools.cache(load_torch)
     factories = {"torch": torch_predictor}
-    names = {"onnxruntime": "onnx", "openvino": "openvino"}
 
     def hybrid(engine: str) -> PredictorBase:
         base = torch_predictor()
         encoder = load_encoder(onnx_dir, manifest, engine, threads)
         return SamPredictor(base.model, base.many_prompts, image_encoder=encoder)
 
-    for engine in engines:
-        factories[names[engine]] = functools.partial(hybrid, engine)
+    for name, engine in engines:  # (backend name, encoder engine)
+        factories[name] = functools.partial(hybrid, engine)
     return factories
 
 
