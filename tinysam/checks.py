@@ -13,6 +13,19 @@ from PIL import Image
 # bottom-right corners of a box given as points (segment-anything's ONNX convention).
 NOT_A_POINT = -1
 POINT_LABELS = (-1, 0, 1, 2, 3)
+# The everything mode's largest grid: 256 x 256 = 65,536 prompts (about 16 minutes of decoding
+# on a 2-core CPU). Its points, their scores and the kept masks grow with the square; 100,000 a
+# side would ask numpy for 75 GiB before the first prompt.
+MAX_POINTS_PER_SIDE = 256
+
+
+def check_points_per_side(value: int, name: str = "points_per_side", least: int = 1) -> int:
+    """An everything-mode grid size in ``least..MAX_POINTS_PER_SIDE``, or a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if not least <= value <= MAX_POINTS_PER_SIDE:
+        raise ValueError(f"{name} must be {least}..{MAX_POINTS_PER_SIDE}, got {value}")
+    return int(value)
 
 
 def as_rgb_uint8(image: np.ndarray | Image.Image, image_format: str = "RGB") -> np.ndarray:

@@ -8,6 +8,7 @@ quantization all import them from here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +105,20 @@ def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
     return np.repeat(values, counts).reshape(w, h).T
 
 
+class RleMasks(Sequence):
+    """Uncompressed RLEs read as HxW bool masks, each decoded when it is read: N masks of a
+    large image never sit in memory together."""
+
+    def __init__(self, rles: list[dict[str, Any]]) -> None:
+        self.rles = rles
+
+    def __len__(self) -> int:
+        return len(self.rles)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return rle_to_mask(self.rles[index])
+
+
 def area_from_rle(rle: dict[str, Any]) -> int:
     return int(sum(rle["counts"][1::2]))
 
@@ -118,16 +133,19 @@ def coco_encode_rle(rle: dict[str, Any]) -> dict[str, Any]:
     return encoded
 
 
-def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
-    """COCO compressed RLEs (counts as JSON strings) of NxHxW boolean masks."""
+def encode_masks(masks: np.ndarray, chunk: int = 16) -> list[dict[str, Any]]:
+    """COCO compressed RLEs (counts as JSON strings) of NxHxW boolean masks, ``chunk`` masks
+    at a time (pycocotools wants them column-major: one copy of a chunk, not of all N)."""
     from pycocotools import mask as mask_utils
 
-    if len(masks) == 0:
-        return []
-    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")
-    return list(rles)
+    out = []
+    for start in range(0, len(masks), chunk):
+        part = np.asarray(masks[start : start + chunk], dtype=bool).view(np.uint8)
+        rles = mask_utils.encode(np.asfortranarray(part.transpose(1, 2, 0)))
+        for rle in rles:
+            rle["counts"] = rle["counts"].decode("ascii")
+        out.extend(rles)
+    return out
 
 
 def coco_rle(mask: np.ndarray) -> dict[str, Any]:

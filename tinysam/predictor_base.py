@@ -28,6 +28,10 @@ DEFAULT_MANY_PROMPTS = 8
 # low-rank image updates grow with the batch (64 prompts at once peaked at 1.6 GB for an
 # 1800x1200 image, 16 at 0.7 GB, no slower), and the results do not depend on the grouping.
 MANY_PROMPT_CHUNK = 16
+# Full-size masks are made from their low-res logits this many bytes of float logits at a time
+# (at least one mask): B x C x H x W floats at once would grow with the batch and the image (100
+# boxes x 3 candidates at 1800x1200 is 2.6 GB), while the answer itself needs 1 byte a pixel.
+UPSCALE_CHUNK_BYTES = 64 << 20
 
 
 def release_encoder_memory(encoder) -> None:
@@ -110,6 +114,15 @@ class PredictorBase(ABC):
         full-size masks (None); ``min_iou`` skips the masks of prompts none of whose scores
         exceed it, leaving their logits NaN."""
 
+    @abstractmethod
+    def _upscale(self, low_res) -> Any:
+        """Float logits at the original size (Nx1xHxW) for low-res logits Nx1x256x256, both
+        backend arrays."""
+
+    @abstractmethod
+    def _empty(self, shape: tuple[int, ...], logits: bool) -> Any:
+        """An uninitialised backend array: float32 for logits, else bool."""
+
     @staticmethod
     @abstractmethod
     def _numpy(value) -> np.ndarray:
@@ -156,6 +169,24 @@ class PredictorBase(ABC):
         if not self.is_image_set:
             raise RuntimeError("no image set: call set_image(image) before predicting")
 
+    # ------------------------------------------------------------------ full-size masks
+
+    def upscale_masks(self, low_res, return_logits: bool = False):
+        """Low-res logits (...x256x256, a backend array) as masks at the original image size
+        (...xHxW: bool, or float logits), made ``UPSCALE_CHUNK_BYTES`` of logits at a time, so
+        the peak is the answer (1 byte a pixel a mask) plus one chunk, whatever the batch."""
+        self._require_image()
+        h, w = self.original_size
+        lead = tuple(low_res.shape[:-2])
+        flat = low_res.reshape(-1, 1, *low_res.shape[-2:])
+        count = flat.shape[0]
+        out = self._empty((count, h, w), return_logits)
+        step = max(1, UPSCALE_CHUNK_BYTES // (4 * h * w))
+        for start in range(0, count, step):
+            logits = self._upscale(flat[start : start + step])[:, 0]
+            out[start : start + step] = logits if return_logits else logits > self.mask_threshold
+        return out.reshape(*lead, h, w)
+
     # ------------------------------------------------------------------ prompts
 
     def predict(
@@ -185,10 +216,46 @@ class PredictorBase(ABC):
         masks, scores, low_res = self.predict_torch(
             *self._prompt_arrays(*prompts), multimask_output, return_logits=return_logits
         )
-        scores = self._numpy(scores[0])
-        if not np.all(np.isfinite(scores)):
-            raise ModelOutputError(
-                "the model produced NaN or infinite scores: its weights are damaged (check the "
-                "checkpoint or export it again)"
-            )
-        return self._numpy(masks[0]), scores, self._numpy(low_res[0])
+        return (
+            self._numpy(masks[0]),
+            _finite_scores(self._numpy(scores[0])),
+            self._numpy(low_res[0]),
+        )
+
+    def predict_best(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+    ) -> tuple[np.ndarray, float]:
+        """The mask that answers the prompts, as ``predict`` takes them: the candidate with the
+        highest predicted IoU, HxW bool, and that score. Only this mask is made at full size
+        (``predict`` makes all three: 3x the memory on a large image)."""
+        self._require_image()
+        prompts = single_prompt_batch(
+            point_coords,
+            point_labels,
+            box,
+            mask_input,
+            self.transform,
+            self.original_size,
+            self.mask_input_size,
+        )
+        _, scores, low_res = self.predict_torch(
+            *self._prompt_arrays(*prompts), multimask_output, upscale=False
+        )
+        scores = _finite_scores(self._numpy(scores[0]))
+        best = int(np.argmax(scores))
+        mask = self.upscale_masks(low_res[0, best : best + 1])[0]
+        return self._numpy(mask), float(scores[best])
+
+
+def _finite_scores(scores: np.ndarray) -> np.ndarray:
+    if not np.all(np.isfinite(scores)):
+        raise ModelOutputError(
+            "the model produced NaN or infinite scores: its weights are damaged (check the "
+            "checkpoint or export it again)"
+        )
+    return scores

@@ -98,6 +98,17 @@ def add_mask_filter_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_grid(value: int, flag: str) -> None:
+    """An everything-mode grid option (``--points-per-side``, ``--everything-points``) in
+    4..``MAX_POINTS_PER_SIDE``, or a UsageError naming the flag."""
+    from ..checks import check_points_per_side
+
+    try:
+        check_points_per_side(value, flag, least=4)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
 def add_max_pixels_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-pixels",

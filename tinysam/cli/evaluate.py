@@ -88,7 +88,7 @@ def register(sub) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> dict:
-    from .common import UsageError, image_folder
+    from .common import UsageError, check_grid, image_folder
 
     for name in ("limit", "max_masks"):
         value = getattr(args, name, None)
@@ -101,8 +101,7 @@ def run_eval(args: argparse.Namespace) -> dict:
             raise UsageError("--clicks must be at least 1")
         return _clicks(args)
     images = image_folder(args.images, args.limit, "images")
-    if args.points_per_side < 4:
-        raise UsageError("--points-per-side must be at least 4")
+    check_grid(args.points_per_side, "--points-per-side")
     from ..evaluation.everything import compare_everything, everything_table
 
     rows = compare_everything(

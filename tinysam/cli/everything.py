@@ -13,6 +13,7 @@ from .common import (
     add_max_pixels_arg,
     add_model_args,
     add_ray_args,
+    check_grid,
     check_max_pixels,
     predictor_spec,
     run_batch,
@@ -75,8 +76,7 @@ def run_everything(args: argparse.Namespace) -> dict:
         images = [args.input]
     else:
         raise UsageError(f"input not found: {args.input}")
-    if args.points_per_side < 4:
-        raise UsageError("--points-per-side must be at least 4")
+    check_grid(args.points_per_side, "--points-per-side")
     check_max_pixels(args)
     names = output_names(images)
     plan = {image: everything_outputs(names[image], args.out, args.overlay) for image in images}

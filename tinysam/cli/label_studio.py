@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .common import UsageError, add_model_args, predictor_from_args
+from .common import UsageError, add_model_args, check_grid, predictor_from_args
 from .serve import add_cache_and_pixel_args
 
 
@@ -87,13 +87,13 @@ def run_label_studio(args: argparse.Namespace) -> None:
 
     if not 0 < args.port < 65536:
         raise UsageError("--port must be between 1 and 65535")
-    sizes = (args.cache_mb, args.max_image_mb, args.max_pixels, args.max_request_mb)
+    sizes = (args.cache_mb, args.max_image_mb, args.max_pixels, args.max_request_mb, args.work_mb)
     if min(sizes) <= 0:
         raise UsageError(
-            "--cache-mb, --max-image-mb, --max-pixels and --max-request-mb must be positive"
+            "--cache-mb, --max-image-mb, --max-pixels, --max-request-mb and --work-mb must be "
+            "positive"
         )
-    if args.everything_points < 4:
-        raise UsageError("--everything-points must be at least 4")
+    check_grid(args.everything_points, "--everything-points")
     if args.label_studio_url and not args.label_studio_url.startswith(("http://", "https://")):
         raise UsageError("--label-studio-url must start with http:// or https://")
     auth = None
@@ -118,6 +118,7 @@ def run_label_studio(args: argparse.Namespace) -> None:
         max_upload_bytes=max_image_bytes,
         max_pixels=args.max_pixels,
         everything_points=args.everything_points,
+        work_bytes=args.work_mb << 20,
     )
     images = ImageSource(
         args.label_studio_url, args.api_key, tuple(args.allow_host), max_bytes=max_image_bytes

@@ -52,18 +52,17 @@ def register(sub) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> None:
-    from .common import UsageError
+    from .common import UsageError, check_grid
 
     if not 0 < args.port < 65536:
         raise UsageError("--port must be between 1 and 65535")
-    limits = (args.cache_mb, args.max_upload_mb, args.max_pixels, args.max_points)
+    limits = (args.cache_mb, args.max_upload_mb, args.max_pixels, args.max_points, args.work_mb)
     if min(limits) <= 0 or args.max_json_kb < 1 or not args.busy_timeout > 0:
         raise UsageError(
-            "--cache-mb, --max-upload-mb, --max-pixels, --max-points, --max-json-kb and "
-            "--busy-timeout must be positive"
+            "--cache-mb, --max-upload-mb, --max-pixels, --max-points, --work-mb, --max-json-kb "
+            "and --busy-timeout must be positive"
         )
-    if args.everything_points < 4:
-        raise UsageError("--everything-points must be at least 4")
+    check_grid(args.everything_points, "--everything-points")
     _check_port(args.host, args.port)
     from ..serve.app import DemoService
     from ..serve.server import run
@@ -78,6 +77,7 @@ def run_serve(args: argparse.Namespace) -> None:
         max_points=args.max_points,
         busy_timeout=args.busy_timeout,
         embeddings=_embeddings(args.embeddings),
+        work_bytes=args.work_mb << 20,
     )
     if not is_loopback(args.host):
         print(
@@ -95,6 +95,13 @@ def add_cache_and_pixel_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-pixels", type=int, default=40_000_000, help="image pixel-count limit (40 M)"
+    )
+    parser.add_argument(
+        "--work-mb",
+        type=int,
+        default=512,
+        help="memory that concurrent requests may hold for masks at the image's full size; "
+        "requests on large images take turns beyond it (512 MiB)",
     )
 
 

@@ -188,19 +188,33 @@ def detections_from_annotations(gt: dict) -> dict[int, list[Detection]]:
 def segment_boxes(
     predictor, image: np.ndarray, boxes_xyxy: np.ndarray, single_mask: bool = False
 ) -> np.ndarray:
-    """One mask per box (NxHxW bool), all boxes of the image in one decoder batch."""
+    """One mask per box (NxHxW bool): the best candidate of each box by predicted IoU. Our
+    backends decode low-res logits only and make just the chosen masks at full size (N bytes a
+    pixel, not the 3N floats of every candidate); another predictor-like object gets
+    segment-anything's call."""
     import torch
 
     predictor.set_image(image)
     if len(boxes_xyxy) == 0:
         return np.zeros((0, *image.shape[:2]), dtype=bool)
     boxes = predictor.transform.apply_boxes(np.asarray(boxes_xyxy, np.float32), image.shape[:2])
-    masks, scores, _ = predictor.predict_torch(
-        None, None, boxes=torch.as_tensor(boxes), multimask_output=not single_mask
+    boxes = torch.as_tensor(boxes)
+    if not getattr(predictor, "filters_while_decoding", False):
+        masks, scores, _ = predictor.predict_torch(
+            None, None, boxes=boxes, multimask_output=not single_mask
+        )
+        masks, scores = torch.as_tensor(masks), torch.as_tensor(scores)
+        best = scores.argmax(dim=1)
+        return masks[torch.arange(len(best)), best].cpu().numpy().astype(bool)
+    _, scores, low_res = predictor.predict_torch(
+        None, None, boxes=boxes, multimask_output=not single_mask, upscale=False
     )
-    masks, scores = torch.as_tensor(masks), torch.as_tensor(scores)
+    scores, low_res = torch.as_tensor(scores), torch.as_tensor(low_res)
     best = scores.argmax(dim=1)
-    return masks[torch.arange(len(best)), best].cpu().numpy().astype(bool)
+    chosen = low_res[torch.arange(len(best)), best]
+    if not isinstance(predictor.features, torch.Tensor):  # a numpy backend (ONNX Runtime)
+        chosen = chosen.numpy()
+    return np.asarray(predictor.upscale_masks(chosen), dtype=bool)
 
 
 def _part_path(out_dir: Path, image_id: int) -> Path:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checks import as_rgb_uint8
+from ..checks import as_rgb_uint8, check_points_per_side
 from ..predictor import SamPredictor
 from ..transforms import upscale_logits
 from .masks import (
@@ -116,8 +116,7 @@ class SamAutomaticMaskGenerator:
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("give exactly one of points_per_side or point_grids")
         if points_per_side is not None:
-            if points_per_side < 1:
-                raise ValueError(f"points_per_side must be at least 1, got {points_per_side}")
+            check_points_per_side(points_per_side)
             self.point_grids = build_all_layer_point_grids(
                 points_per_side, crop_n_layers, crop_n_points_downscale_factor
             )

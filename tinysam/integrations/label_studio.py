@@ -30,11 +30,14 @@ import numpy as np
 
 from ..formats import is_number
 from ..io import DownloadError, fetch_bytes
-from ..serve.app import ApiError, DemoService
+from ..serve.app import EVERYTHING_BYTES_PER_PIXEL, ApiError, DemoService
 from ..version import __version__
 
 MODEL_VERSION = f"tinysam-{__version__}"
 DEFAULT_MAX_IMAGE_BYTES = 50 << 20
+# A click's answer at full size (``serve.app.CLICK_BYTES_PER_PIXEL``) plus Label Studio's brush
+# encoder, which repeats every pixel into RGBA (4 bytes) before run-length coding it.
+BRUSH_BYTES_PER_PIXEL = 16
 # Context regions Label Studio sends for the two smart tools.
 KEYPOINTS = "keypointlabels"
 RECTANGLES = "rectanglelabels"
@@ -296,11 +299,12 @@ class LabelStudioBackend:
             return self._everything(image_id, config, width, height)
         if not prompt.points and prompt.box is None:
             return None
-        mask, score = self.service.segment(
-            image_id, prompt.points, prompt.labels, prompt.box, self.multimask
-        )
         label = prompt.label or (config.labels[0] if config.labels else None)
-        region = self._region(mask, score, config, label, width, height)
+        with self.service.full_size_work(image_id, BRUSH_BYTES_PER_PIXEL):
+            mask, score = self.service.segment(
+                image_id, prompt.points, prompt.labels, prompt.box, self.multimask
+            )
+            region = self._region(mask, score, config, label, width, height)
         return {"result": [region], "score": score, "model_version": MODEL_VERSION}
 
     def _image(self, url: Any) -> tuple[str, int, int]:
@@ -319,12 +323,13 @@ class LabelStudioBackend:
         return image_id, w, h
 
     def _everything(self, image_id: str, config: LabelingConfig, width: int, height: int):
-        records, masks = self.service.everything_masks(image_id)
         label = config.labels[0] if config.labels else None
-        regions = [
-            self._region(mask, float(record["predicted_iou"]), config, label, width, height)
-            for record, mask in zip(records, masks)
-        ]
+        with self.service.full_size_work(image_id, EVERYTHING_BYTES_PER_PIXEL):
+            records, masks = self.service.everything_masks(image_id)
+            regions = [
+                self._region(mask, float(record["predicted_iou"]), config, label, width, height)
+                for record, mask in zip(records, masks)
+            ]
         score = float(np.mean([r["score"] for r in regions])) if regions else 0.0
         return {"result": regions, "score": score, "model_version": MODEL_VERSION}
 

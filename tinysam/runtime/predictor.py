@@ -306,14 +306,16 @@ class OnnxPredictor(PredictorBase):
             results.append(self.decoder.run(["iou_predictions", "low_res_masks"], feeds))
         scores, low_res = (np.concatenate(parts)[:, selected] for parts in zip(*results))
         low_res = np.ascontiguousarray(low_res)
-        masks = None
-        if upscale:
-            masks = self.upscaler.run(
-                None, {"low_res_masks": low_res, "orig_im_size": feeds["orig_im_size"]}
-            )[0]
-            if not return_logits:
-                masks = masks > self.mask_threshold
+        masks = self.upscale_masks(low_res, return_logits) if upscale else None
         return _same_kind(as_torch, (masks, scores, low_res))
+
+    def _upscale(self, low_res: np.ndarray) -> np.ndarray:
+        size = np.asarray(self.original_size, np.float32)
+        feeds = {"low_res_masks": np.ascontiguousarray(low_res), "orig_im_size": size}
+        return self.upscaler.run(None, feeds)[0]
+
+    def _empty(self, shape: tuple[int, ...], logits: bool) -> np.ndarray:
+        return np.empty(shape, np.float32 if logits else bool)
 
     def _use_many_prompt_decoder(self, coords, boxes, mask, upscale: bool) -> bool:
         one_point = coords.shape[1] == 2 and boxes is None  # the point and the padding
@@ -500,9 +502,12 @@ def _as_float32(value) -> np.ndarray:
 
 
 def _mask_groups(mask: np.ndarray | None, batch: int, size: tuple[int, int]):
-    """(rows, (mask_input 1x1xHxW, has_mask_input [1])) per decoder run."""
+    """(rows, (mask_input 1x1xHxW, has_mask_input [1])) per decoder run: prompts without a
+    mask ``MANY_PROMPT_CHUNK`` at a time (the graph copies the embedding for each)."""
     if mask is None:
-        yield slice(None), (np.zeros((1, 1, *size), np.float32), np.zeros(1, np.float32))
+        empty = np.zeros((1, 1, *size), np.float32), np.zeros(1, np.float32)
+        for start in range(0, batch, MANY_PROMPT_CHUNK):
+            yield slice(start, start + MANY_PROMPT_CHUNK), empty
         return
     for i in range(batch):
         yield slice(i, i + 1), (mask[i : i + 1], np.ones(1, np.float32))
