@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import ImageError, atomic_write, read_image
+from .io import DONE, ImageError, atomic_write, output_state, read_image
 from .predictor_base import ImageState
 
 INDEX = "index.json"
@@ -40,6 +40,8 @@ def save_embedding(path: str | os.PathLike, state: ImageState, sha256: str, imag
     with atomic_write(path, "wb") as f:
         np.savez(
             f,
+            # First: its member name is the mark that makes the file ours (io.output_state).
+            tinysam_embedding=np.asarray(FORMAT_VERSION),
             features=np.ascontiguousarray(features, dtype=np.float32),
             original_size=np.asarray(state.original_size, np.int64),
             input_size=np.asarray(state.input_size, np.int64),
@@ -72,7 +74,7 @@ def write_index(out_dir: str | os.PathLike, files: list[str | os.PathLike]) -> P
     entries = {}
     for file in files:
         file = Path(file)
-        if not file.is_file():
+        if output_state(file) != DONE:  # not made (a bad image), or not whole
             continue
         with np.load(file, allow_pickle=False) as data:
             entries[file.name] = {

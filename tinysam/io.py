@@ -6,6 +6,7 @@ import contextlib
 import errno
 import http.client
 import io
+import json
 import os
 import tempfile
 import urllib.error
@@ -82,6 +83,111 @@ def remove_stale_parts(folder: str | os.PathLike, names: set[str]) -> int:
                 entry.unlink()
                 removed += 1
     return removed
+
+
+# --------------------------------------------------------------------------- our outputs
+# A resume must trust only outputs it can verify, and a run may replace only files it can prove
+# it wrote. Every per-item output carries a mark in its first bytes (so even a truncated one is
+# recognisably ours) and is checked whole before it counts as done:
+#   JSON  ``{"format": "tinysam-KIND", ...}`` (``write_json_output``), whole if it parses;
+#   PNG   a ``tEXt`` chunk ``Software=tinysam`` before the pixels (``save_png``), whole if it
+#         decodes;
+#   NPZ   a first member named ``tinysam...`` (``embeddings.save_embedding``), whole if every
+#         member's CRC holds.
+MISSING, DONE, BROKEN, FOREIGN = "missing", "done", "broken", "foreign"
+PNG_MARK = ("Software", "tinysam")
+_JSON_MARK = b'{"format": "tinysam-'
+
+
+class ForeignFileError(ValueError):
+    """An output path holds a file this package did not write: it is never replaced."""
+
+
+def write_json_output(path: str | os.PathLike, kind: str, document: dict) -> None:
+    """``document`` as ``path``, marked as ours (``"format": "tinysam-KIND"`` first), atomically."""
+    with atomic_write(path, "w") as f:
+        json.dump({"format": f"tinysam-{kind}", **document}, f, allow_nan=False)
+
+
+# Files shorter than this, that begin as our outputs begin, were cut before their mark: nothing
+# in them can be lost, so they count as ours and broken.
+_SHORTER_THAN_A_MARK = 64
+_STARTS = {".json": _JSON_MARK, ".png": b"\x89PNG\r\n\x1a\n", ".npz": b"PK\x03\x04"}
+
+
+def _marked(path: Path, head: bytes) -> bool:
+    suffix = path.suffix.lower()
+    start = _STARTS.get(suffix)
+    if start is not None and len(head) < _SHORTER_THAN_A_MARK:
+        if start[: len(head)] == head[: len(start)]:
+            return True
+    if suffix == ".json":
+        return head.startswith(_JSON_MARK)
+    if suffix == ".png":
+        return b"tEXt" + PNG_MARK[0].encode() + b"\0" + PNG_MARK[1].encode() in head
+    if suffix == ".npz":  # the first zip member's name, after its 30-byte local header
+        return head[:4] == b"PK\x03\x04" and head[30:37] == b"tinysam"
+    return False
+
+
+def _whole(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            with open(path, encoding="utf-8") as f:
+                json.load(f)
+        elif suffix == ".png":
+            with Image.open(path) as img:
+                img.load()
+        elif suffix == ".npz":
+            import zipfile
+
+            with zipfile.ZipFile(path) as archive:
+                return archive.testzip() is None
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        return False
+    except Exception as err:  # zipfile's BadZipFile and friends
+        import zipfile
+
+        if isinstance(err, zipfile.BadZipFile):
+            return False
+        raise
+    return True
+
+
+def output_state(path: str | os.PathLike) -> str:
+    """What a run finds at one of its output paths: ``MISSING``; ``DONE`` (ours and whole);
+    ``BROKEN`` (ours, but cut short: a crash, a full disk; redo it); ``FOREIGN`` (a file we
+    did not write, or a folder: never replace it)."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return MISSING
+    if not path.is_file():
+        return FOREIGN
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return FOREIGN
+    if not _marked(path, head):
+        return FOREIGN
+    return DONE if _whole(path) else BROKEN
+
+
+def check_replaceable(paths) -> list[Path]:
+    """The paths among ``paths`` whose files are ours but broken (to redo); a
+    ``ForeignFileError`` naming the first file that is not ours."""
+    broken = []
+    for path in paths:
+        state = output_state(path)
+        if state == FOREIGN:
+            raise ForeignFileError(
+                f"{path} exists and was not written by tinysam (or by an older version); "
+                "move it away or choose another output folder"
+            )
+        if state == BROKEN:
+            broken.append(Path(path))
+    return broken
 
 
 def describe_os_error(err: OSError, path: str | os.PathLike) -> str:
@@ -228,12 +334,16 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.nda
 
 
 def save_png(array: np.ndarray, path: str | os.PathLike) -> None:
-    """Write a uint8 (or bool) array as a PNG, atomically."""
+    """Write a uint8 (or bool) array as a PNG, atomically, marked as ours."""
+    from PIL.PngImagePlugin import PngInfo
+
     if array.dtype == bool:
         array = array.astype(np.uint8) * 255
+    mark = PngInfo()
+    mark.add_text(*PNG_MARK)  # see output_state: the mark that makes it ours
     try:
         with atomic_write(path) as f:
-            Image.fromarray(array).save(f, format="PNG")
+            Image.fromarray(array).save(f, format="PNG", pnginfo=mark)
     except OSError as err:
         raise OSError(err.errno, describe_os_error(err, path)) from err
 

@@ -2,8 +2,11 @@
 
 A *job* is the per-item code, the same object on both paths (no second implementation):
 
-- ``outputs(item)``: the files a finished item leaves; an item whose outputs all exist is done,
-  so a run that was killed (driver or worker) resumes with what is missing;
+- ``outputs(item)``: the files a finished item leaves; an item is done when all of them are
+  verified ours and whole (``io.output_state``: marked, and they parse), so a run that was
+  killed (driver or worker) resumes with what is missing, an output cut short (a crash, a full
+  disk, a truncation) is redone and reported, and a file the package did not write at an output
+  path stops the run before any work (``io.ForeignFileError``), with or without ``force``;
 - ``setup()``: once per process that works (loads the model);
 - ``run(item)``: do one item, write its outputs atomically, return a small JSON-able dict;
 - ``skippable``: the exception types that mean "this item is bad" (reported, never fatal).
@@ -40,6 +43,7 @@ class BatchSummary:
 
     items: int = 0
     skipped: int = 0  # already done by an earlier run
+    redone: list[str] = field(default_factory=list)  # items whose earlier outputs were broken
     done: int = 0
     failed: dict[str, str] = field(default_factory=dict)  # item -> one-line reason
     seconds: float = 0.0
@@ -69,11 +73,31 @@ class BatchSummary:
         return out
 
 
-def pending(job: Job, items: list[str], force: bool = False) -> list[str]:
-    """The items whose outputs are not all there yet (all of them with ``force``)."""
-    if force:
-        return list(items)
-    return [i for i in items if not all(os.path.exists(p) for p in job.outputs(i))]
+def pending(job: Job, items: list[str], force: bool = False) -> tuple[list[str], list[str]]:
+    """The items to do (all of them with ``force``), and among them those whose earlier
+    outputs are broken; ``ForeignFileError`` where an output path holds a file that is not
+    ours."""
+    from ..io import DONE, check_replaceable, output_state
+
+    todo, broken = [], []
+    for item in items:
+        outputs = job.outputs(item)
+        if check_replaceable(outputs):
+            broken.append(item)
+        if force or not all(output_state(p) == DONE for p in outputs):
+            todo.append(item)
+    return todo, broken
+
+
+def _start(job: Job, items: list[str], force: bool) -> tuple[list[str], BatchSummary]:
+    todo, broken = pending(job, items, force)
+    summary = BatchSummary(items=len(items), skipped=len(items) - len(todo), redone=broken)
+    for item in broken:
+        print(
+            f"tinysam: redoing {os.path.basename(item)}: its earlier output was cut short",
+            file=sys.stderr,
+        )
+    return todo, summary
 
 
 def _one_line(err: BaseException) -> str:
@@ -120,8 +144,7 @@ def run_local(
     job: Job, items: list[str], force: bool = False, progress: bool | None = None
 ) -> BatchSummary:
     """Every pending item in this process, in order."""
-    todo = pending(job, items, force)
-    summary = BatchSummary(items=len(items), skipped=len(items) - len(todo))
+    todo, summary = _start(job, items, force)
     if not todo:
         return summary
     start = time.perf_counter()
@@ -179,8 +202,7 @@ def run_ray(
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
     import ray
 
-    todo = pending(job, items, force)
-    summary = BatchSummary(items=len(items), skipped=len(items) - len(todo))
+    todo, summary = _start(job, items, force)
     if not todo:
         return summary
     start = time.perf_counter()

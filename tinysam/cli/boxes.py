@@ -62,7 +62,7 @@ def run_boxes(args: argparse.Namespace) -> dict:
         load_detections,
         merge_parts,
     )
-    from ..io import remove_stale_parts
+    from ..io import DONE, output_state, remove_stale_parts
 
     on_ray = uses_ray(args)
     check_max_pixels(args)
@@ -111,11 +111,13 @@ def run_boxes(args: argparse.Namespace) -> dict:
     }
     if on_ray:
         summary["per_worker"] = batch.per_worker
+    if batch.redone:
+        summary["redone"] = [files[int(i)] for i in batch.redone]
     if batch.failed:
         summary["failed"] = [files[int(i)] for i in batch.failed]
     if batch.stopped:
         summary["stopped"] = batch.stopped
-    done = [i for i in ids if job.outputs(str(i))[0].exists()]
+    done = [i for i in ids if output_state(job.outputs(str(i))[0]) == DONE]
     summary["results"] = str(merge_parts(args.out, done))
     summary["results_images"] = len(done)
     return summary

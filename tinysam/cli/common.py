@@ -154,20 +154,25 @@ def uses_ray(args: argparse.Namespace) -> bool:
 
 
 def run_batch(job, items: list[str], args: argparse.Namespace):
-    """``job`` over ``items``: on Ray when asked (``--threads`` CPUs per worker), else here."""
+    """``job`` over ``items``: on Ray when asked (``--threads`` CPUs per worker), else here.
+    An output path holding a file tinysam did not write is a UsageError before any work."""
     from ..batch import run_local, run_ray
+    from ..io import ForeignFileError
 
-    if not uses_ray(args):
-        return run_local(job, items, force=args.force)
-    return run_ray(
-        job,
-        items,
-        address=args.ray_address,
-        workers=args.workers,
-        threads=args.threads or 1,
-        gpus=args.gpus_per_worker,
-        force=args.force,
-    )
+    try:
+        if not uses_ray(args):
+            return run_local(job, items, force=args.force)
+        return run_ray(
+            job,
+            items,
+            address=args.ray_address,
+            workers=args.workers,
+            threads=args.threads or 1,
+            gpus=args.gpus_per_worker,
+            force=args.force,
+        )
+    except ForeignFileError as err:
+        raise UsageError(str(err)) from None
 
 
 def _check_threads(args: argparse.Namespace) -> None:

@@ -74,6 +74,8 @@ def run_embed(args: argparse.Namespace) -> dict:
     }
     if on_ray:
         summary["per_worker"] = batch.per_worker
+    if batch.redone:
+        summary["redone"] = [Path(item).name for item in batch.redone]
     if batch.failed:
         summary["failed"] = [Path(item).name for item in batch.failed]
     if batch.stopped:

@@ -63,7 +63,7 @@ def run_everything(args: argparse.Namespace) -> dict:
         our_overlays,
         output_names,
     )
-    from ..io import remove_stale_parts
+    from ..io import ForeignFileError, remove_stale_parts
 
     on_ray = uses_ray(args)
     if args.input.is_dir():
@@ -94,9 +94,13 @@ def run_everything(args: argparse.Namespace) -> dict:
         stability_score_thresh=args.stability_thresh,
         max_pixels=args.max_pixels,
     )
+    try:
+        todo, broken = pending(job, list(job.plan), args.force)
+    except ForeignFileError as err:
+        raise UsageError(str(err)) from None
     if len(images) == 1 and not on_ray:
-        return _run_one(job, images[0], args)
-    if on_ray and pending(job, list(job.plan), args.force):
+        return _run_one(job, images[0], args, todo, broken)
+    if on_ray and todo:
         job.make_predictor()  # a bad checkpoint or export fails here, once, not in every worker
     batch = run_batch(job, [str(image) for image in images], args)
     summary = {"images": batch.items, "skipped": batch.skipped, "masks": 0}
@@ -107,6 +111,8 @@ def run_everything(args: argparse.Namespace) -> dict:
             images_per_second=round(batch.items_per_second, 3),
             per_worker=batch.per_worker,
         )
+    if batch.redone:
+        summary["redone"] = [Path(item).name for item in batch.redone]
     if batch.failed:
         summary["failed"] = [Path(item).name for item in batch.failed]
     if batch.stopped:
@@ -116,11 +122,17 @@ def run_everything(args: argparse.Namespace) -> dict:
     return summary
 
 
-def _run_one(job, image: Path, args) -> dict:
+def _run_one(job, image: Path, args, todo: list[str], broken: list[str]) -> dict:
     """One image here: its outputs named in the summary; a bad image is the error itself."""
     summary = {"images": 1, "skipped": 0, "masks": 0}
-    if not args.force and all(p.exists() for p in job.outputs(str(image))):
+    if not todo:
         return {**summary, "skipped": 1}
+    if broken:
+        summary["redone"] = [image.name]
+        print(
+            f"tinysam everything: redoing {image.name}: its earlier output was cut short",
+            file=sys.stderr,
+        )
     print(
         f"tinysam everything: {image.name}: {args.mode} mode, "
         f"{args.points_per_side}x{args.points_per_side} grid...",

@@ -22,8 +22,15 @@ from typing import Any
 
 import numpy as np
 
+from ..batch.runner import pending
 from ..formats import FormatError, field, is_int, is_number, numbers, require
-from ..io import ImageError, atomic_write, load_image, remove_stale_parts
+from ..io import (
+    ImageError,
+    atomic_write,
+    load_image,
+    remove_stale_parts,
+    write_json_output,
+)
 from ..masks import encode_masks
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -253,7 +260,6 @@ def segment_detections(
     ids = sorted(files)[:limit] if limit else sorted(files)
     check_run_settings(out_dir, {"detections": Path(detections).name, "single_mask": single_mask})
     remove_stale_parts(out_dir / PARTS, {_part_path(out_dir, i).name for i in ids})
-    todo = [i for i in ids if not _part_path(out_dir, i).exists()]
     job = BoxesJob(
         predictor if not hasattr(predictor, "set_image") else (lambda: predictor),
         str(images_dir),
@@ -262,6 +268,7 @@ def segment_detections(
         str(out_dir),
         single_mask,
     )
+    todo = [int(i) for i in pending(job, [str(i) for i in ids])[0]]
     if todo:
         job.setup()  # the predictor is made now, once the files are checked
     show = sys.stderr.isatty() if progress is None else progress
@@ -311,8 +318,7 @@ class BoxesJob:
             }
             for d, r in zip(dets, rles)
         ]
-        with atomic_write(self.outputs(item)[0], "w") as f:
-            json.dump(results, f, allow_nan=False)
+        write_json_output(self.outputs(item)[0], "boxes-part", {"results": results})
         return {"image_id": image_id, "masks": len(results)}
 
 
@@ -337,7 +343,7 @@ def merge_parts(out_dir: Path, ids: Iterable[int]) -> Path:
     results = []
     for image_id in ids:
         with open(_part_path(out_dir, image_id), encoding="utf-8") as f:
-            results.extend(json.load(f))
+            results.extend(json.load(f)["results"])
     path = out_dir / RESULTS
     with atomic_write(path, "w") as f:
         json.dump(results, f, allow_nan=False)

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..io import ImageError, atomic_write, describe_os_error, load_image, save_png
+from ..io import (
+    BROKEN,
+    DONE,
+    ImageError,
+    describe_os_error,
+    load_image,
+    output_state,
+    save_png,
+    write_json_output,
+)
 from ..masks import decodable_rle
 
 OVERLAY_SUFFIX = ".overlay.png"
@@ -30,11 +38,14 @@ def output_names(images: list[Path]) -> dict[Path, str]:
 
 def our_overlays(images: list[Path]) -> set[Path]:
     """The images in a folder that are overlays this command wrote (``NAME.overlay.png``
-    next to an image named ``NAME.*``): with ``--out`` equal to the input folder, a later run
-    must not take them for new images."""
+    next to an image named ``NAME.*``, carrying our mark): with ``--out`` equal to the input
+    folder, a later run must not take them for new images. A user's own file of that name is an
+    input (and ``check_no_clobber`` then refuses to write over it)."""
     names = output_names(images)
     produced = {image.with_name(names[image] + OVERLAY_SUFFIX) for image in images}
-    return {image for image in images if image in produced}
+    return {
+        image for image in images if image in produced and output_state(image) in (DONE, BROKEN)
+    }
 
 
 def everything_outputs(base: str, out_dir: Path, overlay: bool) -> list[Path]:
@@ -79,6 +90,7 @@ def write_everything(
     seconds = time.perf_counter() - start
     json_path, *overlay_path = outputs
     document = {
+        "format_version": 1,
         "image": image_path.name,
         "height": int(image.shape[0]),
         "width": int(image.shape[1]),
@@ -92,8 +104,7 @@ def write_everything(
         if overlay_path:
             masks = [mask_utils.decode(decodable_rle(r["segmentation"])) for r in records]
             save_png(draw_masks(image, masks), overlay_path[0])
-        with atomic_write(json_path, "w") as f:
-            json.dump(document, f, allow_nan=False)
+        write_json_output(json_path, "everything", document)
     except OSError as err:
         raise OSError(err.errno, describe_os_error(err, json_path)) from err
     summary = {

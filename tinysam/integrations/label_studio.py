@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import threading
 import urllib.parse
 import uuid
@@ -251,7 +252,9 @@ class LabelStudioBackend:
         self.multimask = multimask
         self.preannotate = preannotate
         self.max_tasks = max_tasks
-        self._image_ids: OrderedDict[str, str] = OrderedDict()  # URL -> cached image id
+        # SHA-256 of a task's image URL -> its cached image id. Keyed by digest, not by the URL:
+        # a data: URL is the whole image (16 MB each kept 4096 times over, before).
+        self._image_ids: OrderedDict[bytes, str] = OrderedDict()
         self._lock = threading.Lock()
 
     def setup(self, payload: Any) -> dict:
@@ -308,14 +311,19 @@ class LabelStudioBackend:
         return {"result": [region], "score": score, "model_version": MODEL_VERSION}
 
     def _image(self, url: Any) -> tuple[str, int, int]:
+        key = (
+            hashlib.sha256(url.encode("utf-8", "surrogatepass")).digest()
+            if isinstance(url, str)
+            else None
+        )
         with self._lock:
-            image_id = self._image_ids.get(url) if isinstance(url, str) else None
+            image_id = self._image_ids.get(key) if key is not None else None
         cached = self.service.cache.get(image_id) if image_id else None
         if cached is None:
             added = self.service.add_image(self.images.read(url))
             image_id = added["image_id"]
             with self._lock:
-                self._image_ids[url] = image_id
+                self._image_ids[key] = image_id
                 while len(self._image_ids) > 4096:
                     self._image_ids.popitem(last=False)
             return image_id, added["width"], added["height"]

@@ -1,0 +1,179 @@
+"""Resumes trust only outputs they can verify, and runs never replace files they did not write.
+
+Each output a batch command writes (``everything``'s JSON and overlay, ``embed``'s ``.npz``,
+``boxes``' parts) carries a mark in its first bytes and counts as done only when it is also
+whole (``tinysam.io.output_state``). A file cut short by a crash, a full disk or a truncation is
+redone and named in the summary's ``redone``; a file of the user's at an output path stops the
+run with one line, before any work, and is left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tinysam.embeddings import load_embedding, read_index
+from tinysam.io import BROKEN, DONE, FOREIGN, MISSING, output_state, save_png, write_json_output
+
+from conftest import one_error_line, run_cli
+
+GRID = ["--mode", "dense", "--points-per-side", "4", "--pred-iou-thresh", "0"]
+GRID += ["--stability-thresh", "0"]
+
+
+@pytest.fixture()
+def photos(tmp_path, golden) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for k, name in enumerate(["picture1.jpg", "picture2.jpg"]):
+        with Image.open(golden / "images" / name) as image:
+            image.resize((96 + 16 * k, 80)).save(folder / f"{'ab'[k]}.jpg")
+    return folder
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def summary_of(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- the states
+@pytest.mark.parametrize("suffix", [".json", ".png", ".npz"])
+def test_output_states_of_every_format(tmp_path, suffix):
+    path = tmp_path / f"out{suffix}"
+    assert output_state(path) == MISSING
+    if suffix == ".json":
+        write_json_output(path, "everything", {"annotations": list(range(200))})
+    elif suffix == ".png":
+        save_png(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8), path)
+    else:
+        from tinysam.embeddings import save_embedding
+        from tinysam.predictor_base import ImageState
+
+        state = ImageState(np.zeros((1, 8, 4, 4), np.float32), (10, 10), (8, 8))
+        save_embedding(path, state, "0" * 32, "a.png")
+    assert output_state(path) == DONE
+    whole = path.read_bytes()
+    for keep in (0.0, 0.1, 0.5, 0.9):
+        path.write_bytes(whole[: int(len(whole) * keep)])
+        assert output_state(path) == BROKEN, keep
+    # The same kind of file, valid, but not ours: never replaced.
+    if suffix == ".json":
+        path.write_text(json.dumps({"mine": True}))
+    elif suffix == ".png":
+        Image.new("RGB", (8, 8)).save(path)
+    else:
+        np.savez(path, features=np.zeros(3))
+    assert output_state(path) == FOREIGN
+    path.unlink()
+    path.mkdir()
+    assert output_state(path) == FOREIGN
+
+
+# --------------------------------------------------------------------------- broken outputs
+def test_embed_redoes_a_truncated_embedding(capsys, tmp_path, photos, vit_t_checkpoint):
+    out = tmp_path / "emb"
+    argv = ["embed", photos, "--out", out, "--checkpoint", vit_t_checkpoint]
+    assert run_cli(capsys, *argv)[0] == 0
+    first = load_embedding(out / "a.npz").features
+    truncate(out / "a.npz")
+    code, stdout, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    summary = summary_of(stdout)
+    assert summary["redone"] == ["a.jpg"] and summary["skipped"] == 1
+    assert "redoing a.jpg" in err
+    np.testing.assert_array_equal(load_embedding(out / "a.npz").features, first)
+    assert sorted(p.name for p in read_index(out).values()) == ["a.npz", "b.npz"]
+
+
+def test_boxes_redo_a_truncated_part(capsys, tmp_path, vit_t_checkpoint):
+    from test_evaluation import write_dataset
+
+    annotations, images = write_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    argv = ["boxes", annotations, "--images", images, "--out", out]
+    argv += ["--checkpoint", vit_t_checkpoint]
+    assert run_cli(capsys, *argv)[0] == 0
+    whole = (out / "results.json").read_bytes()
+    truncate(out / "parts" / "1.json", 0.3)
+    code, stdout, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert summary_of(stdout)["redone"] == [
+        json.loads(annotations.read_text())["images"][0]["file_name"]
+    ]
+    assert (out / "results.json").read_bytes() == whole
+
+
+def test_everything_redoes_a_truncated_json(capsys, tmp_path, photos, vit_t_checkpoint):
+    out = tmp_path / "out"
+    argv = ["everything", photos / "a.jpg", "--out", out, *GRID]
+    argv += ["--checkpoint", vit_t_checkpoint]
+    assert run_cli(capsys, *argv)[0] == 0
+    whole = (out / "a.json").read_bytes()
+    assert json.loads(whole)["format"] == "tinysam-everything"
+    truncate(out / "a.json")
+    code, stdout, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert summary_of(stdout)["redone"] == ["a.jpg"]
+    assert (out / "a.json").read_bytes() == whole
+    # Whole now: the next run skips it.
+    code, stdout, _ = run_cli(capsys, *argv)
+    assert code == 0 and summary_of(stdout)["skipped"] == 1
+
+
+# --------------------------------------------------------------------------- foreign files
+def test_a_users_overlay_in_the_folder_is_an_input_and_never_overwritten(
+    capsys, photos, vit_t_checkpoint
+):
+    mine = photos / "b.overlay.png"
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(mine)
+    before = mine.read_bytes()
+    argv = ["everything", photos, "--out", photos, "--overlay", *GRID]
+    code, out, err = run_cli(capsys, *argv, "--checkpoint", vit_t_checkpoint)
+    assert code == 2 and out == ""
+    line = one_error_line(err, "everything")
+    assert "b.overlay.png" in line and "would overwrite an input image" in line
+    assert mine.read_bytes() == before
+    assert not (photos / "a.json").exists()  # refused before any work
+
+
+def test_our_own_overlays_in_the_folder_are_not_inputs(capsys, photos, vit_t_checkpoint):
+    argv = ["everything", photos, "--out", photos, "--overlay", *GRID]
+    argv += ["--checkpoint", vit_t_checkpoint]
+    assert run_cli(capsys, *argv)[0] == 0
+    assert (photos / "a.overlay.png").exists()
+    code, stdout, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert summary_of(stdout)["images"] == 2 and summary_of(stdout)["skipped"] == 2
+
+
+@pytest.mark.parametrize("command", ["everything", "embed"])
+def test_a_users_file_at_an_output_path_stops_the_run(
+    capsys, tmp_path, photos, vit_t_checkpoint, command
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    name = "a.json" if command == "everything" else "a.npz"
+    mine = out / name
+    if command == "everything":
+        mine.write_text('{"my": "notes"}')
+    else:
+        np.savez(mine, features=np.arange(100))
+    before = mine.read_bytes()
+    argv = [command, photos, "--out", out, "--checkpoint", vit_t_checkpoint]
+    if command == "everything":
+        argv += GRID
+    for force in ([], ["--force"]):
+        code, stdout, err = run_cli(capsys, *argv, *force)
+        assert code == 2 and stdout == ""
+        line = one_error_line(err, command)
+        assert "was not written by tinysam" in line and name in line
+        assert mine.read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == [name]
