@@ -177,3 +177,116 @@ def test_a_users_file_at_an_output_path_stops_the_run(
         assert "was not written by tinysam" in line and name in line
         assert mine.read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == [name]
+
+
+# --------------------------------------------------------------------------- serve --embeddings
+def _embedding_file(path: Path, sha256: str, **change) -> Path:
+    """An embedding file as ``tinysam embed`` writes it, with ``change`` applied."""
+    arrays = {
+        "tinysam_embedding": np.asarray(1),
+        "features": np.zeros((1, 256, 64, 64), np.float32),
+        "original_size": np.asarray([80, 96]),
+        "input_size": np.asarray([853, 1024]),
+        "sha256": np.asarray(sha256),
+        "image": np.asarray("a.png"),
+    }
+    arrays.update(change)
+    np.savez(path, **arrays)
+    return path
+
+
+def _zip_bomb(path: Path, sha256: str) -> Path:
+    """A small file whose features claim 1x256x512x512 float32 (256 MiB) of zeros."""
+    import zipfile
+
+    shape = (1, 256, 512, 512)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("tinysam_embedding.npy", "w") as f:
+            np.lib.format.write_array(f, np.asarray(1))
+        with archive.open("features.npy", "w", force_zip64=True) as f:
+            header = {"descr": "<f4", "fortran_order": False, "shape": shape}
+            np.lib.format.write_array_header_1_0(f, header)
+            zeros = bytes(16 << 20)
+            for _ in range(int(np.prod(shape)) * 4 // len(zeros)):
+                f.write(zeros)
+        for name, value in [("original_size", [80, 96]), ("input_size", [853, 1024])]:
+            with archive.open(f"{name}.npy", "w") as f:
+                np.lib.format.write_array(f, np.asarray(value))
+        with archive.open("sha256.npy", "w") as f:
+            np.lib.format.write_array(f, np.asarray(sha256))
+    assert path.stat().st_size < 2 << 20
+    return path
+
+
+def _with(**change):
+    return lambda path, sha256: _embedding_file(path, sha256, **change)
+
+
+def _not_a_zip(path: Path, sha256: str) -> Path:
+    path.write_bytes(b"PK\x03\x04" + bytes(100))
+    return path
+
+
+def _features(shape, value=0.0, dtype=np.float32):
+    return np.full(shape, value, dtype)
+
+
+EMBEDDING_CASES = {
+    "three_channels": (_with(features=_features((1, 3, 64, 64))), "shape [1, 3, 64, 64]"),
+    "half_size": (_with(features=_features((1, 256, 32, 32))), "model's are [1, 256, 64, 64]"),
+    "zero_input_size": (_with(input_size=np.asarray([0, 0])), "are not (H, W)"),
+    "wrong_input_size": (_with(input_size=np.asarray([800, 1024])), "resized to"),
+    "wrong_image_size": (_with(original_size=np.asarray([81, 96])), "not this (80, 96)"),
+    "huge_values": (_with(features=_features((1, 256, 64, 64), 3e38)), "beyond"),
+    "nan": (_with(features=_features((1, 256, 64, 64), np.nan)), "NaN"),
+    "float64": (_with(features=_features((1, 256, 64, 64), 0.0, np.float64)), "float64"),
+    "zip_bomb": (_zip_bomb, "would inflate"),
+    "another_images": (lambda path, sha256: _embedding_file(path, "f" * 32), "another image"),
+    "not_a_zip": (_not_a_zip, "not a usable"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EMBEDDING_CASES))
+def test_serve_checks_precomputed_embeddings_and_encodes_instead(tmp_path, vit_t_model, case):
+    from fastapi.testclient import TestClient
+
+    from tinysam import SamPredictor
+    from tinysam.embeddings import file_sha256
+    from tinysam.serve.app import DemoService, create_app
+
+    image = np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8)
+    buffer = __import__("io").BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    image_id = file_sha256(data)
+    make, words = EMBEDDING_CASES[case]
+    path = make(tmp_path / "a.npz", image_id)
+    service = DemoService(SamPredictor(vit_t_model), embeddings={image_id: path})
+    client = TestClient(create_app(service))
+    answer = client.post("/api/images", files={"file": ("a.png", data)})
+    assert answer.status_code == 200 and answer.json()["image_id"] == image_id
+    health = client.get("/api/health").json()
+    assert health["precomputed"] == 0 and health["embeddings_rejected"] == 1
+    assert words in health["embedding_problem"], health["embedding_problem"]
+    click = client.post(
+        f"/api/images/{image_id}/predict", json={"points": [[40, 30]], "labels": [1]}
+    )
+    assert click.status_code == 200 and np.isfinite(click.json()["score"])
+
+
+def test_serve_uses_a_good_precomputed_embedding(tmp_path, vit_t_model):
+    """The checks pass what ``tinysam embed`` writes (the control for the cases above)."""
+    from tinysam import SamPredictor
+    from tinysam.embeddings import file_sha256, save_embedding
+    from tinysam.serve.app import DemoService
+
+    image = np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8)
+    buffer = __import__("io").BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    predictor = SamPredictor(vit_t_model)
+    predictor.set_image(image)
+    save_embedding(tmp_path / "a.npz", predictor.image_state(), file_sha256(data), "a.png")
+    service = DemoService(predictor, embeddings={file_sha256(data): tmp_path / "a.npz"})
+    service.add_image(data)
+    assert service.precomputed == 1 and service.embeddings_rejected == 0

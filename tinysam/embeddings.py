@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,22 +51,78 @@ def save_embedding(path: str | os.PathLike, state: ImageState, sha256: str, imag
         )
 
 
-def load_embedding(path: str | os.PathLike) -> ImageState:
-    """An ``ImageState`` with numpy features; ValueError naming the file if it is damaged."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            features = np.asarray(data["features"], np.float32)
-            original = tuple(int(v) for v in data["original_size"])
-            resized = tuple(int(v) for v in data["input_size"])
-    except (OSError, KeyError, ValueError, EOFError) as err:
+# What an embedding file may hold, checked before anything is decompressed: a file is a zip, so
+# 1 MB of zeros can claim a gigabyte. The features are float32 (the encoder's own dtype, no
+# conversion), at most MAX_FEATURE_BYTES (or exactly the model's shape when the caller knows
+# it); every other member is a few numbers or a short string.
+MAX_FEATURE_BYTES = 64 << 20
+MAX_SMALL_MEMBER_BYTES = 4096
+# The encoder's outputs are LayerNorm'd and small; a value past this is not an embedding (3e38
+# passes isfinite, then overflows the decoder into NaN).
+MAX_FEATURE_MAGNITUDE = 1e4
+
+
+def _check_members(archive: zipfile.ZipFile, expected_shape: tuple[int, ...] | None) -> None:
+    """Sizes, dtype and shape from the zip directory and the .npy header: nothing inflated."""
+    members = {info.filename: info for info in archive.infolist()}
+    if "features.npy" not in members:
+        raise ValueError("no features in it")
+    for name, info in members.items():
+        limit = MAX_FEATURE_BYTES + MAX_SMALL_MEMBER_BYTES
+        if name != "features.npy":
+            limit = MAX_SMALL_MEMBER_BYTES
+        if info.file_size > limit:
+            raise ValueError(f"{name} would inflate to {info.file_size} bytes (limit {limit})")
+    with archive.open("features.npy") as f:
+        version = np.lib.format.read_magic(f)
+        readers = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }
+        if version not in readers:
+            raise ValueError(f"features in .npy format {version}, not 1.0 or 2.0")
+        shape, _, dtype = readers[version](f)
+    if dtype != np.dtype("<f4"):
+        raise ValueError(f"features are {dtype}, not float32")
+    if len(shape) != 4 or shape[0] != 1:
+        raise ValueError(f"features of shape {list(shape)} are not 1xCxHxW")
+    if expected_shape is not None and tuple(shape) != tuple(expected_shape):
         raise ValueError(
-            f"{path} is not a tinysam embedding file ({err}); compute it again"
+            f"features of shape {list(shape)}; this model's are {list(expected_shape)}"
+        )
+
+
+def load_embedding(
+    path: str | os.PathLike, expected_shape: tuple[int, ...] | None = None
+) -> ImageState:
+    """An ``ImageState`` with numpy features; ValueError naming the file and the problem if it
+    is damaged or not what it claims (sizes checked before decompressing, float32 features of
+    ``expected_shape`` when given, finite and in range, positive sizes)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            _check_members(archive, expected_shape)
+        with np.load(path, allow_pickle=False) as data:
+            features = data["features"]
+            original = tuple(int(v) for v in np.asarray(data["original_size"]).reshape(-1))
+            resized = tuple(int(v) for v in np.asarray(data["input_size"]).reshape(-1))
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(
+            f"{path} is not a usable tinysam embedding file ({err}); compute it again"
         ) from None
-    if features.ndim != 4 or features.shape[0] != 1 or len(original) != 2 or len(resized) != 2:
-        raise ValueError(f"{path}: embedding of shape {features.shape} is not 1xCxHxW")
+    if len(original) != 2 or len(resized) != 2 or min(original + resized) < 1:
+        raise ValueError(f"{path}: image sizes {original} / {resized} are not (H, W)")
     if not np.all(np.isfinite(features)):
         raise ValueError(f"{path}: embedding contains NaN or infinite values")
+    if features.size and float(np.abs(features).max()) > MAX_FEATURE_MAGNITUDE:
+        raise ValueError(f"{path}: embedding values beyond +-{MAX_FEATURE_MAGNITUDE:g}")
     return ImageState(features, original, resized)
+
+
+def embedding_sha256(path: str | os.PathLike) -> str:
+    """The image SHA-256 (32 hex digits) stored inside an embedding file (check the file with
+    ``load_embedding`` first)."""
+    with np.load(path, allow_pickle=False) as data:
+        return str(data["sha256"])
 
 
 def write_index(out_dir: str | os.PathLike, files: list[str | os.PathLike]) -> Path:

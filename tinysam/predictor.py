@@ -94,6 +94,12 @@ class SamPredictor(PredictorBase):
         return torch.as_tensor(value, dtype=torch.float32, device=self.device)
 
     @property
+    def embedding_shape(self) -> tuple[int, int, int, int]:
+        """The image encoder's output shape (1 x C x H x W)."""
+        prompt = self.model.prompt_encoder
+        return (1, prompt.embed_dim, *prompt.image_embedding_size)
+
+    @property
     def mask_threshold(self) -> float:
         return self.model.mask_threshold
 

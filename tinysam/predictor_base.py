@@ -132,6 +132,12 @@ class PredictorBase(ABC):
         """An array (e.g. a saved embedding, numpy) as this backend's array type."""
         return value
 
+    @property
+    def embedding_shape(self) -> tuple[int, ...] | None:
+        """The image embedding's shape (1 x C x H x W), to check a saved one against; None
+        where the backend cannot say."""
+        return None
+
     # ------------------------------------------------------------------ image
 
     def set_image(self, image: np.ndarray | Image.Image, image_format: str = "RGB") -> None:

@@ -309,6 +309,14 @@ class OnnxPredictor(PredictorBase):
         masks = self.upscale_masks(low_res, return_logits) if upscale else None
         return _same_kind(as_torch, (masks, scores, low_res))
 
+    @property
+    def embedding_shape(self) -> tuple[int, ...] | None:
+        """The decoder's image-embedding input shape (1 x C x H x W), if the export fixes it."""
+        for node in self.decoder.get_inputs():
+            if node.name == "image_embeddings" and all(isinstance(d, int) for d in node.shape):
+                return tuple(node.shape)
+        return None
+
     def _upscale(self, low_res: np.ndarray) -> np.ndarray:
         size = np.asarray(self.original_size, np.float32)
         feeds = {"low_res_masks": np.ascontiguousarray(low_res), "orig_im_size": size}

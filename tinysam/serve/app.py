@@ -40,7 +40,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..checks import check_inside
-from ..embeddings import file_sha256, load_embedding
+from ..embeddings import embedding_sha256, file_sha256, load_embedding
 from ..io import ImageError, ImageTooLarge, read_image
 from ..masks import RleMasks, coco_rle
 from ..memory import BudgetTimeout, MemoryBudget
@@ -142,6 +142,8 @@ class DemoService:
         # Upload id (SHA-256 prefix) -> an embedding file of `tinysam embed`: no encoding.
         self.embeddings = embeddings or {}
         self.precomputed = 0  # uploads answered from self.embeddings
+        self.embeddings_rejected = 0  # embedding files refused (then encoded), and the last why
+        self.embedding_problem: str | None = None
         self.cancelled = 0  # everything runs abandoned (client gone, or shutting down)
         self._heavy = threading.Semaphore(1)
         # Work at the image's full size reserves its bytes here first (see the module doc).
@@ -198,6 +200,8 @@ class DemoService:
             "busy": self._busy,
             "cancelled": self.cancelled,
             "precomputed": self.precomputed,
+            "embeddings_rejected": self.embeddings_rejected,
+            "embedding_problem": self.embedding_problem,
         }
 
     def add_image(self, data: bytes) -> dict[str, Any]:
@@ -223,21 +227,44 @@ class DemoService:
         return {"image_id": image_id, "width": w, "height": h}
 
     def _precomputed(self, image_id: str, image: np.ndarray):
-        """The upload's embedding from ``tinysam embed``, if there is one and it fits."""
+        """The upload's embedding from ``tinysam embed``, if there is one and it is this
+        image's, for this model: the file is checked before it is decompressed (sizes, dtype,
+        the model's shape), then its values (finite, in range), the SHA-256 stored inside it
+        against the upload's, and its sizes against the image's. Anything else is encoded, and
+        the reason goes to the log and ``/api/health``."""
         path = self.embeddings.get(image_id)
         if path is None:
             return None
         try:
-            state = load_embedding(path)
-        except ValueError:
-            logging.getLogger("tinysam.serve").warning("unusable embedding %s; encoding", path)
-            return None
-        if tuple(state.original_size) != image.shape[:2]:
-            return None
+            state = load_embedding(path, self.predictor.embedding_shape)
+            stored = embedding_sha256(path)
+        except ValueError as err:
+            return self._reject_embedding(path, str(err).splitlines()[0])
+        if stored != image_id:
+            return self._reject_embedding(
+                path, f"{path} holds the embedding of another image (SHA-256 {stored[:12]}...)"
+            )
+        h, w = image.shape[:2]
+        resized = self.predictor.transform.get_preprocess_shape(
+            h, w, self.predictor.transform.target_length
+        )
+        if tuple(state.original_size) != (h, w) or tuple(state.input_size) != resized:
+            return self._reject_embedding(
+                path,
+                f"{path} is for a {state.original_size} image resized to {state.input_size}, "
+                f"not this {(h, w)} one ({resized})",
+            )
         view = self._view()
         view.restore_image_state(state)
         self.precomputed += 1
         return capture(view, image)
+
+    def _reject_embedding(self, path, reason: str) -> None:
+        self.embeddings_rejected += 1
+        self.embedding_problem = reason
+        logging.getLogger("tinysam.serve").warning(
+            "unusable embedding %s: %s; encoding", path, reason
+        )
 
     def _cached(self, image_id: str):
         cached = self.cache.get(image_id)
