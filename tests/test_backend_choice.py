@@ -199,6 +199,12 @@ class Timed(PredictorBase):
     def predict_torch(self, *args, **kwargs):
         raise NotImplementedError("only encodes")
 
+    def _upscale(self, low_res):
+        raise NotImplementedError("only encodes")
+
+    def _empty(self, shape, logits):
+        raise NotImplementedError("only encodes")
+
     @staticmethod
     def _numpy(value):
         return value

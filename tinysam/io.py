@@ -9,9 +9,10 @@ import io
 import json
 import os
 import tempfile
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -232,18 +233,28 @@ class ImageTooLarge(ImageError):
     """An image over the pixel limit (a decompression bomb, or a photo to scale down)."""
 
 
+def positive_int_env(name: str, default: int) -> int:
+    """``$NAME`` as a positive whole number (``1e6`` allowed), ``default`` when unset or empty;
+    a ValueError naming the variable otherwise: a misconfigured server fails at start."""
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        number = int(float(value))
+    except (ValueError, OverflowError):
+        number = 0
+    if number < 1:
+        raise ValueError(f"${name}={value!r} is not a positive whole number")
+    return number
+
+
 def max_pixels_default() -> int:
     """The pixel limit: ``$TINYSAM_MAX_PIXELS`` if set, else ``DEFAULT_MAX_PIXELS``."""
-    value = os.environ.get(MAX_PIXELS_ENV)
-    if not value:
-        return DEFAULT_MAX_PIXELS
     try:
-        limit = int(float(value))
+        return positive_int_env(MAX_PIXELS_ENV, DEFAULT_MAX_PIXELS)
     except ValueError:
-        limit = 0
-    if limit < 1:
-        raise ImageError(f"${MAX_PIXELS_ENV}={value!r} is not a positive pixel count")
-    return limit
+        value = os.environ.get(MAX_PIXELS_ENV)
+        raise ImageError(f"${MAX_PIXELS_ENV}={value!r} is not a positive pixel count") from None
 
 
 def image_to_rgb(img: Image.Image, name: str = "image") -> np.ndarray:
@@ -411,34 +422,77 @@ def download_file(
     return dest
 
 
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Every hop of a redirect passes ``check_url`` (which raises) before it is contacted."""
+
+    def __init__(self, check_url: Callable[[str], None] | None) -> None:
+        self.check_url = check_url
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if self.check_url is not None:
+            self.check_url(newurl)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def fetch_bytes(
     url: str,
     *,
     max_bytes: int,
     timeout: float = 30.0,
     secret_headers: dict[str, str] | None = None,
+    check_url: Callable[[str], None] | None = None,
 ) -> bytes:
-    """The body at ``url`` in memory, refused (``DownloadError``) past ``max_bytes``.
+    """The body at ``url`` in memory, refused (``DownloadError``) past ``max_bytes`` or past
+    ``timeout`` seconds in all (a server sending a byte every few seconds is cut off then, not
+    waited on read by read).
 
     ``secret_headers`` (an API token) go to ``url``'s server only, never to a server it
-    redirects to (a storage service's signed URL, say).
+    redirects to (a storage service's signed URL, say). ``check_url`` is called with every
+    URL a redirect leads to before it is contacted, and refuses it by raising.
     """
+    deadline = time.monotonic() + timeout
     request = urllib.request.Request(url, headers={"User-Agent": "tinysam"})
     for name, value in (secret_headers or {}).items():
         request.add_unredirected_header(name, value)
+    opener = urllib.request.build_opener(_CheckedRedirects(check_url))
+    chunks, received = [], 0
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with opener.open(request, timeout=timeout) as response:
             length = response.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > max_bytes:
                 raise DownloadError(
                     f"{url} is {int(length)} bytes, more than the limit of {max_bytes}"
                 )
-            data = response.read(max_bytes + 1)
+            while received <= max_bytes:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DownloadError(
+                        f"download of {url} took more than {timeout:g} s "
+                        f"({received} bytes so far); the server is too slow"
+                    )
+                _set_read_timeout(response, left)
+                chunk = response.read1(min(1 << 20, max_bytes + 1 - received))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                received += len(chunk)
     except urllib.error.HTTPError as err:
         raise DownloadError(f"download of {url} failed: HTTP {err.code} {err.reason}") from err
     except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
         reason = getattr(err, "reason", err)
+        if isinstance(reason, TimeoutError) or isinstance(err, TimeoutError):
+            raise DownloadError(
+                f"download of {url} took more than {timeout:g} s ({received} bytes so far); "
+                "the server is too slow"
+            ) from err
         raise DownloadError(f"cannot download {url} ({reason})") from err
-    if len(data) > max_bytes:
+    if received > max_bytes:
         raise DownloadError(f"{url} is more than the limit of {max_bytes} bytes")
-    return data
+    return b"".join(chunks)
+
+
+def _set_read_timeout(response, seconds: float) -> None:
+    """The next read waits at most ``seconds`` (what is left of the whole download's time)."""
+    sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
+    if sock is not None:
+        sock.settimeout(max(seconds, 0.001))

@@ -71,6 +71,25 @@ def register(sub) -> None:
         "--max-request-mb", type=float, default=32, help="request body limit (32 MiB)"
     )
     backend.add_argument(
+        "--download-seconds",
+        type=float,
+        default=30.0,
+        help="time for a whole task image download, however slowly it arrives (30 s)",
+    )
+    backend.add_argument(
+        "--max-downloads",
+        type=int,
+        default=8,
+        help="task image downloads at once; more get a 503 (8); clicks never wait for them",
+    )
+    backend.add_argument(
+        "--preannotate-seconds",
+        type=float,
+        default=120.0,
+        help="--preannotate work of one request stops after this long with a 503 (120 s); "
+        "it also stops when Label Studio hangs up",
+    )
+    backend.add_argument(
         "--everything-points", type=int, default=32, help="--preannotate grid per side (32)"
     )
     add_model_args(backend, backend=True)
@@ -88,10 +107,11 @@ def run_label_studio(args: argparse.Namespace) -> None:
     if not 0 < args.port < 65536:
         raise UsageError("--port must be between 1 and 65535")
     sizes = (args.cache_mb, args.max_image_mb, args.max_pixels, args.max_request_mb, args.work_mb)
+    sizes += (args.download_seconds, args.max_downloads, args.preannotate_seconds)
     if min(sizes) <= 0:
         raise UsageError(
-            "--cache-mb, --max-image-mb, --max-pixels, --max-request-mb and --work-mb must be "
-            "positive"
+            "--cache-mb, --max-image-mb, --max-pixels, --max-request-mb, --work-mb, "
+            "--download-seconds, --max-downloads and --preannotate-seconds must be positive"
         )
     check_grid(args.everything_points, "--everything-points")
     if args.label_studio_url and not args.label_studio_url.startswith(("http://", "https://")):
@@ -121,10 +141,19 @@ def run_label_studio(args: argparse.Namespace) -> None:
         work_bytes=args.work_mb << 20,
     )
     images = ImageSource(
-        args.label_studio_url, args.api_key, tuple(args.allow_host), max_bytes=max_image_bytes
+        args.label_studio_url,
+        args.api_key,
+        tuple(args.allow_host),
+        max_bytes=max_image_bytes,
+        download_seconds=args.download_seconds,
+        max_downloads=args.max_downloads,
     )
     backend = LabelStudioBackend(
-        service, images, multimask=not args.single_mask, preannotate=args.preannotate
+        service,
+        images,
+        multimask=not args.single_mask,
+        preannotate=args.preannotate,
+        preannotate_seconds=args.preannotate_seconds,
     )
     app = create_label_studio_app(
         backend, basic_auth=auth, max_request_bytes=int(args.max_request_mb * (1 << 20))

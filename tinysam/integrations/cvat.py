@@ -156,14 +156,22 @@ def init_context(context) -> None:
     function's environment: TINYSAM_CHECKPOINT (or TINYSAM_ONNX_DIR with
     TINYSAM_BACKEND=onnx), TINYSAM_THREADS."""
     from ..backends import load_predictor
+    from ..io import positive_int_env
 
+    # Every setting is read and checked here: a misconfigured function fails to start with one
+    # line in its log, never later as a client's 400.
+    try:
+        max_pixels = positive_int_env("TINYSAM_MAX_PIXELS", DEFAULT_MAX_PIXELS)
+        threads = positive_int_env("TINYSAM_THREADS", 0) or None
+    except ValueError as err:
+        raise RuntimeError(f"tinysam: {err}; fix the function's environment") from None
     context.logger.info("tinysam: loading the model")
-    threads = os.environ.get("TINYSAM_THREADS")
+    context.user_data.max_pixels = max_pixels
     context.user_data.predictor = load_predictor(
         backend=os.environ.get("TINYSAM_BACKEND", "torch"),
         checkpoint=os.environ.get("TINYSAM_CHECKPOINT"),
         onnx_dir=os.environ.get("TINYSAM_ONNX_DIR"),
-        threads=int(threads) if threads else None,
+        threads=threads,
     )
     context.logger.info("tinysam: ready")
 
@@ -172,7 +180,7 @@ def handler(context, event):
     """``{"image": base64}`` -> ``{"blob": base64 float32 1x256x64x64}``; bad input is a 400
     with ``{"error": one line}``."""
     try:
-        image = _request_image(event.body)
+        image = _request_image(event.body, context.user_data.max_pixels)
     except ValueError as err:
         return _response(context, 400, {"error": str(err)})
     predictor = context.user_data.predictor
@@ -181,7 +189,7 @@ def handler(context, event):
     return _response(context, 200, {"blob": base64.b64encode(embedding.tobytes()).decode()})
 
 
-def _request_image(body: Any) -> np.ndarray:
+def _request_image(body: Any, max_pixels: int) -> np.ndarray:
     from ..io import ImageError, read_image
 
     if isinstance(body, (bytes, bytearray, str)):
@@ -197,7 +205,6 @@ def _request_image(body: Any) -> np.ndarray:
         raise ValueError('"image" is not valid base64') from None
     if not data:
         raise ValueError('"image" is empty')
-    max_pixels = int(os.environ.get("TINYSAM_MAX_PIXELS", DEFAULT_MAX_PIXELS))
     try:
         return read_image(data, name="the frame", max_pixels=max_pixels)
     except ImageError as err:

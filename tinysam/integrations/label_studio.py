@@ -20,6 +20,7 @@ import base64
 import binascii
 import hashlib
 import threading
+import time
 import urllib.parse
 import uuid
 import xml.etree.ElementTree as ElementTree
@@ -31,11 +32,16 @@ import numpy as np
 
 from ..formats import is_number
 from ..io import DownloadError, fetch_bytes
-from ..serve.app import EVERYTHING_BYTES_PER_PIXEL, ApiError, DemoService
+from ..serve.app import EVERYTHING_BYTES_PER_PIXEL, ApiError, Cancelled, DemoService
 from ..version import __version__
 
 MODEL_VERSION = f"tinysam-{__version__}"
 DEFAULT_MAX_IMAGE_BYTES = 50 << 20
+# A task image download may take this long in all (not per read), and this many run at once.
+DEFAULT_DOWNLOAD_SECONDS = 30.0
+DEFAULT_MAX_DOWNLOADS = 8
+# Pre-annotation (the everything mode for each task) of one request stops after this long.
+DEFAULT_PREANNOTATE_SECONDS = 120.0
 # A click's answer at full size (``serve.app.CLICK_BYTES_PER_PIXEL``) plus Label Studio's brush
 # encoder, which repeats every pixel into RGBA (4 bytes) before run-length coding it.
 BRUSH_BYTES_PER_PIXEL = 16
@@ -161,7 +167,13 @@ def parse_context(context: Any, width: int, height: int) -> Prompt | None:
 
 class ImageSource:
     """Task image URLs -> bytes: Label Studio's own files with its token, ``data:`` URLs, and
-    other hosts only when allowed (the backend must not become a proxy into its network)."""
+    other hosts only when allowed (the backend must not become a proxy into its network).
+
+    Every hop of a redirect passes the same rule as the first URL. A download has a size cap
+    and a deadline for the whole transfer (``download_seconds``), and at most
+    ``max_downloads`` run at once (more are refused with a 503 at once, not queued), so slow
+    or stalled image servers cannot hold the worker threads that clicks need.
+    """
 
     def __init__(
         self,
@@ -169,11 +181,16 @@ class ImageSource:
         api_key: str | None = None,
         allow_hosts: tuple[str, ...] = (),
         max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+        download_seconds: float = DEFAULT_DOWNLOAD_SECONDS,
+        max_downloads: int = DEFAULT_MAX_DOWNLOADS,
     ) -> None:
         self.label_studio_url = label_studio_url
         self.api_key = api_key
         self.allow_hosts = tuple(host.lower() for host in allow_hosts)
         self.max_bytes = max_bytes
+        self.download_seconds = download_seconds
+        self.max_downloads = max_downloads
+        self._downloads = threading.BoundedSemaphore(max_downloads)
         self._lock = threading.Lock()
 
     def configure(self, hostname: Any, access_token: Any) -> None:
@@ -200,9 +217,33 @@ class ImageSource:
                     "/setup) or start with --label-studio-url",
                 )
             url = urllib.parse.urljoin(base.rstrip("/") + "/", url.lstrip("/"))
+        own = self._check_url(url)
+        headers = {"Authorization": f"Token {self.api_key}"} if own and self.api_key else None
+        if not self._downloads.acquire(blocking=False):
+            raise ApiError(
+                503,
+                f"{self.max_downloads} image downloads are already running; try again in a moment",
+            )
+        try:
+            return fetch_bytes(
+                url,
+                max_bytes=self.max_bytes,
+                timeout=self.download_seconds,
+                secret_headers=headers,
+                check_url=self._check_url,
+            )
+        except DownloadError as err:
+            raise ApiError(502, str(err)) from None
+        finally:
+            self._downloads.release()
+
+    def _check_url(self, url: str) -> bool:
+        """Whether ``url`` is Label Studio's own; an ``ApiError`` if it may not be read at all
+        (another scheme, or a host not allowed). Called for the first URL and every redirect."""
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ApiError(400, f"image URL {url[:200]!r}: only http(s) and data: URLs are read")
+        base = self.label_studio_url
         own = base is not None and _origin(url) == _origin(base)
         host = parsed.hostname.lower()
         if not own and "*" not in self.allow_hosts and host not in self.allow_hosts:
@@ -211,11 +252,7 @@ class ImageSource:
                 f"image host {host} is not Label Studio's; start the backend with "
                 f"--allow-host {host} to read images from it",
             )
-        headers = {"Authorization": f"Token {self.api_key}"} if own and self.api_key else None
-        try:
-            return fetch_bytes(url, max_bytes=self.max_bytes, secret_headers=headers)
-        except DownloadError as err:
-            raise ApiError(502, str(err)) from None
+        return own
 
     def _data_url(self, url: str) -> bytes:
         header, _, payload = url.partition(",")
@@ -227,6 +264,21 @@ class ImageSource:
             return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise ApiError(400, "the data: image URL is not valid base64") from None
+
+
+class _Stop:
+    """Work of one request should stop: its client went away (``cancel``), or it ran past its
+    time. Quacks like the ``threading.Event`` that ``DemoService.everything_masks`` polls."""
+
+    def __init__(self, cancel: threading.Event | None, seconds: float) -> None:
+        self.cancel = cancel
+        self.deadline = time.monotonic() + seconds
+
+    def client_gone(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
+    def is_set(self) -> bool:
+        return self.client_gone() or time.monotonic() > self.deadline
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -246,12 +298,14 @@ class LabelStudioBackend:
         multimask: bool = True,
         preannotate: bool = False,
         max_tasks: int = 100,
+        preannotate_seconds: float = DEFAULT_PREANNOTATE_SECONDS,
     ) -> None:
         self.service = service
         self.images = images
         self.multimask = multimask
         self.preannotate = preannotate
         self.max_tasks = max_tasks
+        self.preannotate_seconds = preannotate_seconds
         # SHA-256 of a task's image URL -> its cached image id. Keyed by digest, not by the URL:
         # a data: URL is the whole image (16 MB each kept 4096 times over, before).
         self._image_ids: OrderedDict[bytes, str] = OrderedDict()
@@ -265,7 +319,10 @@ class LabelStudioBackend:
         self.images.configure(payload.get("hostname"), payload.get("access_token"))
         return {"model_version": MODEL_VERSION}
 
-    def predict(self, payload: Any) -> dict:
+    def predict(self, payload: Any, cancel: threading.Event | None = None) -> dict:
+        """One prediction per task that asks for one. ``cancel`` (the client went away) and
+        ``preannotate_seconds`` stop pre-annotation within one batch of prompts: the first
+        raises ``Cancelled``, the second answers 503 naming the limit."""
         if not isinstance(payload, dict):
             raise ApiError(400, "the /predict body must be a JSON object")
         tasks = payload.get("tasks")
@@ -280,14 +337,29 @@ class LabelStudioBackend:
         context = params.get("context")
         if context not in (None, {}, []) and len(tasks) != 1:
             raise ApiError(400, "an interactive request (with a context) must hold one task")
+        stop = _Stop(cancel, self.preannotate_seconds)
         results = []
-        for task in tasks:
-            prediction = self.predict_task(task, config, context)
-            if prediction is not None:
-                results.append(prediction)
+        try:
+            for task in tasks:
+                if stop.is_set():
+                    raise Cancelled
+                prediction = self.predict_task(task, config, context, stop)
+                if prediction is not None:
+                    results.append(prediction)
+        except Cancelled:
+            if stop.client_gone():
+                raise
+            raise ApiError(
+                503,
+                f"pre-annotation stopped after {self.preannotate_seconds:g} s (the backend's "
+                f"--preannotate-seconds) with {len(results)} of {len(tasks)} tasks done; ask "
+                "for fewer tasks at a time",
+            ) from None
         return {"results": results}
 
-    def predict_task(self, task: dict, config: LabelingConfig, context: Any) -> dict | None:
+    def predict_task(
+        self, task: dict, config: LabelingConfig, context: Any, stop: _Stop | None = None
+    ) -> dict | None:
         if context in (None, {}, []) and not self.preannotate:
             return None  # nothing asked for, nothing to download or encode
         data = task.get("data")
@@ -299,7 +371,7 @@ class LabelStudioBackend:
         if prompt is None:
             if not self.preannotate:
                 return None
-            return self._everything(image_id, config, width, height)
+            return self._everything(image_id, config, width, height, stop)
         if not prompt.points and prompt.box is None:
             return None
         label = prompt.label or (config.labels[0] if config.labels else None)
@@ -330,10 +402,12 @@ class LabelStudioBackend:
         h, w = cached.image.shape[:2]
         return image_id, w, h
 
-    def _everything(self, image_id: str, config: LabelingConfig, width: int, height: int):
+    def _everything(
+        self, image_id: str, config: LabelingConfig, width: int, height: int, stop=None
+    ):
         label = config.labels[0] if config.labels else None
         with self.service.full_size_work(image_id, EVERYTHING_BYTES_PER_PIXEL):
-            records, masks = self.service.everything_masks(image_id)
+            records, masks = self.service.everything_masks(image_id, stop)
             regions = [
                 self._region(mask, float(record["predicted_iou"]), config, label, width, height)
                 for record, mask in zip(records, masks)

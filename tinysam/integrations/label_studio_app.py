@@ -15,9 +15,8 @@ import json
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
-from ..serve.app import ApiError, BodyLimit, install_error_handlers
+from ..serve.app import ApiError, BodyLimit, install_error_handlers, until_disconnected
 from .label_studio import MODEL_VERSION, LabelStudioBackend
 
 MODEL_CLASS = "TinySAMBackend"
@@ -51,16 +50,6 @@ def create_label_studio_app(
     )
     install_error_handlers(app, "tinysam.label_studio")
 
-    @app.middleware("http")
-    async def check_auth(request: Request, call_next):
-        if basic_auth is not None and not _authorized(request, basic_auth):
-            return JSONResponse(
-                {"error": "unauthorized: give the backend's basic-auth user and password"},
-                status_code=401,
-                headers={"WWW-Authenticate": 'Basic realm="Login required"'},
-            )
-        return await call_next(request)
-
     @app.get("/")
     @app.get("/health")
     def health() -> dict:
@@ -82,7 +71,7 @@ def create_label_studio_app(
     async def predict(request: Request) -> dict:
         """Predictions for tasks: a brush mask for an interactive context, else pre-annotation
         (when the backend runs with --preannotate) or nothing."""
-        return await run_in_threadpool(backend.predict, await json_body(request))
+        return await until_disconnected(request, backend.predict, await json_body(request))
 
     @app.post("/webhook")
     async def webhook(request: Request):
@@ -97,8 +86,31 @@ def create_label_studio_app(
     def metrics() -> dict:
         return {}
 
+    if basic_auth is not None:
+        app.add_middleware(BasicAuth, expected=basic_auth)
     app.add_middleware(BodyLimit, limit_for=lambda path: max_request_bytes)
     return app
+
+
+class BasicAuth:
+    """ASGI middleware: a 401 unless the request carries the expected basic-auth user and
+    password. Plain ASGI, not ``BaseHTTPMiddleware``, which hides a client's disconnect from
+    the app (pre-annotation must stop when Label Studio hangs up)."""
+
+    def __init__(self, app, expected: tuple[str, str]) -> None:
+        self.app = app
+        self.expected = expected
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or _authorized(Request(scope), self.expected):
+            await self.app(scope, receive, send)
+            return
+        response = JSONResponse(
+            {"error": "unauthorized: give the backend's basic-auth user and password"},
+            status_code=401,
+            headers={"WWW-Authenticate": 'Basic realm="Login required"'},
+        )
+        await response(scope, receive, send)
 
 
 def _authorized(request: Request, expected: tuple[str, str]) -> bool:

@@ -390,9 +390,11 @@ class DemoService:
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over the limit is a 413 before the app reads it (on
-    the declared Content-Length) or as soon as the limit is crossed (chunked uploads), so no
-    more than the limit is ever read, stored or parsed."""
+    """ASGI middleware: a request body over the limit is a 413 before the app sees anything
+    (on the declared Content-Length, or as soon as a chunked body crosses the limit), so no more
+    than the limit is ever read, stored or parsed. The body is read here first, up to the limit,
+    and handed to the app whole: the app (and any middleware inside it) never has a read fail
+    under it, which answered 500 with an ``ExceptionGroup`` behind ``BaseHTTPMiddleware``."""
 
     def __init__(self, app, limit_for: Callable[[str], int]) -> None:
         self.app = app
@@ -411,34 +413,30 @@ class BodyLimit:
             if int(declared) > limit:
                 await _json_response(send, 413, _too_large(int(declared), limit))
                 return
-        received = 0
-        over = False
-        started = False
-
-        async def limited_receive():
-            nonlocal received, over
+        chunks, received = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    over = True
-                    raise ApiError(413, _too_large(received, limit))
-            return message
-
-        async def guarded_send(message):
-            nonlocal started
-            if over:  # the app's own answer to the interrupted body is replaced by ours
+            if message["type"] != "http.request":  # the client went away mid-body
                 return
-            started = True
-            await send(message)
+            chunks.append(message.get("body", b""))
+            received += len(chunks[-1])
+            if received > limit:
+                await _json_response(send, 413, _too_large(received, limit))
+                return
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        del chunks
+        handed = False
 
-        try:
-            await self.app(scope, limited_receive, guarded_send)
-        except ApiError:
-            if not over:
-                raise
-        if over and not started:
-            await _json_response(send, 413, _too_large(received, limit))
+        async def replay():
+            nonlocal handed
+            if not handed:
+                handed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # what follows the body: a disconnect, for is_disconnected
+
+        await self.app(scope, replay, send)
 
 
 def _too_large(size: int, limit: int) -> str:
@@ -485,6 +483,21 @@ def install_error_handlers(app: FastAPI, logger: str = "tinysam.serve") -> None:
         return JSONResponse({"error": f"internal error: {type(err).__name__}"}, status_code=500)
 
 
+async def until_disconnected(request: Request, work: Callable, *args):
+    """``work(*args, cancel)`` in a worker thread; ``cancel`` is set as soon as the client
+    disconnects, and work that stops for it (``Cancelled``) answers 499."""
+    cancel = threading.Event()
+    running = asyncio.ensure_future(run_in_threadpool(work, *args, cancel))
+    while not running.done():
+        await asyncio.wait({running}, timeout=0.2)
+        if not running.done() and await request.is_disconnected():
+            cancel.set()
+    try:
+        return running.result()
+    except Cancelled:
+        return JSONResponse({"error": "cancelled: the client went away"}, status_code=499)
+
+
 def create_app(service: DemoService):
     """The FastAPI application around ``service``."""
     app = FastAPI(
@@ -525,16 +538,7 @@ def create_app(service: DemoService):
     async def everything(image_id: str, request: Request) -> dict:
         """Every mask (hierarchical everything mode): COCO annotations and an overlay PNG.
         Stops if the client disconnects before the answer is ready."""
-        cancel = threading.Event()
-        work = asyncio.ensure_future(run_in_threadpool(service.everything, image_id, cancel))
-        while not work.done():
-            await asyncio.wait({work}, timeout=0.2)
-            if not work.done() and await request.is_disconnected():
-                cancel.set()
-        try:
-            return work.result()
-        except Cancelled:
-            return JSONResponse({"error": "cancelled"}, status_code=499)
+        return await until_disconnected(request, service.everything, image_id)
 
     def body_limit(path: str) -> int:
         if path == "/api/images":
