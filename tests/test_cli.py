@@ -325,7 +325,15 @@ def test_everything_errors(capsys, tmp_path, vit_t_checkpoint):
     code, _, err = run_cli(
         capsys, "everything", SAMPLE, "--out", tmp_path / "o", "--points-per-side", "2"
     )
-    assert code == 2 and "at least 4" in one_error_line(err, "everything")
+    assert code == 2 and "must be 4..256, got 2" in one_error_line(err, "everything")
+    # A grid past the stated maximum is refused before any work (100,000 a side asked numpy
+    # for 75 GiB; 2,000 ran on with no bound).
+    for side in ("2000", "100000"):
+        code, _, err = run_cli(
+            capsys, "everything", SAMPLE, "--out", tmp_path / "o", "--points-per-side", side
+        )
+        assert code == 2 and f"must be 4..256, got {side}" in one_error_line(err, "everything")
+    assert not (tmp_path / "o").exists()
 
 
 def test_backend_onnx_segment_and_everything(capsys, tmp_path, onnx_dir, vit_t_outputs):

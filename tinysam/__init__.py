@@ -7,9 +7,17 @@ where torch is not installed.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
 
 from .version import __version__  # noqa: F401  (public)
+
+# Same input, same output: MKL (torch's BLAS on x86) may pick a product's code path by its
+# buffers' alignment, which depends on what the process allocated before, so one image's masks
+# could differ between a whole run and a resumed one. Strict conditional numerical
+# reproducibility fixes the path per CPU. MKL reads this once, at its first product: importing
+# tinysam before any torch work is enough (the CLI and the workers do). A user's setting wins.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 _HOMES = {
     "SamAutomaticMaskGenerator": "everything",

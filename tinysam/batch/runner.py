@@ -160,6 +160,69 @@ def run_local(
     return summary
 
 
+# Starting a local Ray cluster takes 5-30 s here; joining one, a few. Past this, something is
+# wrong (loopback down, a firewall, a head that is not there) and Ray itself would wait minutes
+# with nothing said.
+RAY_START_SECONDS = 120.0
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster could not be started or joined; the message says why and what to do."""
+
+
+def check_loopback(timeout: float = 5.0) -> None:
+    """A local cluster's processes talk over 127.0.0.1: ``ClusterError`` if it is unusable
+    (a container or namespace with loopback down), before Ray waits minutes on it."""
+    try:
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen(1)
+            with socket.create_connection(server.getsockname(), timeout=timeout):
+                pass
+    except OSError as err:
+        raise ClusterError(
+            f"cannot start a local Ray cluster: the loopback network 127.0.0.1 is unusable "
+            f"({err.strerror or err}); bring up 'lo', or join a cluster with --ray-address"
+        ) from None
+
+
+def connect_ray(address: str, seconds: float = RAY_START_SECONDS) -> None:
+    """``ray.init`` for ``address`` (``"local"`` starts a cluster here), given ``seconds``;
+    ``ClusterError`` if the loopback is down (for a local cluster) or Ray has not started or
+    joined by then."""
+    import threading
+
+    import ray
+
+    if address == "local":
+        check_loopback()
+    failure: list[BaseException] = []
+
+    def init() -> None:
+        try:
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level="ERROR",
+                configure_logging=True,
+            )
+        except BaseException as err:  # handed to the caller's thread
+            failure.append(err)
+
+    starting = threading.Thread(target=init, name="ray-init", daemon=True)
+    starting.start()
+    starting.join(seconds)
+    if starting.is_alive():
+        what = "start a local Ray cluster" if address == "local" else f"join Ray at {address}"
+        raise ClusterError(
+            f"could not {what} within {seconds:g} s; check that its address is reachable "
+            "(and the loopback network, for a local cluster)"
+        )
+    if failure:
+        raise ClusterError(f"could not start Ray: {_one_line(failure[0])}") from failure[0]
+
+
 class _RayWorker:
     """A Ray Data actor: one job (one model), rows of items in, rows of outcomes out."""
 
@@ -190,11 +253,13 @@ def run_ray(
     gpus: float = 0,
     force: bool = False,
     progress: bool | None = None,
+    start_seconds: float = RAY_START_SECONDS,
 ) -> BatchSummary:
     """Every pending item on a Ray cluster. ``address`` ``None`` joins the one
     ``$RAY_ADDRESS`` names, else starts a local one (``"auto"`` joins the one ``ray start``
     started on this machine). ``workers`` actors, each with ``threads`` CPUs and ``gpus``
-    GPUs; a worker that dies is restarted and its items retried by Ray."""
+    GPUs; a worker that dies is restarted and its items retried by Ray. Starting or joining
+    the cluster has ``start_seconds`` (``ClusterError`` after that)."""
     import json
 
     # Our progress bar and summary say what Ray Data and the core workers would log.
@@ -207,14 +272,8 @@ def run_ray(
         return summary
     start = time.perf_counter()
     if not ray.is_initialized():
-        ray.init(
-            # None: $RAY_ADDRESS, else a new local cluster (never a stale one from `ray start`).
-            address=address or os.environ.get("RAY_ADDRESS") or "local",
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level="ERROR",
-            configure_logging=True,
-        )
+        # None: $RAY_ADDRESS, else a new local cluster (never a stale one from `ray start`).
+        connect_ray(address or os.environ.get("RAY_ADDRESS") or "local", start_seconds)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.verbose_progress = False

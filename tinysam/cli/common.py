@@ -138,6 +138,13 @@ def add_ray_args(parser: argparse.ArgumentParser) -> None:
         "--workers", type=int, default=1, help="Ray actors, each holding one model (1)"
     )
     group.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per Ray actor (0)")
+    group.add_argument(
+        "--ray-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="time to start or join the cluster before giving up with an error (120)",
+    )
 
 
 def uses_ray(args: argparse.Namespace) -> bool:
@@ -148,8 +155,11 @@ def uses_ray(args: argparse.Namespace) -> bool:
         import ray  # noqa: F401
     except ImportError:
         raise UsageError("--ray needs Ray: pip install 'tinysam[ray]'") from None
-    if args.workers < 1 or args.gpus_per_worker < 0:
-        raise UsageError("--workers must be at least 1 and --gpus-per-worker not negative")
+    if args.workers < 1 or args.gpus_per_worker < 0 or not args.ray_timeout > 0:
+        raise UsageError(
+            "--workers must be at least 1, --gpus-per-worker not negative and --ray-timeout "
+            "positive"
+        )
     return True
 
 
@@ -157,6 +167,7 @@ def run_batch(job, items: list[str], args: argparse.Namespace):
     """``job`` over ``items``: on Ray when asked (``--threads`` CPUs per worker), else here.
     An output path holding a file tinysam did not write is a UsageError before any work."""
     from ..batch import run_local, run_ray
+    from ..batch.runner import ClusterError
     from ..io import ForeignFileError
 
     try:
@@ -170,8 +181,9 @@ def run_batch(job, items: list[str], args: argparse.Namespace):
             threads=args.threads or 1,
             gpus=args.gpus_per_worker,
             force=args.force,
+            start_seconds=args.ray_timeout,
         )
-    except ForeignFileError as err:
+    except (ForeignFileError, ClusterError) as err:
         raise UsageError(str(err)) from None
 
 
