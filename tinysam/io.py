@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -189,6 +189,22 @@ def check_replaceable(paths) -> list[Path]:
         if state == BROKEN:
             broken.append(Path(path))
     return broken
+
+
+def pending_outputs(
+    items: list, outputs_of: Callable[[Any], list], force: bool = False
+) -> tuple[list, list]:
+    """The items still to do (all of them with ``force``): those whose outputs are not all
+    verified done; and among them, those with an output of ours that is broken. A
+    ``ForeignFileError`` where an output path holds a file that is not ours."""
+    todo, broken = [], []
+    for item in items:
+        outputs = outputs_of(item)
+        if check_replaceable(outputs):
+            broken.append(item)
+        if force or not all(output_state(p) == DONE for p in outputs):
+            todo.append(item)
+    return todo, broken
 
 
 def describe_os_error(err: OSError, path: str | os.PathLike) -> str:

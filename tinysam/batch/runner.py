@@ -75,18 +75,10 @@ class BatchSummary:
 
 def pending(job: Job, items: list[str], force: bool = False) -> tuple[list[str], list[str]]:
     """The items to do (all of them with ``force``), and among them those whose earlier
-    outputs are broken; ``ForeignFileError`` where an output path holds a file that is not
-    ours."""
-    from ..io import DONE, check_replaceable, output_state
+    outputs are broken (``io.pending_outputs``)."""
+    from ..io import pending_outputs
 
-    todo, broken = [], []
-    for item in items:
-        outputs = job.outputs(item)
-        if check_replaceable(outputs):
-            broken.append(item)
-        if force or not all(output_state(p) == DONE for p in outputs):
-            todo.append(item)
-    return todo, broken
+    return pending_outputs(items, job.outputs, force)
 
 
 def _start(job: Job, items: list[str], force: bool) -> tuple[list[str], BatchSummary]:

@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from ..batch.runner import pending
 from ..formats import FormatError, field, is_int, is_number, numbers, require
 from ..io import (
     ImageError,
     atomic_write,
     load_image,
+    pending_outputs,
     remove_stale_parts,
     write_json_output,
 )
@@ -268,7 +268,7 @@ def segment_detections(
         str(out_dir),
         single_mask,
     )
-    todo = [int(i) for i in pending(job, [str(i) for i in ids])[0]]
+    todo = [int(i) for i in pending_outputs([str(i) for i in ids], job.outputs)[0]]
     if todo:
         job.setup()  # the predictor is made now, once the files are checked
     show = sys.stderr.isatty() if progress is None else progress
