@@ -7,6 +7,7 @@ CVAT function fails at start. Every server here is real and listens on loopback.
 from __future__ import annotations
 
 import base64
+import gc
 import http.server
 import io
 import json
@@ -264,10 +265,12 @@ def test_distinct_data_urls_are_not_kept_in_memory(vit_t_checkpoint):
     client = in_process_app(vit_t_checkpoint)
     requests = [click_request(data_url(png_bytes((32, 24), (1 << 21) + k))) for k in range(6)]
     client.post("/predict", json=requests[0])  # warm: imports, first allocations
+    gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     for request in requests[1:]:
         assert client.post("/predict", json=request).status_code == 200
+    gc.collect()  # what cycles still hold is garbage, not kept
     kept = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     url_size = len(requests[1]["tasks"][0]["data"]["image"])

@@ -209,6 +209,18 @@ class PredictorBase(ABC):
         Returns masks CxHxW (bool, or float logits with ``return_logits``), scores C and
         low-res logits Cx256x256; C is 3 with ``multimask_output``, else 1.
         """
+        prompts = self._single_prompt(point_coords, point_labels, box, mask_input)
+        masks, scores, low_res = self.predict_torch(
+            *prompts, multimask_output, return_logits=return_logits
+        )
+        return (
+            self._numpy(masks[0]),
+            _finite_scores(self._numpy(scores[0])),
+            self._numpy(low_res[0]),
+        )
+
+    def _single_prompt(self, point_coords, point_labels, box, mask_input) -> tuple:
+        """``predict``'s arguments, checked, as a batch of one in this backend's arrays."""
         self._require_image()
         prompts = single_prompt_batch(
             point_coords,
@@ -219,14 +231,7 @@ class PredictorBase(ABC):
             self.original_size,
             self.mask_input_size,
         )
-        masks, scores, low_res = self.predict_torch(
-            *self._prompt_arrays(*prompts), multimask_output, return_logits=return_logits
-        )
-        return (
-            self._numpy(masks[0]),
-            _finite_scores(self._numpy(scores[0])),
-            self._numpy(low_res[0]),
-        )
+        return self._prompt_arrays(*prompts)
 
     def predict_best(
         self,
@@ -239,19 +244,8 @@ class PredictorBase(ABC):
         """The mask that answers the prompts, as ``predict`` takes them: the candidate with the
         highest predicted IoU, HxW bool, and that score. Only this mask is made at full size
         (``predict`` makes all three: 3x the memory on a large image)."""
-        self._require_image()
-        prompts = single_prompt_batch(
-            point_coords,
-            point_labels,
-            box,
-            mask_input,
-            self.transform,
-            self.original_size,
-            self.mask_input_size,
-        )
-        _, scores, low_res = self.predict_torch(
-            *self._prompt_arrays(*prompts), multimask_output, upscale=False
-        )
+        prompts = self._single_prompt(point_coords, point_labels, box, mask_input)
+        _, scores, low_res = self.predict_torch(*prompts, multimask_output, upscale=False)
         scores = _finite_scores(self._numpy(scores[0]))
         best = int(np.argmax(scores))
         mask = self.upscale_masks(low_res[0, best : best + 1])[0]
