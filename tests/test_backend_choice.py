@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import time
 
 import numpy as np
@@ -336,9 +337,9 @@ def test_ray_workers_get_the_backend_decided_once(cache, onnx_dir):
     assert args.backend == "auto"
     remember("onnx", onnx_dir, 1)
     spec = predictor_spec(args, resolve=True)
-    assert spec.args == ("onnx",)
-    assert os.path.isabs(spec.keywords["onnx_dir"])
-    assert engine(spec()) == "onnx"
+    assert spec.backend == "onnx"
+    assert os.path.isabs(spec.onnx_dir)
+    assert engine(pickle.loads(pickle.dumps(spec.load))()) == "onnx"
 
 
 def test_int8_exports_skip_openvino_where_its_int8_saturates(tmp_path, monkeypatch, onnx_dir):
@@ -372,6 +373,6 @@ def test_ray_workers_with_both_files_read_the_cached_choice(cache, onnx_dir, vit
     argv = ["--onnx-dir", str(onnx_dir), "--checkpoint", str(vit_t_checkpoint), "--threads", "1"]
     remember("openvino", onnx_dir, 1, checkpoint=vit_t_checkpoint)
     spec = predictor_spec(parser.parse_args(argv), resolve=True)
-    assert spec.args == ("auto",) and os.path.isabs(spec.keywords["checkpoint"])
-    predictor = spec()
+    assert spec.backend == "auto" and os.path.isabs(spec.checkpoint)
+    predictor = pickle.loads(pickle.dumps(spec.load))()
     assert isinstance(predictor, SamPredictor) and engine(predictor) == "openvino"

@@ -14,12 +14,17 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import sys
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from .predictor_base import DEFAULT_MANY_PROMPTS, PredictorBase
 
 BACKENDS = ("auto", "torch", "onnx", "openvino")
 ONNX_DIR_ENV = "TINYSAM_ONNX_DIR"
+BACKEND_ENV = "TINYSAM_BACKEND"
+THREADS_ENV = "TINYSAM_THREADS"
+CHECKPOINT_ENV = "TINYSAM_CHECKPOINT"  # also read by checkpoint.resolve_checkpoint (vit_t)
 
 
 class BackendError(ValueError):
@@ -38,120 +43,235 @@ def load_model(
 
     A folder written by ``tinysam quantize`` (or its ``quantized.pt``) loads as the
     fake-quantized model it describes. Returns ``(Sam, ResolvedCheckpoint)``."""
-    from .build import load_float_model
-    from .checkpoint import CheckpointError, ResolvedCheckpoint
+    from .build import sam_from_state_dict
+    from .checkpoint import read_checkpoint
 
-    if checkpoint is not None:
-        from .quant.store import is_quantized_checkpoint, load_quantized  # needs the quant code
+    contents = read_checkpoint(model_type, checkpoint, download=download, progress=progress)
+    if contents.quantized:
+        from .quant.store import load_quantized  # needs the quant code
 
-        if is_quantized_checkpoint(checkpoint):
-            sam = load_quantized(checkpoint, device)
-            found = sam.quant_config["model_type"]
-            if model_type is not None and model_type != found:
-                raise CheckpointError(f"{checkpoint} is a quantized {found}, not {model_type}")
-            return sam, ResolvedCheckpoint(Path(checkpoint), "argument")
-    return load_float_model(
-        model_type, checkpoint, device=device, download=download, progress=progress
-    )
+        sam = load_quantized(contents.resolved.path, device, model_type)
+    else:
+        source = str(contents.resolved.path)
+        sam = sam_from_state_dict(contents.state_dict, contents.model_type, source).to(device)
+    return sam, contents.resolved
 
 
-def load_predictor(
-    backend: str = "torch",
-    *,
-    checkpoint: str | os.PathLike | None = None,
-    model_type: str | None = None,
-    onnx_dir: str | os.PathLike | None = None,
-    device="cpu",
-    threads: int | None = None,
-    many_prompts: int = DEFAULT_MANY_PROMPTS,
-    progress: bool = False,
-    remeasure: bool = False,
-) -> PredictorBase:
-    """A predictor for ``backend``: ``torch`` (``checkpoint`` / ``model_type`` / ``device``, as
-    ``load_model``), ``onnx`` or ``openvino`` (an export made by ``tinysam export`` in
-    ``onnx_dir``, default ``$TINYSAM_ONNX_DIR``; CPU only, no torch needed). ``threads``: CPU
-    threads (torch's global setting for the torch backend).
+@dataclass(frozen=True)
+class PredictorSpec:
+    """Which predictor to make, as plain picklable settings, and every backend's rules.
+
+    The command line (``from_args``), the integrations (``from_env``), the web demo and the Ray
+    workers all make their predictors from one of these; ``load()`` makes it. ``resolve()``
+    does the once-per-job work first (finding or downloading the checkpoint, ``auto``'s
+    choice) so that workers only load. Errors name the command-line flags; the fields have the
+    same names (``onnx_dir`` for ``--onnx-dir``, ``model_type`` for ``--model``).
+    """
+
+    backend: str = "torch"
+    checkpoint: str | os.PathLike | None = None
+    model_type: str | None = None
+    onnx_dir: str | os.PathLike | None = None
+    device: str = "cpu"
+    threads: int | None = None
+    many_prompts: int = DEFAULT_MANY_PROMPTS
+    progress: bool = False
+    remeasure: bool = False  # auto: time the backends again instead of reading the cache
+
+    @classmethod
+    def from_args(cls, args, **settings) -> PredictorSpec:
+        """The model arguments of a command (``cli.common.add_model_args``), checked."""
+        return cls(
+            backend=getattr(args, "backend", "torch"),
+            checkpoint=args.checkpoint,
+            model_type=args.model,
+            onnx_dir=getattr(args, "onnx_dir", None),
+            device=args.device,
+            threads=args.threads,
+            progress=sys.stderr.isatty(),
+            **settings,
+        ).checked()
+
+    @classmethod
+    def from_env(cls, **settings) -> PredictorSpec:
+        """A server's settings from its environment, checked: ``TINYSAM_BACKEND`` (torch),
+        ``TINYSAM_CHECKPOINT``, ``TINYSAM_ONNX_DIR`` (for onnx, openvino and auto),
+        ``TINYSAM_THREADS``."""
+        from .io import positive_int_env
+
+        backend = os.environ.get(BACKEND_ENV) or "torch"
+        return cls(
+            backend=backend,
+            checkpoint=os.environ.get(CHECKPOINT_ENV) or None,
+            onnx_dir=None if backend == "torch" else os.environ.get(ONNX_DIR_ENV) or None,
+            threads=positive_int_env(THREADS_ENV, 0) or None,
+            **settings,
+        ).checked()
+
+    def checked(self) -> PredictorSpec:
+        """This spec with ``auto`` settled where nothing can compete (no export folder: torch),
+        or a BackendError naming what does not fit the backend."""
+        if self.backend not in BACKENDS:
+            raise BackendError(
+                f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}"
+            )
+        if self.threads is not None and self.threads < 1:
+            raise BackendError("--threads must be at least 1")
+        if self.backend == "auto":
+            named = self.checkpoint is not None or self.model_type is not None
+            onnx_dir = self.onnx_dir or (None if named else os.environ.get(ONNX_DIR_ENV) or None)
+            if onnx_dir is None:
+                return replace(self, backend="torch").checked()  # nothing to compare torch with
+            if str(self.device) != "cpu":
+                raise BackendError(
+                    "--device is for the torch backend; an export (--onnx-dir) runs on the "
+                    "CPU: give --backend torch, or leave --device out"
+                )
+            if self.model_type is not None and self.checkpoint is None:
+                raise BackendError(
+                    "a model type with an export folder: give the checkpoint too (to compare "
+                    "torch with the export), or leave the model type out"
+                )
+            return replace(self, onnx_dir=onnx_dir)
+        if self.backend in ("onnx", "openvino"):
+            if self.checkpoint is not None or self.model_type is not None:
+                raise BackendError(
+                    "--checkpoint, --model and --device are for the torch backend; "
+                    f"--backend {self.backend} runs the export in --onnx-dir on the CPU"
+                )
+            if str(self.device) != "cpu":
+                raise BackendError(
+                    "--checkpoint, --model and --device are for the torch backend; "
+                    f"--backend {self.backend} runs the export in --onnx-dir on the CPU"
+                )
+            onnx_dir = self.onnx_dir or os.environ.get(ONNX_DIR_ENV) or None
+            if onnx_dir is None:
+                raise BackendError(
+                    f"--backend {self.backend} needs --onnx-dir DIR (or ${ONNX_DIR_ENV}), "
+                    "a folder written by `tinysam export --out-dir DIR`"
+                )
+            return replace(self, onnx_dir=onnx_dir)
+        if self.onnx_dir is not None:
+            raise BackendError("--onnx-dir is for --backend auto, onnx or openvino")
+        if str(self.device) != "cpu":
+            torch_device(str(self.device))  # a device this torch has, or one line
+        return self
+
+    def resolve(self) -> PredictorSpec:
+        """The spec that Ray workers load: paths made absolute, the checkpoint found (or
+        downloaded) now, once, and ``auto``'s choice made here (the workers then load the
+        winner, or read the choice just cached when torch runs an export's encoder)."""
+        spec = self.checked()
+        absolute = {
+            name: Path(value).resolve()
+            for name in ("checkpoint", "onnx_dir")
+            if (value := getattr(spec, name)) is not None
+        }
+        spec = replace(spec, **absolute)
+        if spec.backend == "torch" and spec.checkpoint is None:
+            from .checkpoint import resolve_checkpoint
+
+            found = resolve_checkpoint(spec.model_type or "vit_t", progress=spec.progress)
+            return replace(spec, checkpoint=found.path.resolve())
+        if spec.backend != "auto":
+            return spec
+        from .backend_choice import choose_backend
+
+        factories, model_key = spec._auto_candidates()
+        _, choice = choose_backend(
+            factories, model_key, _threads(spec.threads), remeasure=spec.remeasure, build=False
+        )
+        if choice.backend == "torch":
+            return replace(spec, backend="torch", onnx_dir=None).resolve()
+        if "torch" in factories:
+            return spec  # an export's encoder with torch's prompts: both files are needed
+        return replace(spec, backend=choice.backend)
+
+    def load(self) -> PredictorBase:
+        """The predictor: SamPredictor for torch, OnnxPredictor (no torch needed) for onnx and
+        openvino, the fastest of those that can run what was given for auto."""
+        spec = self.checked()
+        if spec.backend == "auto":
+            from .backend_choice import choose_backend
+
+            factories, model_key = spec._auto_candidates()
+            predictor, _ = choose_backend(
+                factories, model_key, _threads(spec.threads), remeasure=spec.remeasure
+            )
+            return predictor
+        if spec.backend in ("onnx", "openvino"):
+            from .runtime import OnnxPredictor
+
+            return OnnxPredictor(
+                Path(spec.onnx_dir),
+                threads=spec.threads,
+                encoder_engine="openvino" if spec.backend == "openvino" else "onnxruntime",
+                many_prompts=spec.many_prompts,
+            )
+        from .predictor import SamPredictor
+
+        sam, _ = spec.load_model()
+        return SamPredictor(sam, many_prompts=spec.many_prompts)
+
+    def load_model(self) -> tuple:
+        """The torch model alone (``load_model``), for the commands that export, quantize or
+        describe it; ``threads`` becomes torch's global setting."""
+        spec = self.checked()
+        if spec.backend != "torch":
+            raise BackendError(f"a torch model was asked for, not the {spec.backend} backend")
+        import torch
+
+        if spec.threads is not None:
+            torch.set_num_threads(spec.threads)
+        device = torch_device(str(spec.device))
+        return load_model(spec.model_type, spec.checkpoint, device=device, progress=spec.progress)
+
+    def _auto_candidates(self) -> tuple[dict, str]:
+        settings = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "backend"}
+        return auto_candidates(**settings)
+
+
+def load_predictor(backend: str = "torch", **settings) -> PredictorBase:
+    """A predictor for ``backend`` (``PredictorSpec(backend, **settings).load()``): ``torch``
+    (``checkpoint`` / ``model_type`` / ``device``, as ``load_model``), ``onnx`` or ``openvino``
+    (an export made by ``tinysam export`` in ``onnx_dir``, default ``$TINYSAM_ONNX_DIR``; CPU
+    only, no torch needed). ``threads``: CPU threads (torch's global setting for the torch
+    backend).
 
     ``auto`` picks among the backends installed that can run what was given: an export folder
     runs on ONNX Runtime or OpenVINO, a checkpoint on torch. The fastest image encoder wins,
     timed once per machine and model and cached (``remeasure`` times again). With both given
     explicitly (one model), the winning engine encodes the images and torch answers the
     prompts."""
-    if backend not in BACKENDS:
-        raise BackendError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if threads is not None and threads < 1:
-        raise BackendError("threads must be at least 1")
-    if backend == "auto":
-        from .backend_choice import choose_backend
+    return PredictorSpec(backend, **settings).load()
 
-        factories, model_key = auto_candidates(
-            checkpoint=checkpoint, model_type=model_type, onnx_dir=onnx_dir, device=device,
-            threads=threads, many_prompts=many_prompts, progress=progress,
-        )  # fmt: skip
-        predictor, choice = choose_backend(
-            factories, model_key, _threads(threads), remeasure=remeasure
-        )
-        return predictor
-    if backend in ("onnx", "openvino"):
-        onnx_dir = onnx_dir or os.environ.get(ONNX_DIR_ENV)
-        if not onnx_dir:
-            raise BackendError(
-                f"the {backend} backend needs an export folder (onnx_dir, or ${ONNX_DIR_ENV}) "
-                "written by `tinysam export --out-dir DIR`"
-            )
-        from .runtime import OnnxPredictor
 
-        engine = "openvino" if backend == "openvino" else "onnxruntime"
-        return OnnxPredictor(
-            Path(onnx_dir), threads=threads, encoder_engine=engine, many_prompts=many_prompts
-        )
-    if onnx_dir is not None:
-        raise BackendError("an ONNX export folder is for the onnx and openvino backends")
+def torch_device(name: str, local_rank: int = 0):
+    """``--device``: a torch device that exists here; ``auto`` is this rank's GPU if any."""
     import torch
 
-    from .predictor import SamPredictor
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise BackendError(f"--device {name!r} is not a torch device") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError("--device cuda asked for, but this torch build sees no CUDA GPU")
+    return device
 
-    if threads is not None:
-        torch.set_num_threads(threads)
-    sam, _ = load_model(model_type, checkpoint, device=device, progress=progress)
-    return SamPredictor(sam, many_prompts=many_prompts)
 
-
-def auto_candidates(
-    *,
-    checkpoint: str | os.PathLike | None = None,
-    model_type: str | None = None,
-    onnx_dir: str | os.PathLike | None = None,
-    device="cpu",
-    threads: int | None = None,
-    many_prompts: int = DEFAULT_MANY_PROMPTS,
-    progress: bool = False,
-) -> tuple[dict, str]:
-    """``backend="auto"``'s candidates (name -> a function making the predictor) and the cache
-    key of the model they run. ``$TINYSAM_ONNX_DIR`` counts only when no checkpoint or model
-    type was named: a checkpoint asked for by name is never swapped for another export."""
-    if onnx_dir is None and checkpoint is None and model_type is None:
-        onnx_dir = os.environ.get(ONNX_DIR_ENV) or None
-    on_cpu = str(device) == "cpu"
-    if onnx_dir is not None and not on_cpu:
-        raise BackendError(
-            f"an ONNX export runs on the CPU; device {device!r} is for the torch backend "
-            "(give a checkpoint without an export folder)"
-        )
-    if onnx_dir is not None and model_type is not None and checkpoint is None:
-        raise BackendError(
-            "a model type with an export folder: give the checkpoint too (to compare torch "
-            "with the export), or leave the model type out"
-        )
-    load = functools.partial(
-        load_predictor, onnx_dir=onnx_dir, threads=threads, many_prompts=many_prompts
-    )
+def auto_candidates(**settings) -> tuple[dict, str]:
+    """``backend="auto"``'s candidates for these ``PredictorSpec`` settings (name -> a function
+    making the predictor) and the cache key of the model they run. ``$TINYSAM_ONNX_DIR``
+    counts only when no checkpoint or model type was named: a checkpoint asked for by name is
+    never swapped for another export."""
+    spec = PredictorSpec("auto", **settings).checked()
+    onnx_dir = spec.onnx_dir if spec.backend == "auto" else None
+    torch_spec = replace(spec, backend="torch", onnx_dir=None)
     factories = {}
-    if _installed("torch") and (onnx_dir is None or checkpoint is not None):
-        factories["torch"] = functools.partial(
-            load_predictor, "torch", checkpoint=checkpoint, model_type=model_type,
-            device=device, threads=threads, many_prompts=many_prompts, progress=progress,
-        )  # fmt: skip
+    if _installed("torch") and (onnx_dir is None or spec.checkpoint is not None):
+        factories["torch"] = torch_spec.load
     if onnx_dir is not None:
         from .perf import int8_products_saturate
         from .runtime.predictor import load_manifest
@@ -164,11 +284,12 @@ def auto_candidates(
         if "torch" in factories:
             factories.update(
                 _torch_with_export_encoders(
-                    factories["torch"], onnx_dir, manifest, engines, threads
+                    factories["torch"], onnx_dir, manifest, engines, spec.threads
                 )
             )
         else:
-            factories.update({name: functools.partial(load, name) for name, _ in engines})
+            export_spec = replace(spec, checkpoint=None, model_type=None)
+            factories.update({name: replace(export_spec, backend=name).load for name, _ in engines})
     if not factories:
         raise BackendError(
             "no backend can run this: pip install 'tinysam[torch]' for checkpoints, "
@@ -177,9 +298,11 @@ def auto_candidates(
     if "torch" in factories and len(factories) > 1:
         from .backend_choice import file_identity
 
-        model_key = f"checkpoint {file_identity(checkpoint)} + export {file_identity(onnx_dir)}"
+        model_key = (
+            f"checkpoint {file_identity(spec.checkpoint)} + export {file_identity(onnx_dir)}"
+        )
     elif "torch" in factories:
-        model_key = f"checkpoint {model_type or checkpoint or 'default'}"
+        model_key = f"checkpoint {spec.model_type or spec.checkpoint or 'default'}"
     else:
         from .backend_choice import export_model_key
 
@@ -215,9 +338,9 @@ def _installed(module: str) -> bool:
 
 
 def _threads(threads: int | None) -> int:
-    from .runtime.predictor import _physical_cores
+    from .perf import usable_cores
 
-    return threads or _physical_cores()
+    return threads or usable_cores()
 
 
 __all__ = [
@@ -226,4 +349,6 @@ __all__ = [
     "BackendError",
     "load_model",
     "load_predictor",
+    "PredictorSpec",
+    "torch_device",
 ]

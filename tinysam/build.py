@@ -18,6 +18,7 @@ from .checkpoint import (  # noqa: F401  (re-exported: their home is tinysam.che
     MODEL_TYPES,
     VIT_WIDTHS,
     WEIGHT_URLS,
+    CheckpointContents,
     CheckpointError,
     ResolvedCheckpoint,
     cache_dir,
@@ -26,6 +27,7 @@ from .checkpoint import (  # noqa: F401  (re-exported: their home is tinysam.che
     describe_state_dict,
     detect_model_type,
     load_strict,
+    read_checkpoint,
     read_state_dict,
     resolve_checkpoint,
 )
@@ -111,8 +113,14 @@ def build_sam_model(model_type: str, checkpoint: str | os.PathLike | None = None
         return sam_around(build_image_encoder(model_type))
     state_dict = read_state_dict(checkpoint)
     check_model_type(state_dict, model_type, source=str(checkpoint))
+    return sam_from_state_dict(state_dict, model_type, source=str(checkpoint))
+
+
+def sam_from_state_dict(state_dict: dict[str, torch.Tensor], model_type: str, source: str) -> Sam:
+    """``model_type`` holding a state dict already checked to be one (``check_model_type``),
+    loaded strictly (see ``load_strict``)."""
     sam = sam_around(build_image_encoder(model_type))
-    load_into(sam, state_dict, model_type, source=str(checkpoint))
+    load_strict(sam, state_dict, f"the {model_type} architecture", source)
     return sam
 
 
@@ -143,12 +151,6 @@ sam_model_registry = {
 }
 
 
-def load_into(sam: Sam, state_dict: dict[str, torch.Tensor], model_type: str, source: str) -> None:
-    """Load a ``model_type`` checkpoint strictly (see ``load_strict``)."""
-    check_model_type(state_dict, model_type, source)
-    load_strict(sam, state_dict, f"the {model_type} architecture", source)
-
-
 def load_float_model(
     model_type: str | None = None,
     checkpoint: str | os.PathLike | None = None,
@@ -157,13 +159,14 @@ def load_float_model(
     download: bool = True,
     progress: bool = True,
 ) -> tuple[Sam, ResolvedCheckpoint]:
-    """Resolve (``checkpoint.resolve_checkpoint``), read and load a float checkpoint; the model
-    type defaults to what the file holds. ``backends.load_model`` adds quantized folders."""
-    resolved = resolve_checkpoint(
-        model_type or "vit_t", checkpoint, download=download, progress=progress
-    )
-    state_dict = read_state_dict(resolved.path)
-    model_type = check_model_type(state_dict, model_type, str(resolved.path))
-    sam = build_sam_model(model_type)
-    load_into(sam, state_dict, model_type, source=str(resolved.path))
-    return sam.to(device), resolved
+    """A float model from a checkpoint found and read by ``checkpoint.read_checkpoint`` (the
+    model type defaults to what the file holds). ``backends.load_model`` also takes quantized
+    folders."""
+    contents = read_checkpoint(model_type, checkpoint, download=download, progress=progress)
+    if contents.quantized:
+        raise CheckpointError(
+            f"{contents.resolved.path} is a quantized model; a float checkpoint is needed here"
+        )
+    source = str(contents.resolved.path)
+    sam = sam_from_state_dict(contents.state_dict, contents.model_type, source)
+    return sam.to(device), contents.resolved

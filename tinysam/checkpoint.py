@@ -28,6 +28,9 @@ WEIGHT_URLS = {
     "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
 }
 CHECKPOINT_ENV = "TINYSAM_CHECKPOINT"
+# A folder written by ``tinysam quantize`` (``tinysam.quant.store``): its description and weights.
+QUANT_CONFIG_FILE = "quant.json"
+QUANT_WEIGHTS_FILE = "quantized.pt"
 
 
 class CheckpointError(ValueError):
@@ -196,6 +199,48 @@ def cached_checkpoint_path(model_type: str) -> Path:
 class ResolvedCheckpoint:
     path: Path
     source: str  # "argument", "environment", "cache" or "download"
+
+
+@dataclass(frozen=True)
+class CheckpointContents:
+    """A checkpoint found and read once: a float file's checked state dict and model type, or
+    a quantized folder (``state_dict`` None: ``tinysam.quant.store`` reads its own files)."""
+
+    resolved: ResolvedCheckpoint
+    model_type: str | None
+    state_dict: dict[str, torch.Tensor] | None
+
+    @property
+    def quantized(self) -> bool:
+        return self.state_dict is None
+
+
+def is_quantized_folder(path: str | os.PathLike) -> bool:
+    """A folder written by ``tinysam quantize``, or the ``quantized.pt`` inside one."""
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    return (directory / QUANT_CONFIG_FILE).is_file() and (
+        path.is_dir() or path.name == QUANT_WEIGHTS_FILE
+    )
+
+
+def read_checkpoint(
+    model_type: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    download: bool = True,
+    progress: bool = True,
+) -> CheckpointContents:
+    """Find the checkpoint (``resolve_checkpoint``; vit_t's when no type is given) and read
+    it: a float file's state dict, checked to hold ``model_type`` (default: what it holds)."""
+    resolved = resolve_checkpoint(
+        model_type or "vit_t", checkpoint, download=download, progress=progress
+    )
+    if is_quantized_folder(resolved.path):
+        return CheckpointContents(resolved, model_type, None)
+    state_dict = read_state_dict(resolved.path)
+    found = check_model_type(state_dict, model_type, str(resolved.path))
+    return CheckpointContents(resolved, found, state_dict)
 
 
 def resolve_checkpoint(

@@ -106,6 +106,15 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> d
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity, which containers and ``taskset``
+    narrow): the default thread count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def cpu_flags() -> tuple[str, set[str]]:
     """The CPU's model name and its feature flags (Linux's /proc/cpuinfo; empty elsewhere)."""
     name, flags = "unknown CPU", set()

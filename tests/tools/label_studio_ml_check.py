@@ -11,6 +11,7 @@ import base64
 import io
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from tinysam.io import load_image  # noqa: E402
 
 
 def main() -> None:
+    os.chdir(tempfile.mkdtemp())  # label-studio-ml keeps its cache.db in the working folder
     image = load_image(TESTS / "golden" / "images" / "picture1.jpg")
     h, w = image.shape[:2]
     buffer = io.BytesIO()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import add_model_args, load_from_args
+from .common import add_model_args, model_from_args
 
 
 def register(sub) -> None:
@@ -60,7 +60,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         image = load_image(args.image)
     else:  # timings do not depend on the content
         image = np.random.default_rng(0).integers(0, 256, (768, 1024, 3), dtype=np.uint8)
-    sam, _ = load_from_args(args)
+    sam, _ = model_from_args(args)
     predictors = {"torch": SamPredictor(sam)}
     if args.onnx_dir is not None:
         from ..runtime import OnnxPredictor

@@ -90,7 +90,7 @@ def run_boxes(args: argparse.Namespace) -> dict:
     ids = sorted(files)
     check_run_settings(args.out, {"boxes": args.boxes.name, "single_mask": args.single_mask})
     job = BoxesJob(
-        predictor_spec(args, resolve=on_ray),
+        predictor_spec(args, resolve=on_ray).load,
         str(args.images.resolve() if on_ray else args.images),
         {i: files[i] for i in ids},
         {i: detections.get(i, []) for i in ids},

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -187,74 +185,11 @@ def run_batch(job, items: list[str], args: argparse.Namespace):
         raise UsageError(str(err)) from None
 
 
-def _check_threads(args: argparse.Namespace) -> None:
-    if args.threads is not None and args.threads < 1:
-        raise UsageError("--threads must be at least 1")
+def model_from_args(args: argparse.Namespace):
+    """``(Sam, ResolvedCheckpoint)`` for the model arguments (``PredictorSpec.load_model``)."""
+    from ..backends import PredictorSpec
 
-
-def load_from_args(args: argparse.Namespace):
-    import torch
-
-    from ..backends import load_model
-
-    _check_threads(args)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch_device(args.device)
-    return load_model(args.model, args.checkpoint, device=device, progress=sys.stderr.isatty())
-
-
-def torch_device(name: str, local_rank: int = 0):
-    """``--device``: a torch device that exists here; ``auto`` is this rank's GPU if any."""
-    import torch
-
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UsageError(f"--device {name!r} is not a torch device") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but this torch build sees no CUDA GPU")
-    return device
-
-
-def _auto_spec(args: argparse.Namespace, onnx_dir, resolve: bool):
-    """``--backend auto`` with an export folder: a ``load_predictor`` partial. With
-    ``resolve`` (Ray workers), the choice is made here, once, and the workers get its name."""
-    import functools
-
-    from ..backends import auto_candidates, load_predictor
-
-    if args.device != "cpu":
-        raise UsageError(
-            "--device is for the torch backend; an export (--onnx-dir) runs on the CPU: "
-            "give --backend torch, or leave --device out"
-        )
-    _check_threads(args)
-    onnx_dir = Path(onnx_dir).resolve() if resolve else Path(onnx_dir)
-    checkpoint = args.checkpoint.resolve() if resolve and args.checkpoint else args.checkpoint
-    settings = dict(
-        checkpoint=checkpoint, model_type=args.model, onnx_dir=onnx_dir, threads=args.threads
-    )
-    if not resolve:
-        return functools.partial(load_predictor, "auto", **settings)
-    from ..backend_choice import choose_backend
-
-    factories, model_key = auto_candidates(**settings)
-    threads = args.threads or len(os.sched_getaffinity(0))
-    _, choice = choose_backend(factories, model_key, threads, build=False)
-    if "torch" in factories and choice.backend != "torch":
-        # An export's encoder with torch's prompts: the workers read the choice just cached.
-        return functools.partial(load_predictor, "auto", **settings)
-    if choice.backend == "torch":
-        return functools.partial(
-            load_predictor, "torch", checkpoint=checkpoint, model_type=args.model,
-            threads=args.threads,
-        )  # fmt: skip
-    return functools.partial(
-        load_predictor, choice.backend, onnx_dir=onnx_dir, threads=args.threads
-    )
+    return PredictorSpec.from_args(args).load_model()
 
 
 def default_backend() -> str:
@@ -265,63 +200,19 @@ def default_backend() -> str:
 
 
 def predictor_from_args(args: argparse.Namespace):
-    """The predictor the arguments ask for (``backends.load_predictor``): SamPredictor, or
-    OnnxPredictor (no torch needed) for ``--backend onnx|openvino``."""
-    return predictor_spec(args)()
+    """The predictor the arguments ask for: SamPredictor, or OnnxPredictor (no torch needed)
+    for ``--backend onnx|openvino``."""
+    return predictor_spec(args).load()
 
 
 def predictor_spec(args: argparse.Namespace, resolve: bool = False):
-    """``load_predictor`` with the arguments' settings, not yet called: picklable, so Ray
-    workers can each make their own. With ``resolve``, the checkpoint is found (downloaded)
-    now, once, and the workers get its path."""
-    import functools
+    """The arguments' ``backends.PredictorSpec``, checked; its ``load`` is picklable, so Ray
+    workers can each make their own predictor. With ``resolve``, the once-per-job work
+    (finding the checkpoint, ``auto``'s choice) is done now and the workers only load."""
+    from ..backends import PredictorSpec
 
-    from ..backends import load_predictor
-
-    backend = args.backend
-    if backend == "auto":
-        explicit = args.checkpoint is not None or args.model is not None
-        env_dir = None if explicit else os.environ.get("TINYSAM_ONNX_DIR")
-        if args.onnx_dir is None and not env_dir:
-            backend = "torch"  # nothing to compare torch with
-        else:
-            return _auto_spec(args, args.onnx_dir or env_dir, resolve)
-    if backend in ("onnx", "openvino"):
-        if args.checkpoint is not None or args.model is not None or args.device != "cpu":
-            raise UsageError(
-                "--checkpoint, --model and --device are for the torch backend; "
-                f"--backend {backend} runs the export in --onnx-dir on the CPU"
-            )
-        _check_threads(args)
-        onnx_dir = args.onnx_dir or os.environ.get("TINYSAM_ONNX_DIR")
-        if not onnx_dir:
-            raise UsageError(
-                f"--backend {backend} needs --onnx-dir DIR (or $TINYSAM_ONNX_DIR), "
-                "a folder written by `tinysam export --out-dir DIR`"
-            )
-        onnx_dir = Path(onnx_dir).resolve() if resolve else onnx_dir
-        return functools.partial(load_predictor, backend, onnx_dir=onnx_dir, threads=args.threads)
-    if args.onnx_dir is not None:
-        raise UsageError("--onnx-dir is for --backend auto, onnx or openvino")
-    _check_threads(args)
-    checkpoint = args.checkpoint
-    if resolve and checkpoint is None:
-        from ..checkpoint import resolve_checkpoint
-
-        checkpoint = resolve_checkpoint(args.model or "vit_t", progress=sys.stderr.isatty()).path
-    return functools.partial(
-        load_predictor,
-        "torch",
-        checkpoint=None
-        if checkpoint is None
-        else Path(checkpoint).resolve()
-        if resolve
-        else checkpoint,
-        model_type=args.model,
-        device=torch_device(args.device),
-        threads=args.threads,
-        progress=sys.stderr.isatty(),
-    )
+    spec = PredictorSpec.from_args(args)
+    return spec.resolve() if resolve else spec
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}

@@ -145,10 +145,11 @@ def _cache_teacher(args) -> dict:
     import torch
     from tqdm.auto import tqdm
 
+    from ..backends import torch_device
     from ..distill.data import SA1BDataset
     from ..distill.models import build_teacher
     from ..distill.teacher_cache import cache_teacher, read_index
-    from .common import UsageError, torch_device
+    from .common import UsageError
 
     if args.shard_size < 1:
         raise UsageError("--shard-size must be at least 1")
@@ -184,6 +185,7 @@ def _cache_teacher(args) -> dict:
 
 def _cache_teacher_on_ray(args) -> dict:
     """The shards spread over Ray workers (``TeacherCacheJob``); the index written at the end."""
+    from ..backends import torch_device
     from ..distill.data import SA1BDataset
     from ..distill.teacher_cache import (
         TeacherCacheJob,
@@ -191,7 +193,7 @@ def _cache_teacher_on_ray(args) -> dict:
         read_index,
         write_sharded_index,
     )
-    from .common import UsageError, run_batch, torch_device
+    from .common import UsageError, run_batch
 
     index = read_index(args.out)
     if index is not None and index.get("shard_size") != args.shard_size:
@@ -268,7 +270,8 @@ def _read_config(args):
 
 
 def _train(args) -> dict | None:
-    from .common import UsageError, torch_device
+    from ..backends import torch_device
+    from .common import UsageError
 
     config = _read_config(args)
     if args.print_config:

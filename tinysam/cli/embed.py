@@ -58,7 +58,7 @@ def run_embed(args: argparse.Namespace) -> dict:
     names = output_names(images)
     plan = {str(image): str(args.out / f"{names[image]}.npz") for image in images}
     remove_stale_parts(args.out, {Path(p).name for p in plan.values()})
-    job = EmbeddingJob(predictor_spec(args, resolve=on_ray), plan, max_pixels=args.max_pixels)
+    job = EmbeddingJob(predictor_spec(args, resolve=on_ray).load, plan, max_pixels=args.max_pixels)
     if on_ray:
         job.make_predictor()  # a bad checkpoint or export fails here, once
     batch = run_batch(job, list(plan), args)

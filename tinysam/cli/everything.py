@@ -86,7 +86,7 @@ def run_everything(args: argparse.Namespace) -> dict:
         raise UsageError(f"{err}; choose another --out") from None
     remove_stale_parts(args.out, {p.name for outputs in plan.values() for p in outputs})
     job = EverythingJob(
-        predictor_spec(args, resolve=on_ray),
+        predictor_spec(args, resolve=on_ray).load,
         {str(image): [str(p) for p in outputs] for image, outputs in plan.items()},
         mode=args.mode,
         points_per_side=args.points_per_side,

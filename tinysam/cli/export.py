@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import UsageError, add_model_args, load_from_args
+from .common import UsageError, add_model_args, model_from_args
 
 
 def register(sub) -> None:
@@ -64,7 +64,7 @@ def run_export(args: argparse.Namespace) -> dict:
 
     if args.opset < MIN_OPSET:
         raise UsageError(f"--opset must be at least {MIN_OPSET} (torch's ONNX exporter)")
-    sam, resolved = load_from_args(args)
+    sam, resolved = model_from_args(args)
     model_type = detect_model_type(sam.state_dict())
     if args.format != "tinysam":
         return _export_for_tool(args, sam, model_type, resolved.path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_args, load_from_args
+from .common import add_model_args, model_from_args
 
 
 def register(sub) -> None:
@@ -20,7 +20,7 @@ def register(sub) -> None:
 def run_info(args: argparse.Namespace) -> dict:
     from ..build import count_parameters, detect_model_type
 
-    sam, resolved = load_from_args(args)
+    sam, resolved = model_from_args(args)
     model_type = detect_model_type(sam.state_dict())
 
     return {

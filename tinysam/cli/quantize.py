@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import UsageError, add_model_args, image_folder, load_from_args
+from .common import UsageError, add_model_args, image_folder, model_from_args
 
 EPILOG = """\
 examples:
@@ -104,7 +104,7 @@ def run_quantize(args: argparse.Namespace) -> dict:
     )
     calib_paths = image_folder(args.calib, args.images, "--calib")
     test_paths = image_folder(args.test, None, "--test") if args.test else None
-    sam, resolved = load_from_args(args)
+    sam, resolved = model_from_args(args)
     show = sys.stderr.isatty()
     return quantize(
         sam,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -155,24 +154,19 @@ def init_context(context) -> None:
     """nuclio's start-up hook: load the model once per worker. Settings come from the
     function's environment: TINYSAM_CHECKPOINT (or TINYSAM_ONNX_DIR with
     TINYSAM_BACKEND=onnx), TINYSAM_THREADS."""
-    from ..backends import load_predictor
+    from ..backends import PredictorSpec
     from ..io import positive_int_env
 
     # Every setting is read and checked here: a misconfigured function fails to start with one
     # line in its log, never later as a client's 400.
     try:
         max_pixels = positive_int_env("TINYSAM_MAX_PIXELS", DEFAULT_MAX_PIXELS)
-        threads = positive_int_env("TINYSAM_THREADS", 0) or None
+        spec = PredictorSpec.from_env()
     except ValueError as err:
         raise RuntimeError(f"tinysam: {err}; fix the function's environment") from None
     context.logger.info("tinysam: loading the model")
     context.user_data.max_pixels = max_pixels
-    context.user_data.predictor = load_predictor(
-        backend=os.environ.get("TINYSAM_BACKEND", "torch"),
-        checkpoint=os.environ.get("TINYSAM_CHECKPOINT"),
-        onnx_dir=os.environ.get("TINYSAM_ONNX_DIR"),
-        threads=threads,
-    )
+    context.user_data.predictor = spec.load()
     context.logger.info("tinysam: ready")
 
 

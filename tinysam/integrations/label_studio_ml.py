@@ -34,16 +34,10 @@ def shared_backend() -> LabelStudioBackend:
     global _shared
     with _lock:
         if _shared is None:
-            from ..backends import load_predictor
+            from ..backends import PredictorSpec
             from ..serve.app import DemoService
 
-            threads = os.environ.get("TINYSAM_THREADS")
-            predictor = load_predictor(
-                backend=os.environ.get("TINYSAM_BACKEND", "torch"),
-                checkpoint=os.environ.get("TINYSAM_CHECKPOINT"),
-                onnx_dir=os.environ.get("TINYSAM_ONNX_DIR"),
-                threads=int(threads) if threads else None,
-            )
+            predictor = PredictorSpec.from_env().load()
             hosts = os.environ.get("TINYSAM_ALLOW_HOSTS", "")
             images = ImageSource(
                 os.environ.get("LABEL_STUDIO_URL"),

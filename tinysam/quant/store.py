@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from ..build import build_sam_model, sam_model_registry
+from ..checkpoint import QUANT_CONFIG_FILE as CONFIG_FILE
+from ..checkpoint import QUANT_WEIGHTS_FILE as WEIGHTS_FILE
 from ..checkpoint import CheckpointError, load_strict, read_state_dict
 from ..formats import FormatError, field, require
 from ..io import atomic_write
@@ -26,8 +28,6 @@ from .layers import QuantLayer
 from .model import prepare, quant_layers, quantizers
 from .quantizers import TWIN_KINDS, qrange
 
-WEIGHTS_FILE = "quantized.pt"
-CONFIG_FILE = "quant.json"
 FORMAT = "tinysam-quant"
 FORMAT_VERSION = 1
 
@@ -150,17 +150,17 @@ def _check_config(config: dict, where: str) -> None:
                 )
 
 
-def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
-    path = Path(path)
-    directory = path if path.is_dir() else path.parent
-    return (directory / CONFIG_FILE).is_file() and (path.is_dir() or path.name == WEIGHTS_FILE)
-
-
-def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") -> Sam:
+def load_quantized(
+    path: str | os.PathLike, device: str | torch.device = "cpu", model_type: str | None = None
+) -> Sam:
     """A fake-quantized model from a directory written by ``save_quantized`` (or its
-    ``quantized.pt``); ``model.quant_config`` holds the JSON."""
+    ``quantized.pt``), which must hold ``model_type`` when one is given;
+    ``model.quant_config`` holds the JSON."""
     directory, config = read_config(path)
-    model_type = config["model_type"]
+    found = config["model_type"]
+    if model_type is not None and model_type != found:
+        raise CheckpointError(f"{path} is a quantized {found}, not {model_type}")
+    model_type = found
     bits = config.get("bits", {})
     model = prepare(build_sam_model(model_type), bits.get("weight", 8), bits.get("activation", 8))
     state = read_state_dict(directory / WEIGHTS_FILE)

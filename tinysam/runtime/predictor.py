@@ -17,6 +17,7 @@ import numpy as np
 
 from ..checks import NOT_A_POINT, check_prompt_batch
 from ..formats import FormatError, field, is_int, numbers, plain_file_name
+from ..perf import usable_cores
 from ..predictor_base import (
     DEFAULT_MANY_PROMPTS,
     MANY_PROMPT_CHUNK,
@@ -53,7 +54,7 @@ def session_options(threads: int | None = None, quantized: bool = False, shared_
         use_shared_arena(options)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads or _physical_cores()
+    options.intra_op_num_threads = threads or usable_cores()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only; warnings about unused initialisers are noise
     # Idle pool threads would spin after each run, stealing the cores from whatever the caller
@@ -103,13 +104,6 @@ INT8_DISABLED_OPTIMIZERS = ["MatMulAddFusion"]
 
 def disabled_optimizers(quantized: bool) -> list[str]:
     return list(INT8_DISABLED_OPTIMIZERS) if quantized else []
-
-
-def _physical_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def load_manifest(model_dir: str | os.PathLike) -> dict:
@@ -439,7 +433,7 @@ def load_encoder(
     path = Path(model_dir) / manifest["encoder"]["file"]
     if engine == "openvino":
         quantized = "quantization" in manifest
-        return OpenVinoEncoder(path, threads or _physical_cores(), quantized)
+        return OpenVinoEncoder(path, threads or usable_cores(), quantized)
     return load_session(path, manifest, threads)
 
 
