@@ -78,7 +78,7 @@ def test_many_prompt_decoder_tracks_the_image_tokens_exactly(predictor):
 def test_many_prompt_path_with_boxes_and_single_mask(predictor):
     """Boxes (with and without points) and multimask_output=False take the many-prompt path
     (batch >= 8) and agree with the plain decoder."""
-    from tinysam.predictor import MANY_PROMPTS
+    from tinysam.predictor_base import DEFAULT_MANY_PROMPTS as MANY_PROMPTS
 
     model = predictor.model
     generator = torch.Generator().manual_seed(3)

@@ -21,9 +21,6 @@ from .predictor_base import (
     release_encoder_memory,
 )
 
-# Kept for code that reads it; the threshold is the ``many_prompts`` constructor argument.
-MANY_PROMPTS = DEFAULT_MANY_PROMPTS
-
 
 class SamPredictor(PredictorBase):
     """``PredictorBase`` on a PyTorch ``Sam`` (any device).

@@ -24,6 +24,31 @@ class LayerNorm2d(nn.Module):
         return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 
+def sam_neck(in_chans: int, out_chans: int) -> nn.Sequential:
+    """SAM's neck, shared by every image encoder: 1x1 then 3x3 convolutions (no bias), each
+    followed by a channel LayerNorm, mapping the backbone's width to the embedding's."""
+    return nn.Sequential(
+        nn.Conv2d(in_chans, out_chans, kernel_size=1, bias=False),
+        LayerNorm2d(out_chans),
+        nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+        LayerNorm2d(out_chans),
+    )
+
+
+class StagedEncoder(nn.Module):
+    """An image encoder whose forward pass is a chain of stages (``stages``), so that a
+    backward pass can be taken one stage at a time: quantization's calibration recomputes
+    each stage's graph instead of keeping them all."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages():
+            x = stage(x)
+        return x
+
+    def stages(self) -> list:
+        raise NotImplementedError
+
+
 class GELU(nn.GELU):
     """Exact GELU that overwrites its input when no gradient is needed.
 

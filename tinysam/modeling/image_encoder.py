@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, MLPBlock
+from .common import MLPBlock, StagedEncoder, sam_neck
 
 
-class ImageEncoderViT(nn.Module):
+class ImageEncoderViT(StagedEncoder):
     def __init__(
         self,
         img_size: int = 1024,
@@ -57,20 +57,9 @@ class ImageEncoderViT(nn.Module):
             )
             for i in range(depth)
         )
-        self.neck = nn.Sequential(
-            nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False),
-            LayerNorm2d(out_chans),
-            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
-            LayerNorm2d(out_chans),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for stage in self.stages():
-            x = stage(x)
-        return x
+        self.neck = sam_neck(embed_dim, out_chans)
 
     def stages(self) -> list:
-        """The forward pass as a chain of callables (see ``TinyViT.stages``)."""
         return [self._embed, *self.blocks, self._neck]
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:

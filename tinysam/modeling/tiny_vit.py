@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import GELU, LayerNorm2d
+from .common import GELU, StagedEncoder, sam_neck
 
 
 class ConvBN(nn.Sequential):
@@ -343,7 +343,7 @@ class BasicLayer(nn.Module):
         return x if self.downsample is None else self.downsample(x)
 
 
-class TinyViT(nn.Module):
+class TinyViT(StagedEncoder):
     """TinyViT backbone with SAM's neck; ``forward`` maps Bx3xSxS to Bx256x(S/16)x(S/16).
 
     The classification head (``norm_head``, ``head``) is unused but kept so that published
@@ -419,22 +419,9 @@ class TinyViT(nn.Module):
         self.norm_head = nn.LayerNorm(embed_dims[-1])
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
-        self.neck = nn.Sequential(
-            nn.Conv2d(embed_dims[-1], out_chans, kernel_size=1, bias=False),
-            LayerNorm2d(out_chans),
-            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
-            LayerNorm2d(out_chans),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for stage in self.stages():
-            x = stage(x)
-        return x
+        self.neck = sam_neck(embed_dims[-1], out_chans)
 
     def stages(self) -> list:
-        """The forward pass as a chain of callables, so that a backward pass can be taken
-        one stage at a time (quantization's calibration recomputes each stage's graph
-        instead of keeping them all)."""
         return [self._embed, *self.layers, self._neck]
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -153,10 +153,6 @@ def prepare(sam: Sam, weight_bits: int = 8, act_bits: int = 8) -> Sam:
     return model
 
 
-def is_quantized(model: nn.Module) -> bool:
-    return hasattr(model, "quant_bits")
-
-
 def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every quantized layer and product, by module name, in forward order of definition."""
     return {
@@ -205,10 +201,3 @@ def set_deploy(model: nn.Module, deploy: bool = True) -> None:
             layer.quantize_output = (
                 deploy and layer.kind in DEPLOY_OUTPUT_KINDS and layer.output_quant.calibrated
             )
-
-
-def float_output(layer: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
-    """The layer's float result for these inputs (no quantizer involved)."""
-    if isinstance(layer, QuantMatMul):
-        return inputs[0] @ inputs[1]
-    return layer.float_forward(inputs[0])
