@@ -119,10 +119,27 @@ def onnx_predictor(onnx_dir, golden_image):
     return p
 
 
-@pytest.fixture(params=["torch", "onnx"])
-def any_predictor(request):
-    """Both backends with the golden image set, for checks they must share."""
-    return request.getfixturevalue("predictor" if request.param == "torch" else "onnx_predictor")
+def _installed_backends() -> list[str]:
+    from tinysam.backends import installed_backends
+
+    return installed_backends()
+
+
+@pytest.fixture(scope="session", params=_installed_backends())
+def any_predictor(request, golden_image):
+    """Every backend installed here (a new one joins by being in ``backends.BACKENDS``), with
+    the golden image set, for the checks they must share."""
+    if request.param == "torch":
+        return request.getfixturevalue("predictor")
+    if request.param == "onnx":
+        return request.getfixturevalue("onnx_predictor")
+    from tinysam.backends import load_predictor
+
+    predictor = load_predictor(
+        request.param, onnx_dir=request.getfixturevalue("onnx_dir"), threads=2
+    )
+    predictor.set_image(golden_image)
+    return predictor
 
 
 def free_port() -> int:

@@ -333,6 +333,16 @@ def _torch_with_export_encoders(
     return factories
 
 
+def installed_backends() -> list[str]:
+    """The backends this installation can run (besides ``auto``), in ``BACKENDS`` order."""
+    engines = {
+        "torch": ("torch",),
+        "onnx": ("onnxruntime",),
+        "openvino": ("onnxruntime", "openvino"),
+    }
+    return [b for b in BACKENDS[1:] if all(_installed(m) for m in engines[b])]
+
+
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -347,6 +357,7 @@ __all__ = [
     "auto_candidates",
     "BACKENDS",
     "BackendError",
+    "installed_backends",
     "load_model",
     "load_predictor",
     "PredictorSpec",
