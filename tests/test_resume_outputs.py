@@ -290,3 +290,30 @@ def test_serve_uses_a_good_precomputed_embedding(tmp_path, vit_t_model):
     service = DemoService(predictor, embeddings={file_sha256(data): tmp_path / "a.npz"})
     service.add_image(data)
     assert service.precomputed == 1 and service.embeddings_rejected == 0
+
+
+def test_sharded_teacher_cache_resumes_from_its_own_marked_shards(tmp_path):
+    """The Ray teacher cache's job, run here: its shard markers are ours, so a second run skips
+    them, and a marker cut short is redone."""
+    import torch
+
+    from tinysam.batch import run_local
+    from tinysam.distill.models import small_teacher
+    from tinysam.distill.pipeline import finish_sharded_cache, sharded_cache_job
+    from tinysam.distill.synthetic import write_synthetic_sa1b
+    from tinysam.io import DONE, output_state
+
+    data = write_synthetic_sa1b(tmp_path / "sa1b", 3, size=(64, 64), seed=1)
+    torch.save(small_teacher(64).state_dict(), tmp_path / "teacher.pt")
+    out = tmp_path / "cache"
+    settings = (data, out, "small", tmp_path / "teacher.pt", 64, 2, torch.device("cpu"))
+    job, shards = sharded_cache_job(*settings)
+    first = run_local(job, shards)
+    assert first.done == 2 and all(output_state(job.outputs(s)[0]) == DONE for s in shards)
+    marker = job.outputs("1")[0]
+    marker.write_bytes(marker.read_bytes()[:40])
+    job, shards = sharded_cache_job(*settings)
+    again = run_local(job, shards)
+    assert (again.skipped, again.redone, again.done) == (1, ["1"], 1)
+    summary = finish_sharded_cache(job, again)
+    assert (summary["shards"], summary["cached"]) == (2, 3)

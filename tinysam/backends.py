@@ -154,7 +154,7 @@ class PredictorSpec:
         if self.onnx_dir is not None:
             raise BackendError("--onnx-dir is for --backend auto, onnx or openvino")
         if str(self.device) != "cpu":
-            torch_device(str(self.device))  # a device this torch has, or one line
+            _checked_device(str(self.device))  # a device this torch has, or one line
         return self
 
     def resolve(self) -> PredictorSpec:
@@ -223,7 +223,7 @@ class PredictorSpec:
 
         if spec.threads is not None:
             torch.set_num_threads(spec.threads)
-        device = torch_device(str(spec.device))
+        device = _checked_device(str(spec.device))
         return load_model(spec.model_type, spec.checkpoint, device=device, progress=spec.progress)
 
     def _auto_candidates(self) -> tuple[dict, str]:
@@ -244,21 +244,6 @@ def load_predictor(backend: str = "torch", **settings) -> PredictorBase:
     explicitly (one model), the winning engine encodes the images and torch answers the
     prompts."""
     return PredictorSpec(backend, **settings).load()
-
-
-def torch_device(name: str, local_rank: int = 0):
-    """``--device``: a torch device that exists here; ``auto`` is this rank's GPU if any."""
-    import torch
-
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise BackendError(f"--device {name!r} is not a torch device") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BackendError("--device cuda asked for, but this torch build sees no CUDA GPU")
-    return device
 
 
 def auto_candidates(**settings) -> tuple[dict, str]:
@@ -333,6 +318,15 @@ def _torch_with_export_encoders(
     return factories
 
 
+def _checked_device(name: str):
+    from .devices import DeviceError, torch_device
+
+    try:
+        return torch_device(name)
+    except DeviceError as err:
+        raise BackendError(str(err)) from None
+
+
 def installed_backends() -> list[str]:
     """The backends this installation can run (besides ``auto``), in ``BACKENDS`` order."""
     engines = {
@@ -361,5 +355,4 @@ __all__ = [
     "load_model",
     "load_predictor",
     "PredictorSpec",
-    "torch_device",
 ]

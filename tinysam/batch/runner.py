@@ -24,6 +24,7 @@ import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 
@@ -61,6 +62,25 @@ class BatchSummary:
     @property
     def items_per_second(self) -> float:
         return self.done / self.seconds if self.seconds > 0 else 0.0
+
+    def report(
+        self, name=lambda item: Path(item).name, *, timing=True, per_worker=False, **fields
+    ) -> dict[str, Any]:
+        """A command's summary of the run, in one shape for every command: images, skipped,
+        the command's own ``fields``, then the timing, each Ray worker's count, and the items
+        redone, failed or why the run stopped (items shown by ``name``)."""
+        out: dict[str, Any] = {"images": self.items, "skipped": self.skipped, **fields}
+        if timing:
+            out["seconds"] = round(self.seconds, 3)
+            out["images_per_second"] = round(self.items_per_second, 3)
+        if per_worker:
+            out["per_worker"] = self.per_worker
+        for key, items in (("redone", self.redone), ("failed", list(self.failed))):
+            if items:
+                out[key] = [name(item) for item in items]
+        if self.stopped:
+            out["stopped"] = self.stopped
+        return out
 
     def as_dict(self, results: bool = False) -> dict[str, Any]:
         out = asdict(self)

@@ -55,6 +55,7 @@ def run_boxes(args: argparse.Namespace) -> dict:
     from ..evaluation.instances import (
         PARTS,
         BoxesJob,
+        check_detection_images,
         check_run_settings,
         detections_from_annotations,
         ground_truth,
@@ -81,12 +82,7 @@ def run_boxes(args: argparse.Namespace) -> dict:
         gt = ground_truth(args.annotations)
         detections = load_detections(args.boxes, args.min_score)
     files = image_files(gt)
-    unknown = set(detections) - set(files)
-    if unknown:
-        raise UsageError(
-            f"{len(unknown)} image id(s) of {args.boxes.name} are not among the images "
-            f"(e.g. {min(unknown)})"
-        )
+    check_detection_images(detections, files, args.boxes.name)
     ids = sorted(files)
     check_run_settings(args.out, {"boxes": args.boxes.name, "single_mask": args.single_mask})
     job = BoxesJob(
@@ -102,21 +98,11 @@ def run_boxes(args: argparse.Namespace) -> dict:
     if on_ray:
         job.make_predictor()  # a bad checkpoint or export fails here, once
     batch = run_batch(job, [str(i) for i in ids], args)
-    summary = {
-        "images": batch.items,
-        "skipped": batch.skipped,
-        "masks": sum(r["masks"] for r in batch.results),
-        "seconds": round(batch.seconds, 3),
-        "images_per_second": round(batch.items_per_second, 3),
-    }
-    if on_ray:
-        summary["per_worker"] = batch.per_worker
-    if batch.redone:
-        summary["redone"] = [files[int(i)] for i in batch.redone]
-    if batch.failed:
-        summary["failed"] = [files[int(i)] for i in batch.failed]
-    if batch.stopped:
-        summary["stopped"] = batch.stopped
+    summary = batch.report(
+        lambda item: files[int(item)],
+        per_worker=on_ray,
+        masks=sum(r["masks"] for r in batch.results),
+    )
     done = [i for i in ids if output_state(job.outputs(str(i))[0]) == DONE]
     summary["results"] = str(merge_parts(args.out, done))
     summary["results_images"] = len(done)

@@ -8,12 +8,11 @@ RANK / WORLD_SIZE / LOCAL_RANK variables it sets are read; gloo on CPU, nccl on 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .common import Parser, add_ray_args, uses_ray
+from .common import Parser, add_ray_args, run_batch, uses_ray
 
 TRAIN_EPILOG = """\
 examples:
@@ -142,187 +141,35 @@ def run_distill(args: argparse.Namespace) -> dict | None:
 
 
 def _cache_teacher(args) -> dict:
-    import torch
-    from tqdm.auto import tqdm
+    from ..devices import torch_device
+    from ..distill import pipeline
 
-    from ..backends import torch_device
-    from ..distill.data import SA1BDataset
-    from ..distill.models import build_teacher
-    from ..distill.teacher_cache import cache_teacher, read_index
-    from .common import UsageError
-
-    if args.shard_size < 1:
-        raise UsageError("--shard-size must be at least 1")
-    if uses_ray(args):
-        return _cache_teacher_on_ray(args)
     device = torch_device(args.device)
-    dataset = SA1BDataset(args.data, args.image_size)
-    names = [entry.name for entry in dataset.entries]
-    index = read_index(args.out)
-    done = {n for shard in index["shards"] for n in shard["names"]} if index else set()
-    todo = sum(name not in done for name in names)
-    teacher = build_teacher(
-        args.teacher, args.image_size, args.checkpoint, progress=sys.stderr.isatty()
-    )
-    encoder = teacher.image_encoder.to(device)
-
-    def encode(image: torch.Tensor) -> torch.Tensor:
-        return encoder(image.to(device))
-
-    with tqdm(total=todo, unit="image", disable=not sys.stderr.isatty()) as bar:
-        index = cache_teacher(
-            encode, dataset, args.out, args.teacher, args.shard_size, names, bar.update
-        )
-    return {
-        "teacher": args.teacher,
-        "images": len(names),
-        "cached_now": todo,
-        "skipped": len(names) - todo,
-        "shards": len(index["shards"]),
-        "out": str(args.out),
-    }
-
-
-def _cache_teacher_on_ray(args) -> dict:
-    """The shards spread over Ray workers (``TeacherCacheJob``); the index written at the end."""
-    from ..backends import torch_device
-    from ..distill.data import SA1BDataset
-    from ..distill.teacher_cache import (
-        TeacherCacheJob,
-        chunks,
-        read_index,
-        write_sharded_index,
-    )
-    from .common import UsageError, run_batch
-
-    index = read_index(args.out)
-    if index is not None and index.get("shard_size") != args.shard_size:
-        how = "without --ray" if "shard_size" not in index else "with another --shard-size"
-        raise UsageError(f"{args.out} was cached {how}; use another --out")
-    if index is not None and index.get("teacher") != args.teacher:
-        held = index.get("teacher")
-        raise UsageError(f"{args.out} holds embeddings of {held}; use another --out")
-    names = [entry.name for entry in SA1BDataset(args.data, args.image_size).entries]
-    device = torch_device(args.device)
+    if not uses_ray(args):
+        return pipeline.cache_teacher_here(
+            args.data, args.out, args.teacher, args.checkpoint, args.image_size,
+            args.shard_size, device, progress=sys.stderr.isatty(),
+        )  # fmt: skip
+    job, shards = pipeline.sharded_cache_job(
+        args.data, args.out, args.teacher, args.checkpoint, args.image_size, args.shard_size,
+        device,
+    )  # fmt: skip
     if device.type == "cuda" and not args.gpus_per_worker:
         args.gpus_per_worker = 1
-    job = TeacherCacheJob(
-        str(args.data.resolve()),
-        str(args.out.resolve()),
-        args.teacher,
-        None if args.checkpoint is None else str(args.checkpoint.resolve()),
-        args.image_size,
-        args.shard_size,
-        names,
-        "cuda" if device.type == "cuda" else "cpu",
-    )
-    args.out.mkdir(parents=True, exist_ok=True)
-    count = len(chunks(names, args.shard_size))
-    batch = run_batch(job, [str(k) for k in range(count)], args)
-    index = write_sharded_index(args.out, args.teacher, args.shard_size, count)
-    failed = {name: why for r in batch.results for name, why in r["failed"].items()}
-    summary = {
-        "teacher": args.teacher,
-        "images": len(names),
-        "shards": len(index["shards"]),
-        "cached": sum(len(shard["names"]) for shard in index["shards"]),
-        "seconds": round(batch.seconds, 3),
-        "per_worker": batch.per_worker,
-        "out": str(args.out),
-    }
-    if failed or batch.failed:
-        summary["failed"] = sorted(failed) + [f"shard {k}" for k in batch.failed]
-    if batch.stopped:
-        summary["stopped"] = batch.stopped
-    return summary
-
-
-def _read_config(args):
-    import yaml
-
-    from ..distill.config import config_from_dict
-    from .common import UsageError
-
-    values: dict = {}
-    if args.config is not None:
-        try:
-            values = yaml.safe_load(args.config.read_text()) or {}
-        except yaml.YAMLError as err:
-            message = str(err).splitlines()[0]
-            raise UsageError(f"{args.config} is not valid YAML: {message}") from err
-        if not isinstance(values, dict):
-            raise UsageError(f"{args.config} must hold a mapping of config keys")
-    for override in args.overrides:
-        key, sep, text = override.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--set wants KEY=VALUE, got {override!r}")
-        section = values
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            section = section.setdefault(parent, {})
-            if not isinstance(section, dict):
-                raise UsageError(f"--set {key}: {parent} is not a section")
-        try:
-            section[leaf] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            section[leaf] = text
-    return config_from_dict(values)
+    return pipeline.finish_sharded_cache(job, run_batch(job, shards, args))
 
 
 def _train(args) -> dict | None:
-    from ..backends import torch_device
-    from .common import UsageError
+    from ..distill.config import read_config
+    from ..distill.pipeline import train
 
-    config = _read_config(args)
+    config = read_config(args.config, args.overrides)
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(asdict(config), sort_keys=False), end="")
         return None
-    if not config.data:
-        raise UsageError("no training data: set data: in the config or --set data=DIR")
-
-    import torch
-    import torch.distributed as dist
-
-    from ..distill.models import build_student, build_teacher
-    from ..distill.trainer import Distiller
-
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    device = torch_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
-    if world_size > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        student = build_student(config.student, config.image_size, config.student_checkpoint)
-        teacher = build_teacher(
-            config.teacher,
-            config.image_size,
-            config.teacher_checkpoint,
-            with_image_encoder=config.teacher_cache is None,
-            progress=sys.stderr.isatty() and rank == 0,
-        )
-        distiller = Distiller(student, teacher, config, rank, world_size, device)
-        if args.resume is not None:
-            checkpoint = Path(args.resume) if args.resume else Path(config.out) / "last.pt"
-            if not checkpoint.is_file():
-                raise UsageError(f"nothing to resume: {checkpoint} does not exist")
-            distiller.resume(checkpoint)
-        history = distiller.run(progress=sys.stderr.isatty())
-    finally:
-        if world_size > 1:
-            dist.destroy_process_group()
-    if rank != 0:
-        return None  # one summary per run, from rank 0
-    last = history[-1] if history else {}
-    return {
-        "steps": distiller.step,
-        "loss": last.get("total"),
-        "out": config.out,
-        "student": str(Path(config.out) / "student.pt"),
-    }
+    return train(config, args.device, args.resume, progress=sys.stderr.isatty())
 
 
 def _demo(args) -> None:

@@ -64,22 +64,7 @@ def run_embed(args: argparse.Namespace) -> dict:
     batch = run_batch(job, list(plan), args)
     args.out.mkdir(parents=True, exist_ok=True)
     index = write_index(args.out, list(plan.values()))
-    summary = {
-        "images": batch.items,
-        "skipped": batch.skipped,
-        "embedded": batch.done,
-        "index": str(index),
-        "seconds": round(batch.seconds, 3),
-        "images_per_second": round(batch.items_per_second, 3),
-    }
-    if on_ray:
-        summary["per_worker"] = batch.per_worker
-    if batch.redone:
-        summary["redone"] = [Path(item).name for item in batch.redone]
-    if batch.failed:
-        summary["failed"] = [Path(item).name for item in batch.failed]
-    if batch.stopped:
-        summary["stopped"] = batch.stopped
+    summary = batch.report(per_worker=on_ray, embedded=batch.done, index=str(index))
     return summary
 
 

@@ -103,20 +103,11 @@ def run_everything(args: argparse.Namespace) -> dict:
     if on_ray and todo:
         job.make_predictor()  # a bad checkpoint or export fails here, once, not in every worker
     batch = run_batch(job, [str(image) for image in images], args)
-    summary = {"images": batch.items, "skipped": batch.skipped, "masks": 0}
-    summary["masks"] = sum(result["masks"] for result in batch.results)
-    if on_ray:
-        summary.update(
-            seconds=round(batch.seconds, 3),
-            images_per_second=round(batch.items_per_second, 3),
-            per_worker=batch.per_worker,
-        )
-    if batch.redone:
-        summary["redone"] = [Path(item).name for item in batch.redone]
-    if batch.failed:
-        summary["failed"] = [Path(item).name for item in batch.failed]
-    if batch.stopped:
-        summary["stopped"] = batch.stopped
+    summary = batch.report(
+        timing=on_ray,
+        per_worker=on_ray,
+        masks=sum(result["masks"] for result in batch.results),
+    )
     if batch.done:
         _warn_if_nothing_passed(summary, args)
     return summary

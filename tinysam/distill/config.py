@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from .losses import LossWeights
 from .prompts import HardPromptOptions
@@ -132,3 +135,36 @@ def config_from_dict(values: dict) -> TrainConfig:
     """A TrainConfig from a (YAML) mapping, nested sections included; unknown keys, values of
     the wrong type and values out of range are one-line errors."""
     return TrainConfig(**_checked(TrainConfig, values))
+
+
+def read_config(
+    path: str | os.PathLike | None = None, overrides: Sequence[str] = ()
+) -> TrainConfig:
+    """A TrainConfig from a YAML file (or the defaults) with ``KEY=VALUE`` overrides applied,
+    nested keys with a dot (``prompt_options.accumulate=true``), each VALUE read as YAML."""
+    import yaml
+
+    values: dict = {}
+    if path is not None:
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as err:
+            message = str(err).splitlines()[0]
+            raise ValueError(f"{path} is not valid YAML: {message}") from err
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a mapping of config keys")
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set wants KEY=VALUE, got {override!r}")
+        section = values
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            section = section.setdefault(parent, {})
+            if not isinstance(section, dict):
+                raise ValueError(f"--set {key}: {parent} is not a section")
+        try:
+            section[leaf] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            section[leaf] = text
+    return config_from_dict(values)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import atomic_write
+from ..io import atomic_write, write_json_output
 
 INDEX = "index.json"
 FORMAT = "tinysam-teacher-cache"
@@ -220,8 +220,7 @@ class TeacherCacheJob:
         with atomic_write(path, "wb") as f:
             np.save(f, np.stack(rows), allow_pickle=False)
         shard = {"file": path.name, "names": done, "sha256": _sha256(path), "failed": failed}
-        with atomic_write(self.outputs(item)[0], "w") as f:
-            json.dump(shard, f)
+        write_json_output(self.outputs(item)[0], "teacher-shard", shard)  # marked: resumable
         return {"shard": k, "images": len(done), "failed": failed, "shape": list(rows[0].shape)}
 
 

@@ -178,6 +178,17 @@ def load_detections(path: str | os.PathLike, min_score: float = 0.0) -> dict[int
     return dict(grouped)
 
 
+def check_detection_images(by_image: dict, files: dict, what: str) -> None:
+    """Every image id of the detections (``what``, a file name) must be one of the annotations
+    file's images (``files``): else the two are from different datasets."""
+    unknown = set(by_image) - set(files)
+    if unknown:
+        raise DatasetError(
+            f"{len(unknown)} image id(s) of {what} are not in the annotations file "
+            f"(e.g. {min(unknown)}): detections and annotations are from different datasets"
+        )
+
+
 def detections_from_annotations(gt: dict) -> dict[int, list[Detection]]:
     """A (checked) annotations file's boxes as detections of score 1: the masks step of
     auto-annotation when the boxes come from people or another tool."""
@@ -251,12 +262,7 @@ def segment_detections(
     out_dir = Path(out_dir)
     files = image_files(annotations)
     by_image = load_detections(detections)
-    unknown = set(by_image) - set(files)
-    if unknown:
-        raise DatasetError(
-            f"{len(unknown)} image id(s) of the detections are not in the annotations file "
-            f"(e.g. {min(unknown)}): detections and annotations are from different datasets"
-        )
+    check_detection_images(by_image, files, Path(detections).name)
     ids = sorted(files)[:limit] if limit else sorted(files)
     check_run_settings(out_dir, {"detections": Path(detections).name, "single_mask": single_mask})
     remove_stale_parts(out_dir / PARTS, {_part_path(out_dir, i).name for i in ids})
