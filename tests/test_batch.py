@@ -284,7 +284,8 @@ def test_serve_answers_known_uploads_without_encoding(embedded, photos, vit_t_mo
 
     from tinysam import SamPredictor
     from tinysam.embeddings import read_index
-    from tinysam.serve.app import DemoService, create_app
+    from tinysam.serve.app import create_app
+    from tinysam.serve.service import DemoService
 
     _, out = embedded
     with_index = DemoService(SamPredictor(vit_t_model), embeddings=read_index(out))

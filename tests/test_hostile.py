@@ -184,7 +184,8 @@ def api(vit_t_checkpoint):
     from fastapi.testclient import TestClient
 
     from tinysam import SamPredictor, build_sam_vit_t
-    from tinysam.serve.app import DemoService, create_app
+    from tinysam.serve.app import create_app
+    from tinysam.serve.service import DemoService
 
     service = DemoService(
         SamPredictor(build_sam_vit_t(vit_t_checkpoint).eval()),

@@ -374,7 +374,7 @@ def in_process_app(vit_t_checkpoint, **options):
     from tinysam import SamPredictor, sam_model_registry
     from tinysam.integrations.label_studio import ImageSource, LabelStudioBackend
     from tinysam.integrations.label_studio_app import create_label_studio_app
-    from tinysam.serve.app import DemoService
+    from tinysam.serve.service import DemoService
 
     auth = options.pop("basic_auth", None)
     model = sam_model_registry["vit_t"](checkpoint=vit_t_checkpoint)

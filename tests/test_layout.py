@@ -125,10 +125,13 @@ def test_imports_follow_the_layers():
 
 
 def test_integrations_use_the_service_not_the_features():
-    """integrations/ may use the serving service and the everything generators, and no other
-    feature."""
+    """integrations/ may use the serving service (its HTTP helpers too, never the web demo's
+    app) and the everything generators, and no other feature."""
     allowed = {"serve", "everything"}
     assert not graph().get("integrations", set()) & (features() - allowed)
+    for module, targets in imports().items():
+        if _top(module) == "integrations":
+            assert "tinysam.serve.app" not in targets, module
 
 
 def test_feature_packages_hold_no_argparse():

@@ -252,7 +252,8 @@ def test_serve_checks_precomputed_embeddings_and_encodes_instead(tmp_path, vit_t
 
     from tinysam import SamPredictor
     from tinysam.embeddings import file_sha256
-    from tinysam.serve.app import DemoService, create_app
+    from tinysam.serve.app import create_app
+    from tinysam.serve.service import DemoService
 
     image = np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8)
     buffer = __import__("io").BytesIO()
@@ -278,7 +279,7 @@ def test_serve_uses_a_good_precomputed_embedding(tmp_path, vit_t_model):
     """The checks pass what ``tinysam embed`` writes (the control for the cases above)."""
     from tinysam import SamPredictor
     from tinysam.embeddings import file_sha256, save_embedding
-    from tinysam.serve.app import DemoService
+    from tinysam.serve.service import DemoService
 
     image = np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8)
     buffer = __import__("io").BytesIO()

@@ -13,7 +13,8 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="the serve extra: pip install 'tinysam[serve]'")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from tinysam.serve.app import DemoService, create_app  # noqa: E402
+from tinysam.serve.app import create_app  # noqa: E402
+from tinysam.serve.service import DemoService  # noqa: E402
 
 from conftest import start_tinysam, stop_server  # noqa: E402
 

@@ -48,7 +48,8 @@ def server(vit_t_checkpoint):
     import uvicorn
 
     from tinysam import SamPredictor, build_sam_vit_t
-    from tinysam.serve.app import DemoService, create_app
+    from tinysam.serve.app import create_app
+    from tinysam.serve.service import DemoService
 
     service = DemoService(
         SamPredictor(build_sam_vit_t(vit_t_checkpoint).eval()), everything_points=8

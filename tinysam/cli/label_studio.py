@@ -128,7 +128,7 @@ def run_label_studio(args: argparse.Namespace) -> None:
 
     from ..integrations.label_studio import ImageSource, LabelStudioBackend, brush_encoder
     from ..integrations.label_studio_app import create_label_studio_app
-    from ..serve.app import DemoService
+    from ..serve.service import DemoService
 
     brush_encoder()  # a missing extra is an error now, not at the first click
     max_image_bytes = int(args.max_image_mb * (1 << 20))

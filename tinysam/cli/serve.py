@@ -64,8 +64,8 @@ def run_serve(args: argparse.Namespace) -> None:
         )
     check_grid(args.everything_points, "--everything-points")
     _check_port(args.host, args.port)
-    from ..serve.app import DemoService
     from ..serve.server import run
+    from ..serve.service import DemoService
 
     service = DemoService(
         predictor_from_args(args),

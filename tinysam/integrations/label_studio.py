@@ -32,7 +32,7 @@ import numpy as np
 
 from ..formats import is_number
 from ..io import DownloadError, fetch_bytes
-from ..serve.app import EVERYTHING_BYTES_PER_PIXEL, ApiError, Cancelled, DemoService
+from ..serve.service import EVERYTHING_BYTES_PER_PIXEL, ApiError, Cancelled, DemoService
 from ..version import __version__
 
 MODEL_VERSION = f"tinysam-{__version__}"
@@ -42,7 +42,7 @@ DEFAULT_DOWNLOAD_SECONDS = 30.0
 DEFAULT_MAX_DOWNLOADS = 8
 # Pre-annotation (the everything mode for each task) of one request stops after this long.
 DEFAULT_PREANNOTATE_SECONDS = 120.0
-# A click's answer at full size (``serve.app.CLICK_BYTES_PER_PIXEL``) plus Label Studio's brush
+# A click's answer at full size (``serve.service.CLICK_BYTES_PER_PIXEL``) plus Label Studio's brush
 # encoder, which repeats every pixel into RGBA (4 bytes) before run-length coding it.
 BRUSH_BYTES_PER_PIXEL = 16
 # Context regions Label Studio sends for the two smart tools.

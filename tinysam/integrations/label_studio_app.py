@@ -16,7 +16,8 @@ import json
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from ..serve.app import ApiError, BodyLimit, install_error_handlers, until_disconnected
+from ..serve.http import BodyLimit, install_error_handlers, until_disconnected
+from ..serve.service import ApiError
 from .label_studio import MODEL_VERSION, LabelStudioBackend
 
 MODEL_CLASS = "TinySAMBackend"

@@ -35,7 +35,7 @@ def shared_backend() -> LabelStudioBackend:
     with _lock:
         if _shared is None:
             from ..backends import PredictorSpec
-            from ..serve.app import DemoService
+            from ..serve.service import DemoService
 
             predictor = PredictorSpec.from_env().load()
             hosts = os.environ.get("TINYSAM_ALLOW_HOSTS", "")
