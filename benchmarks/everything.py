@@ -40,7 +40,7 @@ from tinysam import (
     SamPredictor,
     build_sam_vit_t,
 )
-from tinysam.everything.masks import (
+from tinysam.everything.mask_ops import (
     batched_mask_to_box,
     calculate_stability_score,
     mask_to_rle,

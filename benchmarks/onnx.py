@@ -31,7 +31,7 @@ from tinysam import SamPredictor, build_sam_vit_t
 from tinysam.io import load_image
 from tinysam.perf import interleaved_medians
 from tinysam.runtime import OnnxPredictor
-from tinysam.runtime.export import export_onnx
+from tinysam.runtime.onnx_export import export_onnx
 from tinysam.runtime.profile import op_times, slow_ops
 
 IMAGE = Path(__file__).resolve().parents[1] / "assets" / "picture1.jpg"

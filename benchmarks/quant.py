@@ -32,11 +32,11 @@ from tinysam.backends import load_model
 from tinysam.io import load_image
 from tinysam.perf import interleaved_medians
 from tinysam.quant.calibrate import collect
-from tinysam.quant.export import export_quantized_onnx
 from tinysam.quant.model import prepare
+from tinysam.quant.onnx_int8 import export_quantized_onnx
 from tinysam.quant.search import SearchConfig, search_scales
 from tinysam.runtime import OnnxPredictor
-from tinysam.runtime.export import export_onnx
+from tinysam.runtime.onnx_export import export_onnx
 from tinysam.runtime.profile import op_times
 
 IMAGE = Path(__file__).resolve().parents[1] / "assets" / "picture1.jpg"

@@ -24,7 +24,7 @@ from PIL import Image
 from tinysam.backends import load_predictor
 from tinysam.batch import run_local, run_ray
 from tinysam.embeddings import EmbeddingJob
-from tinysam.everything.export import EverythingJob, everything_outputs
+from tinysam.everything.outputs import EverythingJob, everything_outputs
 from tinysam.perf import cpu_kind
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ from PIL import Image
 
 from tinysam.backends import load_predictor
 from tinysam.batch import run_local, run_ray
-from tinysam.everything.export import EverythingJob, everything_outputs, output_names
+from tinysam.everything.outputs import EverythingJob, everything_outputs, output_names
 
 from conftest import REPO
 

@@ -298,7 +298,7 @@ def test_everything_into_its_own_folder_overwrites_nothing(capsys, tmp_path, vit
 
 
 def test_everything_refuses_outputs_that_would_overwrite_an_input(capsys, tmp_path):
-    from tinysam.everything.export import check_no_clobber
+    from tinysam.everything.outputs import check_no_clobber
 
     folder = tmp_path / "p"
     folder.mkdir()

@@ -17,7 +17,7 @@ from conftest import mask_iou
 def test_module_paths_resolve_to_the_real_homes():
     import tinysam
     from tinysam.everything import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator
-    from tinysam.everything import masks as everything_masks
+    from tinysam.everything import mask_ops as everything_masks
     from tinysam.transforms import ResizeLongestSide
 
     assert importlib.import_module("tinysam.build_sam").sam_model_registry is (

@@ -455,7 +455,7 @@ def test_eval_clicks_and_everything_cli(dataset, vit_t_checkpoint, golden, tmp_p
 
 
 def test_recovered_masks_matches_at_the_threshold():
-    from tinysam.evaluation.everything import recovered_masks
+    from tinysam.evaluation.hierarchical_vs_dense import recovered_masks
 
     a = np.zeros((1, 20, 20), bool)
     a[0, 0:10, 0:10] = True

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tinysam import SamAutomaticMaskGenerator, SamPredictor
-from tinysam.everything.masks import (
+from tinysam.everything.mask_ops import (
     batched_mask_to_box,
     build_point_grid,
     calculate_stability_score,

@@ -372,8 +372,8 @@ def in_process_app(vit_t_checkpoint, **options):
     from fastapi.testclient import TestClient
 
     from tinysam import SamPredictor, sam_model_registry
-    from tinysam.integrations.label_studio import ImageSource, LabelStudioBackend
-    from tinysam.integrations.label_studio_app import create_label_studio_app
+    from tinysam.integrations.label_studio.backend import ImageSource, LabelStudioBackend
+    from tinysam.integrations.label_studio.app import create_label_studio_app
     from tinysam.serve.service import DemoService
 
     auth = options.pop("basic_auth", None)

@@ -134,6 +134,23 @@ def test_integrations_use_the_service_not_the_features():
             assert "tinysam.serve.app" not in targets, module
 
 
+def test_no_private_name_is_imported_from_another_module():
+    """A name another module needs is public (or lives where it is used)."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (
+                node.level or (node.module or "").startswith("tinysam")
+            ):
+                private = [
+                    a.name
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.endswith("__")
+                ]
+                found += [f"{path.relative_to(REPO)}: {name}" for name in private]
+    assert found == [], found
+
+
 def test_feature_packages_hold_no_argparse():
     found = imports()
     for module, targets in found.items():

@@ -14,7 +14,8 @@ import torch
 from test_golden_parity import EMBED_TOL, LOGIT_TOL, MIN_MASK_IOU, SCORE_TOL, _prompt_kwargs
 
 from tinysam.runtime import OnnxModelError, OnnxPredictor
-from tinysam.runtime.export import DECODER_INPUTS, DECODER_OUTPUTS, MANIFEST, export_onnx
+from tinysam.runtime.contract import DECODER_INPUTS, DECODER_OUTPUTS, MANIFEST
+from tinysam.runtime.onnx_export import export_onnx
 
 from conftest import REPO, mask_iou, saturating_int8_graph, unpack_masks
 
@@ -448,7 +449,7 @@ def test_sam_vit_encoder_exports(golden, tmp_path):
     from tinysam.io import load_image
     from tinysam.modeling import ImageEncoderViT
     from tinysam.runtime import session_options
-    from tinysam.runtime.export import export_encoder, save_onnx
+    from tinysam.runtime.onnx_export import export_encoder, save_onnx
     from tinysam.transforms import ResizeLongestSide
 
     meta = json.loads((golden / "vit_small_seed3_meta.json").read_text())

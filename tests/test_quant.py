@@ -381,7 +381,7 @@ def test_broken_quantized_folders_give_one_line_errors(calibrated, tmp_path):
 
 
 def test_onnx_export_refuses_other_bit_widths(vit_t_model, tmp_path):
-    from tinysam.quant.export import export_quantized_onnx
+    from tinysam.quant.onnx_int8 import export_quantized_onnx
 
     with pytest.raises(ValueError, match="needs 8-bit"):
         export_quantized_onnx(prepare(vit_t_model, 6, 6), tmp_path, "vit_t")

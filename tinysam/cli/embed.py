@@ -42,7 +42,7 @@ def register(sub) -> None:
 
 def run_embed(args: argparse.Namespace) -> dict:
     from ..embeddings import EmbeddingJob, write_index
-    from ..everything.export import output_names
+    from ..everything.outputs import output_names
     from ..io import remove_stale_parts
 
     on_ray = uses_ray(args)

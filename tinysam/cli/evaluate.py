@@ -102,7 +102,7 @@ def run_eval(args: argparse.Namespace) -> dict:
         return _clicks(args)
     images = image_folder(args.images, args.limit, "images")
     check_grid(args.points_per_side, "--points-per-side")
-    from ..evaluation.everything import compare_everything, everything_table
+    from ..evaluation.hierarchical_vs_dense import compare_everything, everything_table
 
     rows = compare_everything(
         predictor_from_args(args),

@@ -56,7 +56,7 @@ def register(sub) -> None:
 
 def run_everything(args: argparse.Namespace) -> dict:
     from ..batch.runner import pending
-    from ..everything.export import (
+    from ..everything.outputs import (
         EverythingJob,
         check_no_clobber,
         everything_outputs,

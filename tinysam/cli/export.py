@@ -52,15 +52,14 @@ def run_export(args: argparse.Namespace) -> dict:
     from tqdm.auto import tqdm
 
     from ..build import detect_model_type
-    from ..runtime.export import (
+    from ..runtime.contract import (
         DECODER_FILES,
         ENCODER_FILE,
         MANIFEST,
         MANY_PROMPT_FILE,
         MANY_PROMPT_MASKS_FILE,
-        MIN_OPSET,
-        export_onnx,
     )
+    from ..runtime.onnx_export import MIN_OPSET, export_onnx
 
     if args.opset < MIN_OPSET:
         raise UsageError(f"--opset must be at least {MIN_OPSET} (torch's ONNX exporter)")

@@ -102,7 +102,7 @@ def _env_basic_auth() -> str | None:
 
 
 def run_label_studio(args: argparse.Namespace) -> None:
-    from .serve import _check_port, is_loopback, url
+    from .serve import check_port, is_loopback, url
 
     if not 0 < args.port < 65536:
         raise UsageError("--port must be between 1 and 65535")
@@ -122,12 +122,12 @@ def run_label_studio(args: argparse.Namespace) -> None:
         if not sep or not user or not password:
             raise UsageError("--basic-auth must be USER:PASSWORD")
         auth = (user, password)
-    _check_port(args.host, args.port)
+    check_port(args.host, args.port)
 
     import uvicorn
 
-    from ..integrations.label_studio import ImageSource, LabelStudioBackend, brush_encoder
-    from ..integrations.label_studio_app import create_label_studio_app
+    from ..integrations.label_studio.app import create_label_studio_app
+    from ..integrations.label_studio.backend import ImageSource, LabelStudioBackend, brush_encoder
     from ..serve.service import DemoService
 
     brush_encoder()  # a missing extra is an error now, not at the first click

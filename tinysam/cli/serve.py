@@ -63,7 +63,7 @@ def run_serve(args: argparse.Namespace) -> None:
             "and --busy-timeout must be positive"
         )
     check_grid(args.everything_points, "--everything-points")
-    _check_port(args.host, args.port)
+    check_port(args.host, args.port)
     from ..serve.server import run
     from ..serve.service import DemoService
 
@@ -134,7 +134,7 @@ def url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
-def _check_port(host: str, port: int) -> None:
+def check_port(host: str, port: int) -> None:
     """Fail with one line before loading a model if the address cannot be listened on."""
     import socket
 

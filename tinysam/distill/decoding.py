@@ -27,7 +27,8 @@ class StudentForward(nn.Module):
         return [decode(self.sam, embedding, *group) for group in groups]
 
 
-def _float(outputs: ModelOutputs) -> ModelOutputs:
+def as_float32(outputs: ModelOutputs) -> ModelOutputs:
+    """The outputs in float32 (the losses' precision), whatever the autocast made them."""
     return ModelOutputs(*(t.float() for t in vars(outputs).values()))
 
 

@@ -29,7 +29,7 @@ from ..masks import chosen_masks, mask_candidates
 from ..modeling import Sam
 from .config import STUDENT_FILE, TrainConfig, config_from_dict  # noqa: F401  (re-exported for old imports)
 from .data import SA1BDataset, Sample, ShardedSampler
-from .decoding import StudentForward, _float, decode, evaluating, to_low_res
+from .decoding import StudentForward, as_float32, decode, evaluating, to_low_res
 from .losses import (
     ModelOutputs,
     distillation_loss,
@@ -200,11 +200,11 @@ class Distiller:
             if self.teacher is not None:
                 with self._autocast():
                     teacher_outputs = [
-                        _float(decode(self.teacher, teacher_embedding, *g)) for g, _ in groups
+                        as_float32(decode(self.teacher, teacher_embedding, *g)) for g, _ in groups
                     ]
         with self._autocast():
             student_outputs = self.model(image, [g for g, _ in groups])
-        student_outputs = [_float(o) for o in student_outputs]
+        student_outputs = [as_float32(o) for o in student_outputs]
         # Losses per prompt group, weighted by its share of the prompts.
         total_prompts = sum(len(rows) for _, rows in groups)
         terms: dict[str, torch.Tensor] = {}

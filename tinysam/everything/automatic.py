@@ -19,7 +19,7 @@ import torch
 from ..checks import as_rgb_uint8, check_points_per_side
 from ..predictor import SamPredictor
 from ..transforms import upscale_logits
-from .masks import (
+from .mask_ops import (
     MaskData,
     area_from_rle,
     batch_iterator,

@@ -26,7 +26,7 @@ import torch
 
 from ..checks import as_rgb_uint8
 from .automatic import GenerationStats, SamAutomaticMaskGenerator
-from .masks import MaskData, build_point_grid, nms
+from .mask_ops import MaskData, build_point_grid, nms
 
 
 class SamHierarchicalMaskGenerator(SamAutomaticMaskGenerator):

@@ -41,11 +41,11 @@ class CanvasEncoder(nn.Module):
 
 
 def export_canvas_encoder(sam: Sam, opset: int):
-    from ..runtime.export import _onnx_program
+    from ..runtime.onnx_export import onnx_program
 
     example = torch.zeros(*CANVAS_HW, 3)
     with torch.no_grad():
-        return _onnx_program(
+        return onnx_program(
             CanvasEncoder(sam), (example,), opset, input_names=["image"],
             output_names=["image_embeddings"],
         )  # fmt: skip
@@ -69,7 +69,7 @@ def config_yaml(name: str, display_name: str, encoder: str, decoder: str) -> str
 
 def export_anylabeling(sam: Sam, out_dir: Path, model_type: str, opset: int) -> dict[str, Path]:
     """Write ``tinysam_<type>.encoder.onnx``, ``.decoder.onnx`` and ``tinysam_<type>.yaml``."""
-    from ..runtime.export import export_decoder, portable, save_onnx
+    from ..runtime.onnx_export import export_decoder, portable, save_onnx
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ def _decoder_graph(sam):
     import torch
     from torch import nn
 
-    from ..runtime.export import DecoderGraph
+    from ..runtime.graphs import DecoderGraph
 
     class CvatDecoderGraph(nn.Module):
         """segment-anything's single-mask decoder, padding the prompt as SamPredictor does."""
@@ -64,7 +64,8 @@ def export_cvat_decoder(sam, opset: int):
     """The browser decoder (see the module doc) as an onnx.ModelProto."""
     import torch
 
-    from ..runtime.export import DECODER_INPUTS, _onnx_program, add_mask_upscaling, portable
+    from ..runtime.contract import DECODER_INPUTS
+    from ..runtime.onnx_export import add_mask_upscaling, onnx_program, portable
 
     embedding = sam.image_encoder.img_size // 16
     example = (
@@ -76,7 +77,7 @@ def export_cvat_decoder(sam, opset: int):
     )
     points = torch.export.Dim("points", min=1, max=1 << 10)
     with torch.no_grad():
-        model = _onnx_program(
+        model = onnx_program(
             _decoder_graph(sam.to("cpu").eval()),
             example,
             opset,
@@ -282,7 +283,7 @@ def export_cvat(sam, out_dir: Path, model_type: str, opset: int, checkpoint: Pat
     import shutil
 
     from ..io import atomic_write
-    from ..runtime.export import save_onnx
+    from ..runtime.onnx_export import save_onnx
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ _EXPORTS = {
     "search_scales": "search",
     "save_quantized": "store",
     "load_quantized": "store",
-    "export_quantized_onnx": "export",
+    "export_quantized_onnx": "onnx_int8",
     "mask_agreement": "report",
 }
 

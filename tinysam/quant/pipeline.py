@@ -127,7 +127,7 @@ def quantize(
 
     onnx_dir = None
     if settings.onnx and weight_bits == 8 and act_bits == 8:
-        from .export import export_quantized_onnx
+        from .onnx_int8 import export_quantized_onnx
 
         onnx_dir = out / "onnx"
         started = time.perf_counter()

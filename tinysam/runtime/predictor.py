@@ -24,9 +24,8 @@ from ..predictor_base import (
     PredictorBase,
     release_encoder_memory,
 )
+from .contract import FORMAT_VERSION, MANIFEST
 
-MANIFEST = "tinysam_onnx.json"  # tinysam.runtime.export writes it (that module needs torch)
-FORMAT_VERSION = 2  # as runtime.export writes it
 BOX_LABELS = (2.0, 3.0)
 # Batches of one-point prompts of at least ``many_prompts`` asking for low-res masks only go
 # through decoder_many.onnx (1.8x faster per prompt), MANY_PROMPT_CHUNK prompts per run.

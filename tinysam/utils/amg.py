@@ -1,7 +1,7 @@
 """segment-anything's ``utils/amg.py`` names, from their homes (``tinysam.masks`` and
-``tinysam.everything.masks``)."""
+``tinysam.everything.mask_ops``)."""
 
-from ..everything.masks import (
+from ..everything.mask_ops import (
     MaskData,
     batch_iterator,
     build_all_layer_point_grids,

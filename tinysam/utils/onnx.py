@@ -1,6 +1,6 @@
 """segment-anything's ``utils/onnx.py`` path: ``SamOnnxModel``, the module its export script
-traces (``tinysam.runtime.export.SamOnnxModel``)."""
+traces (``tinysam.runtime.graphs.SamOnnxModel``)."""
 
-from ..runtime.export import SamOnnxModel
+from ..runtime.graphs import SamOnnxModel
 
 __all__ = ["SamOnnxModel"]

@@ -1,23 +1,6 @@
-"""Export a model to ONNX: ``encoder.onnx``, ``decoder.onnx`` (4 mask tokens),
-``decoder_single.onnx`` (1 mask), ``upscale_masks.onnx``, ``decoder_many.onnx`` +
-``decoder_many_masks.onnx`` (bulk one-point prompts, for the everything mode) and
-``tinysam_onnx.json`` describing them.
-
-``decoder.onnx`` and ``decoder_single.onnx`` are segment-anything's ONNX decoder
-(``scripts/export_onnx_model.py``, without and with ``--return-single-mask``), so code written
-for it gets the same masks: ``image_embeddings`` 1x256x64x64, ``point_coords`` BxNx2 in the
-1024-frame (boxes as two corners labelled 2 and 3; without a box, a padding point (0, 0)
-labelled -1 ends the list), ``point_labels`` BxN, ``mask_input`` 1x1x256x256 with
-``has_mask_input`` [1] (0 or 1), ``orig_im_size`` [2] (H, W) -> ``masks`` BxMxHxW logits at the
-original size, ``iou_predictions`` BxM, ``low_res_masks`` BxMx256x256. ``decoder.onnx`` returns
-all four mask tokens (M = 4: token 0 is the single-mask output, 1-3 the multimask ones);
-``decoder_single.onnx`` returns one (M = 1), chosen as segment-anything's export chooses: the
-best of tokens 1-3 by predicted IoU when the prompt has at most two points (N <= 2, the padding
-point or the box corners included), token 0 otherwise. B (prompt sets, one mask input shared
-by all) and N are dynamic; segment-anything's notebook uses B = 1.
-
-``upscale_masks.onnx`` is ours: ``low_res_masks`` BxMx256x256 + ``orig_im_size`` -> ``masks``;
-``OnnxPredictor`` upscales only the masks it returns with it.
+"""Export a model to ONNX: the folder that ``runtime.contract`` describes (``encoder.onnx``,
+the two segment-anything decoders, ``upscale_masks.onnx``, the many-prompt decoders and
+``tinysam_onnx.json``), from the graphs of ``runtime.graphs``.
 
 Needs torch, onnx and onnxscript (``pip install tinysam[export]``). Exported with torch's
 dynamo exporter; from opset 20 GELU is one ONNX op instead of five (1.25x faster encoder here).
@@ -36,200 +19,26 @@ from torch import nn
 from ..io import atomic_write
 from ..modeling import Sam
 from ..version import __version__
+from .contract import (
+    DECODER_FILES,
+    DECODER_INPUTS,
+    ENCODER_FILE,
+    ENCODER_INPUT,
+    FORMAT_VERSION,
+    MANIFEST,
+    MANY_PROMPT_FILE,
+    MANY_PROMPT_MASKS_FILE,
+    UPSCALE_FILE,
+)
+from .graphs import DecoderGraph, ManyPromptDecodeGraph, ManyPromptMasksGraph
 
-MANIFEST = "tinysam_onnx.json"
-ENCODER_FILE = "encoder.onnx"
-DECODER_FILES = {"multimask": "decoder.onnx", "single": "decoder_single.onnx"}
-UPSCALE_FILE = "upscale_masks.onnx"
-FORMAT_VERSION = 2  # 2: decoders as segment-anything's export (4 masks / its single-mask rule)
-MANY_PROMPT_FILE = "decoder_many.onnx"
-MANY_PROMPT_MASKS_FILE = "decoder_many_masks.onnx"
 DEFAULT_OPSET = 20
 MIN_OPSET = 18  # torch's dynamo exporter
 # Protobuf cannot hold 2 GiB; larger graphs (ViT-H) keep their weights beside them.
 _EXTERNAL_DATA_BYTES = 1 << 30
 
-ENCODER_INPUT = "image"
-DECODER_INPUTS = (
-    "image_embeddings",
-    "point_coords",
-    "point_labels",
-    "mask_input",
-    "has_mask_input",
-    "orig_im_size",
-)
-DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
 
-
-class DecoderGraph(nn.Module):
-    """Prompt encoder and mask decoder behind segment-anything's ONNX decoder inputs.
-
-    Returns IoU predictions and low-res logits of all four mask tokens, or (``single``) of the
-    one segment-anything's export picks (see the module doc). ``masks`` (upscaled to
-    ``orig_im_size``) is added as plain ONNX ``Resize`` nodes afterwards
-    (``add_mask_upscaling``), because its output size is data, which torch's exporter would
-    have to trace as a guess.
-    """
-
-    def __init__(self, sam: Sam, single: bool) -> None:
-        super().__init__()
-        self.prompt_encoder = sam.prompt_encoder
-        self.mask_decoder = sam.mask_decoder
-        self.single = single
-
-    def forward(
-        self,
-        image_embeddings: torch.Tensor,
-        point_coords: torch.Tensor,
-        point_labels: torch.Tensor,
-        mask_input: torch.Tensor,
-        has_mask_input: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        prompts = self.prompt_encoder
-        sparse = prompts._embed_points(point_coords, point_labels, pad=False)
-        no_mask = prompts.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        dense = has_mask_input * prompts._embed_masks(mask_input) + (1 - has_mask_input) * no_mask
-        low_res, iou = self.mask_decoder.predict_masks(
-            image_embeddings, prompts.get_dense_pe(), sparse, dense
-        )
-        if not self.single:
-            return iou, low_res
-        return select_single_mask(iou, low_res, point_labels)
-
-
-def select_single_mask(
-    iou: torch.Tensor, low_res: torch.Tensor, point_labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """segment-anything's single-mask choice, without control flow: token 0's score is moved by
-    1000 * (points - 2.5), so it wins from three points on and loses up to two (the padding
-    point and box corners count)."""
-    points = torch.ones_like(point_labels).sum(dim=1, keepdim=True)
-    score = torch.cat([iou[:, :1] + (points - 2.5) * 1000.0, iou[:, 1:]], dim=1)
-    best = torch.argmax(score, dim=1, keepdim=True)
-    size = low_res.shape[-2:]
-    masks = torch.gather(low_res, 1, best[:, :, None, None].expand(-1, -1, *size))
-    return torch.gather(iou, 1, best), masks
-
-
-class SamOnnxModel(nn.Module):
-    """segment-anything's ``SamOnnxModel`` (the module its ``scripts/export_onnx_model.py``
-    traces), for client code that exports through it: ``forward(image_embeddings,
-    point_coords, point_labels, mask_input, has_mask_input, orig_im_size)`` -> upscaled mask
-    logits, scores, low-res logits (``return_extra_metrics``: upscaled, scores, stability
-    scores, areas, low-res). ``tinysam export`` writes the same graphs without it."""
-
-    def __init__(
-        self,
-        model: Sam,
-        return_single_mask: bool,
-        use_stability_score: bool = False,
-        return_extra_metrics: bool = False,
-    ) -> None:
-        super().__init__()
-        self.model = model
-        self.decoder = DecoderGraph(model, single=False)
-        self.return_single_mask = return_single_mask
-        self.use_stability_score = use_stability_score
-        self.return_extra_metrics = return_extra_metrics
-        self.stability_score_offset = 1.0
-        self.img_size = model.image_encoder.img_size
-
-    def mask_postprocessing(self, masks: torch.Tensor, orig_im_size: torch.Tensor) -> torch.Tensor:
-        import torch.nn.functional as F
-
-        size = self.img_size
-        masks = F.interpolate(masks, (size, size), mode="bilinear", align_corners=False)
-        scale = size / orig_im_size.max()
-        unpadded = torch.floor(orig_im_size * scale + 0.5).to(torch.int64)
-        masks = masks[..., : unpadded[0], : unpadded[1]]
-        h, w = orig_im_size.to(torch.int64)
-        return F.interpolate(masks, size=(h, w), mode="bilinear", align_corners=False)
-
-    @torch.no_grad()
-    def forward(
-        self,
-        image_embeddings: torch.Tensor,
-        point_coords: torch.Tensor,
-        point_labels: torch.Tensor,
-        mask_input: torch.Tensor,
-        has_mask_input: torch.Tensor,
-        orig_im_size: torch.Tensor,
-    ) -> tuple[torch.Tensor, ...]:
-        from ..masks import calculate_stability_score
-
-        scores, masks = self.decoder(
-            image_embeddings, point_coords, point_labels, mask_input, has_mask_input
-        )
-        threshold = self.model.mask_threshold
-        if self.use_stability_score:
-            scores = calculate_stability_score(masks, threshold, self.stability_score_offset)
-        if self.return_single_mask:
-            scores, masks = select_single_mask(scores, masks, point_labels)
-        upscaled = self.mask_postprocessing(masks, orig_im_size)
-        if self.return_extra_metrics:
-            stability = calculate_stability_score(upscaled, threshold, self.stability_score_offset)
-            areas = (upscaled > threshold).sum(-1).sum(-1)
-            return upscaled, scores, stability, areas, masks
-        return upscaled, scores, masks
-
-
-class ManyPromptDecodeGraph(nn.Module):
-    """Many one-point prompts on one image (the everything mode) through ``ManyPromptDecoder``,
-    in two graphs, so that masks are made only for prompts whose IoU predictions pass a filter.
-
-    This one (``decoder_many.onnx``): ``image_embeddings`` 1x256x64x64, ``point_coords`` Bx2x2
-    and ``point_labels`` Bx2 (the point, then the padding point (0, 0) labelled -1) ->
-    ``iou_predictions`` Bx4 (all four mask tokens: 0 single-mask, 1-3 multimask) and the
-    ``MaskState`` tensors that ``ManyPromptMasksGraph`` turns into masks. The prompt count is
-    fixed at two because the low-rank state's size depends on it.
-    """
-
-    def __init__(self, sam: Sam) -> None:
-        super().__init__()
-        self.prompt_encoder = sam.prompt_encoder
-        self.mask_decoder = sam.mask_decoder
-
-    def forward(
-        self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor
-    ) -> tuple[torch.Tensor, ...]:
-        from ..modeling.many_prompts import ManyPromptDecoder
-
-        prompts = self.prompt_encoder
-        sparse = prompts._embed_points(point_coords, point_labels, pad=False)
-        h, w = prompts.image_embedding_size
-        no_mask = prompts.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, h, w)
-        decoder = ManyPromptDecoder(
-            self.mask_decoder, image_embeddings, prompts.get_dense_pe(), no_mask
-        )
-        iou, _ = decoder.decode(sparse)
-        return (iou, *decoder.mask_state())
-
-
-class ManyPromptMasksGraph(nn.Module):
-    """``decoder_many_masks.onnx``: ``MaskState`` tensors (for the chosen prompts) ->
-    ``low_res_masks`` Bx4x256x256."""
-
-    def __init__(self, sam: Sam) -> None:
-        super().__init__()
-        self.mask_decoder = sam.mask_decoder
-        self.grid = sam.prompt_encoder.image_embedding_size
-
-    def forward(
-        self,
-        mask_tokens: torch.Tensor,
-        coeffs: torch.Tensor,
-        basis: torch.Tensor,
-        scale: torch.Tensor,
-        shared: torch.Tensor,
-        constant: torch.Tensor,
-    ) -> torch.Tensor:
-        from ..modeling.many_prompts import MaskState, masks_from_state
-
-        state = MaskState(mask_tokens, coeffs, basis, scale, shared, constant)
-        return masks_from_state(self.mask_decoder, state, self.grid)
-
-
-def _onnx_program(module: nn.Module, args: tuple, opset: int, **kwargs):
+def onnx_program(module: nn.Module, args: tuple, opset: int, **kwargs):
     """torch.onnx.export without its console chatter (warnings, prints, and one "torchvision is
     not installed" log line per torchvision op per graph); returns the onnx.ModelProto."""
     import contextlib
@@ -256,7 +65,7 @@ def export_encoder(sam: Sam, opset: int = DEFAULT_OPSET):
     size = sam.image_encoder.img_size
     example = torch.zeros(1, 3, size, size)
     with torch.no_grad():
-        return _onnx_program(
+        return onnx_program(
             sam.image_encoder,
             (example,),
             opset,
@@ -282,7 +91,7 @@ def export_decoder(sam: Sam, multimask: bool, opset: int = DEFAULT_OPSET):
     points = torch.export.Dim("points", min=1, max=1 << 10)
     prompt_dims = {0: batch, 1: points}
     with torch.no_grad():
-        model = _onnx_program(
+        model = onnx_program(
             DecoderGraph(sam, single=not multimask),
             example,
             opset,
@@ -307,7 +116,7 @@ def export_many_prompt_decoder(sam: Sam, opset: int = DEFAULT_OPSET) -> tuple:
     decode = ManyPromptDecodeGraph(sam)
     with torch.no_grad():
         state = decode(*example)[1:]
-        decode_model = _onnx_program(
+        decode_model = onnx_program(
             decode,
             example,
             opset,
@@ -316,7 +125,7 @@ def export_many_prompt_decoder(sam: Sam, opset: int = DEFAULT_OPSET) -> tuple:
             dynamic_shapes=(None, {0: batch}, {0: batch}),
         )
         per_prompt = {0: batch}
-        masks_model = _onnx_program(
+        masks_model = onnx_program(
             ManyPromptMasksGraph(sam),
             tuple(state),
             opset,

@@ -178,7 +178,7 @@ def export_quantized_onnx(
 ) -> dict:
     """Write the int8 encoder and decoders of a calibrated 8-bit model, with the manifest that
     ``OnnxPredictor`` reads (no many-prompt decoder: its shortcut has no quantized form)."""
-    from ..runtime.export import DEFAULT_OPSET, export_onnx
+    from ..runtime.onnx_export import DEFAULT_OPSET, export_onnx
     from .model import set_deploy
 
     bits = getattr(qmodel, "quant_bits", None)

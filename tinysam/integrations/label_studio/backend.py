@@ -10,8 +10,8 @@ Studio's brush RLE (``label_studio_sdk.converter.brush.mask2rle``). Without a co
 backend pre-annotates the whole image (the everything mode, one region per mask) when asked
 to, and returns nothing otherwise.
 
-``LabelStudioBackend`` is that logic without HTTP; ``label_studio_app`` serves it and
-``label_studio_ml`` puts it behind ``LabelStudioMLBase`` for ``label-studio-ml start``.
+``LabelStudioBackend`` is that logic without HTTP; ``label_studio.app`` serves it and
+``label_studio.ml`` puts it behind ``LabelStudioMLBase`` for ``label-studio-ml start``.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from ..formats import is_number
-from ..io import DownloadError, fetch_bytes
-from ..serve.service import EVERYTHING_BYTES_PER_PIXEL, ApiError, Cancelled, DemoService
-from ..version import __version__
+from ...formats import is_number
+from ...io import DownloadError, fetch_bytes
+from ...serve.service import EVERYTHING_BYTES_PER_PIXEL, ApiError, Cancelled, DemoService
+from ...version import __version__
 
 MODEL_VERSION = f"tinysam-{__version__}"
 DEFAULT_MAX_IMAGE_BYTES = 50 << 20

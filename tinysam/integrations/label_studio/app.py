@@ -16,9 +16,9 @@ import json
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from ..serve.http import BodyLimit, install_error_handlers, until_disconnected
-from ..serve.service import ApiError
-from .label_studio import MODEL_VERSION, LabelStudioBackend
+from ...serve.http import BodyLimit, install_error_handlers, until_disconnected
+from ...serve.service import ApiError
+from .backend import MODEL_VERSION, LabelStudioBackend
 
 MODEL_CLASS = "TinySAMBackend"
 DEFAULT_MAX_REQUEST_BYTES = 32 << 20  # tasks arrive with their annotations' brush RLEs
