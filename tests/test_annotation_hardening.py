@@ -244,6 +244,7 @@ def _get_health(port: int) -> tuple[int, dict]:
     return status, json.loads(data)
 
 
+@pytest.mark.slow  # a real server runs out its pre-annotation deadline (~13 s); CI's slow phase
 def test_preannotation_work_of_one_request_is_bounded(vit_t_checkpoint):
     tasks = predict_request(None, image_url=data_url(png_bytes((64, 48))))
     tasks["tasks"] = [dict(tasks["tasks"][0], id=i) for i in range(3)]

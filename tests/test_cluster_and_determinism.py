@@ -116,6 +116,7 @@ def _instances_dataset(root: Path, golden: Path) -> tuple[Path, Path, Path]:
     return root / "gt.json", root / "dets.json", images_dir
 
 
+@pytest.mark.slow  # three eval runs in new processes (~25 s); CI's slow phase
 def test_eval_instances_whole_and_resumed_write_the_same_bytes(tmp_path, golden, vit_t_checkpoint):
     """The same job run whole, and run as ``--limit 1`` then resumed in a new process: the
     second and third images' masks must not depend on what the process did before them."""

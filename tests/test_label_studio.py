@@ -372,8 +372,8 @@ def in_process_app(vit_t_checkpoint, **options):
     from fastapi.testclient import TestClient
 
     from tinysam import SamPredictor, sam_model_registry
-    from tinysam.integrations.label_studio.backend import ImageSource, LabelStudioBackend
     from tinysam.integrations.label_studio.app import create_label_studio_app
+    from tinysam.integrations.label_studio.backend import ImageSource, LabelStudioBackend
     from tinysam.serve.service import DemoService
 
     auth = options.pop("basic_auth", None)
@@ -383,6 +383,7 @@ def in_process_app(vit_t_checkpoint, **options):
     return TestClient(create_label_studio_app(backend, basic_auth=auth))
 
 
+@pytest.mark.slow  # the everything mode on a full image (~25 s); CI's slow phase
 def test_preannotation_gives_one_region_per_everything_mask(vit_t_checkpoint, golden_image):
     import base64
 
