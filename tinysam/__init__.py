@@ -24,14 +24,14 @@ _HOMES = {
     "SamHierarchicalMaskGenerator": "everything",
     "SamPredictor": "predictor",
     "OnnxPredictor": "runtime",
-    "build_sam": "build",
-    "build_sam_vit_b": "build",
-    "build_sam_vit_h": "build",
-    "build_sam_vit_l": "build",
-    "build_sam_vit_t": "build",
+    "build_sam": "backends",
+    "build_sam_vit_b": "backends",
+    "build_sam_vit_h": "backends",
+    "build_sam_vit_l": "backends",
+    "build_sam_vit_t": "backends",
     "load_model": "backends",
     "load_predictor": "backends",
-    "sam_model_registry": "build",
+    "sam_model_registry": "backends",
 }
 
 __all__ = [
@@ -63,13 +63,14 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .backends import load_model, load_predictor
-    from .build import (
+    from .backends import (
         build_sam,
         build_sam_vit_b,
         build_sam_vit_h,
         build_sam_vit_l,
         build_sam_vit_t,
+        load_model,
+        load_predictor,
         sam_model_registry,
     )
     from .everything import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator

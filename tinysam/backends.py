@@ -51,6 +51,13 @@ def load_model(
         from .quant.store import load_quantized  # needs the quant code
 
         sam = load_quantized(contents.resolved.path, device, model_type)
+    elif contents.published_layers:
+        from .quant.published import load_published
+
+        source = str(contents.resolved.path)
+        sam = load_published(
+            contents.state_dict, contents.published_layers, contents.model_type, source, device
+        )
     else:
         source = str(contents.resolved.path)
         sam = sam_from_state_dict(contents.state_dict, contents.model_type, source).to(device)
@@ -231,6 +238,45 @@ class PredictorSpec:
         return auto_candidates(**settings)
 
 
+def build_sam_model(model_type: str, checkpoint: str | os.PathLike | None = None):
+    """segment-anything's builder: ``model_type`` with fresh weights, or loaded from any
+    checkpoint ``load_model`` reads (a state dict, a ``tinysam quantize`` folder, the authors'
+    pickled Q-TinySAM); never downloads."""
+    if checkpoint is None:
+        from .build import build_sam_model as fresh
+
+        return fresh(model_type)
+    sam, _ = load_model(model_type, checkpoint, download=False, progress=False)
+    return sam
+
+
+def build_sam_vit_t(checkpoint: str | os.PathLike | None = None):
+    return build_sam_model("vit_t", checkpoint)
+
+
+def build_sam_vit_b(checkpoint: str | os.PathLike | None = None):
+    return build_sam_model("vit_b", checkpoint)
+
+
+def build_sam_vit_l(checkpoint: str | os.PathLike | None = None):
+    return build_sam_model("vit_l", checkpoint)
+
+
+def build_sam_vit_h(checkpoint: str | os.PathLike | None = None):
+    return build_sam_model("vit_h", checkpoint)
+
+
+build_sam = build_sam_vit_h
+
+sam_model_registry = {
+    "default": build_sam_vit_h,
+    "vit_h": build_sam_vit_h,
+    "vit_l": build_sam_vit_l,
+    "vit_b": build_sam_vit_b,
+    "vit_t": build_sam_vit_t,
+}
+
+
 def load_predictor(backend: str = "torch", **settings) -> PredictorBase:
     """A predictor for ``backend`` (``PredictorSpec(backend, **settings).load()``): ``torch``
     (``checkpoint`` / ``model_type`` / ``device``, as ``load_model``), ``onnx`` or ``openvino``
@@ -351,8 +397,14 @@ __all__ = [
     "auto_candidates",
     "BACKENDS",
     "BackendError",
+    "build_sam",
+    "build_sam_vit_b",
+    "build_sam_vit_h",
+    "build_sam_vit_l",
+    "build_sam_vit_t",
     "installed_backends",
     "load_model",
     "load_predictor",
     "PredictorSpec",
+    "sam_model_registry",
 ]

@@ -1,7 +1,7 @@
-"""The model registry: ``sam_model_registry[name](checkpoint=path)`` builds a model and loads a
+"""Building the models: ``build_sam_model(name, checkpoint)`` builds an architecture and loads a
 plain ``state_dict`` saved by TinySAM, MobileSAM or segment-anything (read and checked by
-``tinysam.checkpoint``). ``tinysam.backends.load_model`` also finds the checkpoint when none is
-given and loads quantized folders.
+``tinysam.checkpoint``). The public registry (``sam_model_registry``, ``build_sam_vit_*``) is in
+``tinysam.backends``, which also loads quantized folders and the authors' pickled Q-TinySAM.
 """
 
 from __future__ import annotations
@@ -122,33 +122,6 @@ def sam_from_state_dict(state_dict: dict[str, torch.Tensor], model_type: str, so
     sam = sam_around(build_image_encoder(model_type))
     load_strict(sam, state_dict, f"the {model_type} architecture", source)
     return sam
-
-
-def build_sam_vit_t(checkpoint: str | os.PathLike | None = None) -> Sam:
-    return build_sam_model("vit_t", checkpoint)
-
-
-def build_sam_vit_b(checkpoint: str | os.PathLike | None = None) -> Sam:
-    return build_sam_model("vit_b", checkpoint)
-
-
-def build_sam_vit_l(checkpoint: str | os.PathLike | None = None) -> Sam:
-    return build_sam_model("vit_l", checkpoint)
-
-
-def build_sam_vit_h(checkpoint: str | os.PathLike | None = None) -> Sam:
-    return build_sam_model("vit_h", checkpoint)
-
-
-build_sam = build_sam_vit_h
-
-sam_model_registry = {
-    "default": build_sam_vit_h,
-    "vit_h": build_sam_vit_h,
-    "vit_l": build_sam_vit_l,
-    "vit_b": build_sam_vit_b,
-    "vit_t": build_sam_vit_t,
-}
 
 
 def load_float_model(

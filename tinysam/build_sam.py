@@ -1,6 +1,7 @@
-"""The authors' and segment-anything's module path for the model builders (``tinysam.build``)."""
+"""The authors' and segment-anything's module path for the model builders
+(``tinysam.backends``: every checkpoint format)."""
 
-from .build import (
+from .backends import (
     build_sam,
     build_sam_vit_b,
     build_sam_vit_h,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +35,10 @@ QUANT_WEIGHTS_FILE = "quantized.pt"
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or made for another model."""
+
+
+class HoldsObjectsError(CheckpointError):
+    """A PyTorch file that holds pickled objects, not only tensors (``torch.save(model)``)."""
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -81,7 +85,7 @@ def _read_torch_file(path: Path):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "global" in str(err).lower():  # weights_only refused a class or function
-            raise CheckpointError(
+            raise HoldsObjectsError(
                 f"checkpoint {path} holds objects other than tensors and will not be "
                 "unpickled; re-save it as a plain state_dict"
             ) from err
@@ -204,11 +208,14 @@ class ResolvedCheckpoint:
 @dataclass(frozen=True)
 class CheckpointContents:
     """A checkpoint found and read once: a float file's checked state dict and model type, or
-    a quantized folder (``state_dict`` None: ``tinysam.quant.store`` reads its own files)."""
+    a quantized folder (``state_dict`` None: ``tinysam.quant.store`` reads its own files). A
+    pickled whole model (``torch.save(model)``, e.g. the authors' Q-TinySAM) gives its float
+    tensors and, in ``published_layers``, its quantized layers (``tinysam.pickled_modules``)."""
 
     resolved: ResolvedCheckpoint
     model_type: str | None
     state_dict: dict[str, torch.Tensor] | None
+    published_layers: dict = field(default_factory=dict)
 
     @property
     def quantized(self) -> bool:
@@ -238,9 +245,25 @@ def read_checkpoint(
     )
     if is_quantized_folder(resolved.path):
         return CheckpointContents(resolved, model_type, None)
-    state_dict = read_state_dict(resolved.path)
+    layers = {}
+    try:
+        state_dict = read_state_dict(resolved.path)
+    except HoldsObjectsError:
+        state_dict, layers = read_pickled_model(resolved.path)
     found = check_model_type(state_dict, model_type, str(resolved.path))
-    return CheckpointContents(resolved, found, state_dict)
+    return CheckpointContents(resolved, found, state_dict, layers)
+
+
+def read_pickled_model(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """A model saved whole with ``torch.save(model)``, read with the restricted unpickler of
+    ``tinysam.pickled_modules`` (nothing in the file runs): its tensors and quantized layers."""
+    from .pickled_modules import PickledModuleError, flatten, read_pickled_module
+
+    try:
+        flat = flatten(read_pickled_module(path), str(path))
+    except PickledModuleError as err:
+        raise CheckpointError(str(err)) from None
+    return flat.state_dict, flat.quantized
 
 
 def resolve_checkpoint(

@@ -22,8 +22,7 @@ def run_info(args: argparse.Namespace) -> dict:
 
     sam, resolved = model_from_args(args)
     model_type = detect_model_type(sam.state_dict())
-
-    return {
+    info = {
         "model": model_type,
         "parameters": count_parameters(sam),
         "image_encoder_parameters": count_parameters(sam.image_encoder),
@@ -32,6 +31,13 @@ def run_info(args: argparse.Namespace) -> dict:
         "checkpoint": str(resolved.path),
         "checkpoint_source": resolved.source,
     }
+    if hasattr(sam, "published_quantization"):
+        info["quantization"] = sam.published_quantization
+    elif hasattr(sam, "quant_config"):
+        bits = sam.quant_config.get("bits", {})
+        layers = len(sam.quant_config.get("layers", {}))
+        info["quantization"] = {"format": "tinysam quantized folder", "layers": layers, **bits}
+    return info
 
 
 def print_info(info: dict) -> None:
@@ -49,3 +55,6 @@ def print_info(info: dict) -> None:
         f"mask decoder {info['mask_decoder_parameters'] / 1e6:.2f} M)"
     )
     print(f"checkpoint:  {info['checkpoint']} (from {sources[info['checkpoint_source']]})")
+    if "quantization" in info:
+        quantization = info["quantization"]
+        print(f"quantized:   {quantization['format']}, {quantization['layers']} layers")

@@ -46,7 +46,8 @@ class ConvBN(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, bn = self.c, self.bn
-        if self.training or not bn.track_running_stats:
+        # Folding needs a plain convolution; a replaced one (a quantized layer) runs as itself.
+        if self.training or not bn.track_running_stats or type(conv) is not nn.Conv2d:
             return bn(conv(x))
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         weight = conv.weight * scale[:, None, None, None]
@@ -415,6 +416,9 @@ class TinyViT(StagedEncoder):
             self.layers.append(layer)
             resolution //= stride
         self.embedding_size = resolution
+        # Channels-last convolutions (see _embed); off for models whose quantizers must round
+        # exactly what the reference's NCHW convolutions compute (the published Q-TinySAM).
+        self.channels_last = True
 
         self.norm_head = nn.LayerNorm(embed_dims[-1])
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
@@ -427,6 +431,8 @@ class TinyViT(StagedEncoder):
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         # Channels-last makes the convolutions ~2x faster on CPU and turns the NCHW <-> token
         # reshapes between stages into views.
+        if not self.channels_last:
+            return self.patch_embed(x)
         return self.patch_embed(x.contiguous(memory_format=torch.channels_last))
 
     def _neck(self, x: torch.Tensor) -> torch.Tensor:

@@ -163,3 +163,85 @@ class WeightQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, channels={self.scale.numel()}, axis={self.axis}"
+
+
+class BlockWeightQuantizer(nn.Module):
+    """A weight quantized with one interval per block (the authors' Q-TinySAM layers): a
+    linear weight viewed as ``[n_V, out/n_V, n_H, in/n_H]`` against intervals
+    ``[n_V, 1, n_H, 1]``, or, with ``blocks`` None, intervals that broadcast against the weight
+    as it is stored (one per output channel of a convolution)."""
+
+    def __init__(self, interval: torch.Tensor, bits: int, blocks: tuple[int, int] | None) -> None:
+        super().__init__()
+        self.bits = bits
+        self.blocks = blocks
+        self.register_buffer("interval", interval.detach().clone().float())
+        self.enabled = True
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return w
+        lo, hi = qrange(self.bits)
+        if self.blocks is None:
+            return quant_grid(w, self.interval, lo, hi)
+        n_v, n_h = self.blocks
+        view = w.reshape(n_v, w.shape[0] // n_v, n_h, w.shape[1] // n_h)
+        return quant_grid(view, self.interval, lo, hi).reshape(w.shape)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, blocks={self.blocks}, intervals={self.interval.numel()}"
+
+
+class ChunkActQuantizer(nn.Module):
+    """An input quantized with one interval per equal chunk of its last dimension (intervals
+    ``[n_a, 1]``). After a GELU (``negative_interval`` given), values below zero use that fixed
+    interval on ``[-2^(b-1), 0]`` and the rest the chunk's interval on ``[0, 2^(b-1) - 1]``."""
+
+    def __init__(
+        self, interval: torch.Tensor, bits: int, negative_interval: torch.Tensor | None = None
+    ) -> None:
+        super().__init__()
+        self.bits = bits
+        self.register_buffer("interval", interval.detach().clone().float().reshape(-1, 1))
+        if negative_interval is not None:
+            negative_interval = negative_interval.detach().clone().float()
+        self.register_buffer("negative_interval", negative_interval)
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        lo, hi = qrange(self.bits)
+        chunks = x.reshape(*x.shape[:-1], self.interval.shape[0], -1)
+        if self.negative_interval is None:
+            return quant_grid(chunks, self.interval, lo, hi).reshape(x.shape)
+        positive = quant_grid(chunks, self.interval, 0, hi)
+        negative = quant_grid(chunks, self.negative_interval, lo, 0)
+        return (positive + negative).reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        twin = ", post-GELU" if self.negative_interval is not None else ""
+        return f"bits={self.bits}, chunks={self.interval.shape[0]}{twin}"
+
+
+class OffsetActQuantizer(nn.Module):
+    """An asymmetric input quantizer: ``q(x - offset) + offset`` with one interval (the
+    authors' convolutions)."""
+
+    def __init__(self, interval: torch.Tensor, offset: torch.Tensor, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+        self.register_buffer("interval", interval.detach().clone().float().reshape(()))
+        self.register_buffer("offset", offset.detach().clone().float().reshape(()))
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        lo, hi = qrange(self.bits)
+        levels = torch.clamp(torch.round((x - self.offset) / self.interval), lo, hi)
+        return levels * self.interval + self.offset
+
+    def extra_repr(self) -> str:
+        interval, offset = float(self.interval), float(self.offset)
+        return f"bits={self.bits}, interval={interval:.4g}, offset={offset:.4g}"

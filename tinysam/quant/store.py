@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from ..build import build_sam_model, sam_model_registry
+from ..build import build_sam_model
+from ..checkpoint import MODEL_TYPES, CheckpointError, load_strict, read_state_dict
 from ..checkpoint import QUANT_CONFIG_FILE as CONFIG_FILE
 from ..checkpoint import QUANT_WEIGHTS_FILE as WEIGHTS_FILE
-from ..checkpoint import CheckpointError, load_strict, read_state_dict
 from ..formats import FormatError, field, require
 from ..io import atomic_write
 from ..modeling import Sam
@@ -129,7 +129,7 @@ def read_config(path: str | os.PathLike) -> tuple[Path, dict]:
 def _check_config(config: dict, where: str) -> None:
     """The fields ``load_quantized`` reads, with their types and ranges."""
     model_type = field(config, "model_type", "a string", where)
-    if model_type not in sam_model_registry:
+    if model_type not in MODEL_TYPES:
         raise FormatError(f"{where}: model_type {model_type!r} is not a known model type")
     bits = field(config, "bits", "an object", where, default={})
     for role in ("weight", "activation"):
