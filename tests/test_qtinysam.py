@@ -198,6 +198,37 @@ def test_truncated_and_foreign_pickles_are_one_line(capsys, tmp_path):
     assert code == 2 and "is not a SAM/TinySAM model" in one_error_line(err, "info")
 
 
+class _Claim:
+    """Pickles as a tensor that claims ``n`` elements of a 4-element storage."""
+
+    def __init__(self, n):
+        self.storage = torch.zeros(4).untyped_storage()
+        self.n = n
+
+    def __reduce__(self):
+        import collections
+
+        typed = torch.storage.TypedStorage(
+            wrap_storage=self.storage, dtype=torch.float32, _internal=True
+        )
+        args = (typed, 0, (self.n,), (1,), False, collections.OrderedDict())
+        return torch._utils._rebuild_tensor_v2, args
+
+
+@pytest.mark.parametrize("whole_model", [False, True])
+def test_a_tensor_claiming_more_than_its_storage_is_refused(capsys, tmp_path, whole_model):
+    """A 2 KB file claiming an 8 GB tensor: refused before anything is allocated or read."""
+    import resource
+
+    path = tmp_path / "claim.pth"
+    claim = {"image_encoder.x": _Claim(2_000_000_000)}
+    torch.save([nn.ReLU(), claim] if whole_model else claim, path)  # a module: the pickle path
+    assert path.stat().st_size < 4096
+    code, _, err = run_cli(capsys, "info", "--checkpoint", path)
+    assert code == 2 and "corrupt or not a PyTorch file" in one_error_line(err, "info")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 4 << 20  # KiB: under 4 GiB
+
+
 # ---------------------------------------------------------- files made like the authors' file
 
 
