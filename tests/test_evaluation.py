@@ -425,6 +425,7 @@ def test_click_curve_counts_and_stops_improving_when_exact():
     assert ious == [pytest.approx(0.5), 1.0, 1.0, 1.0]
 
 
+@pytest.mark.slow  # ~15 s: two evaluation commands end to end; CI's slow phase
 def test_eval_clicks_and_everything_cli(dataset, vit_t_checkpoint, golden, tmp_path):
     root, annotations, images = dataset
     stdout = io.StringIO()
@@ -472,6 +473,7 @@ def test_recovered_masks_matches_at_the_threshold():
 # --------------------------------------------------------------------------- bench
 
 
+@pytest.mark.slow  # ~15 s: times every backend; CI's slow phase
 def test_bench_counts_flops_and_times_backends(vit_t_checkpoint, capsys):
     from tinysam import build_sam_vit_t
     from tinysam.evaluation.bench import count_costs

@@ -40,6 +40,7 @@ def _grid_prompts(predictor, per_side: int):
     return points, coords, torch.ones(len(points), 1, dtype=torch.int)
 
 
+@pytest.mark.slow  # ~25 s: every grid prompt decoded twice; CI's slow phase
 def test_batched_prompts_match_one_at_a_time(picture2_predictor):
     p = picture2_predictor
     points, coords, labels = _grid_prompts(p, 8)
