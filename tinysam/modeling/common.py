@@ -17,12 +17,10 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # segment-anything's order of operations (a division by the square root): a quantized
-        # layer after it rounds what the reference computes, not a float neighbour.
         mean = x.mean(1, keepdim=True)
         centered = x - mean
         var = centered.pow(2).mean(1, keepdim=True)
-        x = centered / torch.sqrt(var + self.eps)
+        x = centered * torch.rsqrt(var + self.eps)
         return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 

@@ -15,10 +15,12 @@ into our model strictly, then each listed layer becomes quantized in place.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..build import sam_from_state_dict
 from ..modeling import Sam, transformer
+from ..modeling.common import LayerNorm2d
 from ..pickled_modules import QuantizedLayerRecord
 from .layers import to_quant_layer
 from .model import QuantDecoderAttention, QuantMaskDecoder
@@ -31,6 +33,18 @@ FLOAT_CLASS = {
     "conv_transpose": nn.ConvTranspose2d,
 }
 FORMAT_NAME = "Q-TinySAM (the authors' pickled W8A8 model)"
+
+
+class ReferenceLayerNorm2d(LayerNorm2d):
+    """segment-anything's LayerNorm2d order: a division by the square root. Ours multiplies by
+    its reciprocal, which ONNX Runtime's graphs and our exports keep; an 8-bit layer after it
+    would round that float neighbour to another level in places."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(1, keepdim=True)
+        centered = x - mean
+        x = centered / torch.sqrt(centered.pow(2).mean(1, keepdim=True) + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 
 def load_published(
@@ -62,11 +76,15 @@ def load_published(
 def reference_order(sam: Sam) -> Sam:
     """Run ``sam`` in the reference's order of float operations, so that 8-bit inputs round as
     the authors' model rounds them: NCHW convolutions (not channels-last), explicit attention
-    products (not the fused kernel) and the mask decoder's layers as modules (its fast paths
-    read raw weights). Measured on the fixture: the image embedding then equals the authors'
-    code's bit for bit on the same CPU and thread count (``MKL_CBWR`` strict in both)."""
+    products (not the fused kernel), LayerNorm2d's division and the mask decoder's layers as
+    modules (its fast paths read raw weights). Measured on the fixture: the image embedding
+    then equals the authors' code's bit for bit on the same CPU and thread count
+    (``MKL_CBWR`` strict in both)."""
     if hasattr(sam.image_encoder, "channels_last"):
         sam.image_encoder.channels_last = False
+    for module in sam.modules():
+        if type(module) is LayerNorm2d:
+            module.__class__ = ReferenceLayerNorm2d
     decoder = sam.mask_decoder
     if type(decoder) is not QuantMaskDecoder:
         decoder.__class__ = QuantMaskDecoder
