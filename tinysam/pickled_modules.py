@@ -216,9 +216,21 @@ def _quantized_layer(
     state = vars(record)
     if state.get("mode") != "quant_forward":
         raise PickledModuleError(f"{where} is in mode {state.get('mode')!r}, not quant_forward")
+    weight = parameters.get("weight")
+    if not isinstance(weight, torch.Tensor):
+        raise PickledModuleError(f"{where} has no weight")
+    return layer_record(kind, state.get("w_bit"), state.get("a_bit"), weight.shape, buffers, where)
+
+
+def layer_record(
+    kind: str, w_bit, a_bit, weight_shape, buffers: dict, where: str
+) -> QuantizedLayerRecord:
+    """An ``InferQuant*`` layer's settings from its bit widths and buffers (the authors'
+    names: ``w_interval``, ``a_interval``, ``n_V``, ``n_H``, ``n_a``, ``a_bias``,
+    ``a_neg_interval``), checked against its weight's shape. Also reads the converted form
+    (``tinysam.quant.published.save_converted``), so both are checked alike."""
     bits = {}
-    for key in ("w_bit", "a_bit"):
-        value = state.get(key)
+    for key, value in (("w_bit", w_bit), ("a_bit", a_bit)):
         allowed = (2, 8) if key == "w_bit" else (2, 32)
         if not isinstance(value, int) or isinstance(value, bool):
             raise PickledModuleError(f"{where}: {key} is not a whole number")
@@ -244,14 +256,13 @@ def _quantized_layer(
             raise PickledModuleError(f"{where}: {name} is {number}, not a positive count")
         return number
 
-    weight = parameters.get("weight")
-    if not isinstance(weight, torch.Tensor):
-        raise PickledModuleError(f"{where} has no weight")
     q = QuantizedLayerRecord(
         kind, bits["w_bit"], bits["a_bit"], interval("w_interval"), interval("a_interval")
     )
     if kind.startswith("linear"):
-        out_features, in_features = weight.shape
+        if len(weight_shape) != 2:
+            raise PickledModuleError(f"{where}: a linear layer's weight is not a matrix")
+        out_features, in_features = weight_shape
         q.n_V, q.n_H, q.n_a = count("n_V"), count("n_H"), count("n_a")
         if out_features % q.n_V or in_features % q.n_H or in_features % q.n_a:
             raise PickledModuleError(
@@ -270,11 +281,11 @@ def _quantized_layer(
             q.a_neg_interval = interval("a_neg_interval")
     else:
         try:
-            torch.broadcast_shapes(q.w_interval.shape, weight.shape)
+            torch.broadcast_shapes(q.w_interval.shape, tuple(weight_shape))
         except RuntimeError:
             raise PickledModuleError(
                 f"{where}: w_interval of shape {tuple(q.w_interval.shape)} does not fit its "
-                f"weight {tuple(weight.shape)}"
+                f"weight {tuple(weight_shape)}"
             ) from None
         if q.a_interval.numel() != 1:
             raise PickledModuleError(f"{where}: a_interval must be one value")
@@ -294,5 +305,6 @@ __all__ = [
     "PickledModuleError",
     "QuantizedLayerRecord",
     "flatten",
+    "layer_record",
     "read_pickled_module",
 ]

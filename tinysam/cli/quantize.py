@@ -13,6 +13,8 @@ EPILOG = """\
 examples:
   tinysam quantize --checkpoint tinysam_42.3.pth --calib sa1b_8/ --out q-tinysam/
   tinysam quantize --checkpoint tinysam_42.3.pth --calib imgs/ --out w6a6/ --bits 6
+  tinysam quantize --from tinysam_w8a8.pth --out q-published/ --test imgs/ \
+      --checkpoint tinysam_42.3.pth    # the authors' Q-TinySAM: convert, int8 ONNX, report
   tinysam segment photo.jpg --checkpoint q-tinysam/ --point 400,300 --out mask.png
   tinysam segment photo.jpg --backend onnx --onnx-dir q-tinysam/onnx --point 400,300 \
       --out mask.png
@@ -34,7 +36,17 @@ def register(sub) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    q.add_argument("--calib", type=Path, required=True, help="folder of calibration images")
+    q.add_argument("--calib", type=Path, help="folder of calibration images (required)")
+    q.add_argument(
+        "--from",
+        dest="from_file",
+        type=Path,
+        metavar="FILE",
+        help="convert the authors' published Q-TinySAM (tinysam_w8a8.pth) instead of "
+        "quantizing: no calibration; OUT gets quant.json + quantized.pt (no pickle), onnx/ "
+        "(int8) and, with --test, a report (against the float model when --checkpoint is "
+        "given)",
+    )
     q.add_argument("--out", type=Path, required=True, help="output folder")
     q.add_argument("--images", type=int, default=8, help="calibration images used (8, paper)")
     q.add_argument("--bits", type=int, default=8, help="weight and activation bits (8; 2-8)")
@@ -84,6 +96,13 @@ def run_quantize(args: argparse.Namespace) -> dict:
 
     if args.device != "cpu":
         raise UsageError("tinysam quantize runs on the CPU: leave out --device")
+    if args.from_file is not None:
+        return run_convert(args)
+    if args.calib is None:
+        raise UsageError(
+            "--calib is required: a folder of calibration images (or --from FILE to convert "
+            "the authors' Q-TinySAM)"
+        )
     for name, value in (("--images", args.images), ("--prompts", args.prompts)):
         if value < 1:
             raise UsageError(f"{name} must be at least 1")
@@ -115,5 +134,37 @@ def run_quantize(args: argparse.Namespace) -> dict:
         model_type=args.model,
         test_paths=test_paths,
         progress=lambda it, what: tqdm(it, desc=what, unit=UNITS[what], disable=not show),
+        say=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+
+
+def run_convert(args: argparse.Namespace) -> dict:
+    """``--from FILE``: the authors' Q-TinySAM converted (``quant.pipeline.convert_published``)."""
+    from ..quant.pipeline import convert_published
+
+    if args.calib is not None:
+        raise UsageError("--calib has no use with --from: the file holds its own intervals")
+    if not args.from_file.is_file():
+        raise UsageError(f"--from {args.from_file}: no such file")
+    if args.test_prompts < 1:
+        raise UsageError("--test-prompts must be at least 1")
+    test_paths = image_folder(args.test, None, "--test") if args.test else ()
+    float_sam = None
+    if args.checkpoint is not None:
+        float_sam, _ = model_from_args(args)
+        if hasattr(float_sam, "published_layers") or hasattr(float_sam, "quant_config"):
+            raise UsageError(
+                f"--checkpoint {args.checkpoint} is quantized: give the float model to compare "
+                "with"
+            )
+    return convert_published(
+        args.from_file,
+        args.out,
+        float_sam=float_sam,
+        test_paths=test_paths,
+        test_prompts=args.test_prompts,
+        seed=args.seed,
+        onnx=not args.no_onnx,
+        activations=args.activations,
         say=lambda line: print(line, file=sys.stderr, flush=True),
     )

@@ -98,9 +98,13 @@ def fold_weight_quantization(model) -> int:
         name = q.input[0] + "_int8"
         new_inits.append(numpy_helper.from_array(qweight, name))
         dq.input[0] = name
+        # A scale and a zero point of its own: ONNX Runtime's s8 -> u8 weight rewrite for CPUs
+        # without VNNI (``session.x64quantprecision``) fails on either shared between weights
+        # (the exporter shares equal constants, e.g. the scales of a split product's parts).
+        scale_name = name + "_scale"
+        new_inits.append(numpy_helper.from_array(np.asarray(scale), scale_name))
+        dq.input[1] = scale_name
         if len(dq.input) > 2:
-            # A zero point of its own: ONNX Runtime's s8 -> u8 weight rewrite for CPUs without
-            # VNNI (``session.x64quantprecision``) fails on zero points shared between weights.
             zp_name = name + "_zero_point"
             new_inits.append(numpy_helper.from_array(np.zeros(scale.shape, np.int8), zp_name))
             dq.input[2] = zp_name
@@ -178,7 +182,6 @@ def export_quantized_onnx(
 ) -> dict:
     """Write the int8 encoder and decoders of a calibrated 8-bit model, with the manifest that
     ``OnnxPredictor`` reads (no many-prompt decoder: its shortcut has no quantized form)."""
-    from ..runtime.onnx_export import DEFAULT_OPSET, export_onnx
     from .model import set_deploy
 
     bits = getattr(qmodel, "quant_bits", None)
@@ -192,15 +195,36 @@ def export_quantized_onnx(
         )
     set_deploy(qmodel, True)
     try:
-        return export_onnx(
+        return export_int8(
             qmodel,
-            Path(out_dir),
+            out_dir,
             model_type,
-            opset=opset or DEFAULT_OPSET,
-            step=step,
-            many_prompt_decoder=False,
-            rewrite=lambda m: to_int8(m, activations),
-            extra={"quantization": {"weights": "int8 per channel", "activations": activations}},
+            activations,
+            opset,
+            step,
+            quantization={"weights": "int8 per channel"},
         )
     finally:
         set_deploy(qmodel, False)
+
+
+def export_int8(
+    model, out_dir, model_type: str, activations: str, opset: int | None = None, step=None,
+    quantization: dict | None = None,
+) -> dict:  # fmt: skip
+    """Export a model whose quantizers are fake-quant ops (the QDQ graph) and rewrite each
+    graph for integer kernels; ``quantization`` describes it in the manifest."""
+    from ..runtime.onnx_export import DEFAULT_OPSET, export_onnx
+
+    if activations not in ACTIVATION_TYPES:
+        raise ValueError(f"activations must be one of {ACTIVATION_TYPES}, got {activations!r}")
+    return export_onnx(
+        model,
+        Path(out_dir),
+        model_type,
+        opset=opset or DEFAULT_OPSET,
+        step=step,
+        many_prompt_decoder=False,
+        rewrite=lambda m: to_int8(m, activations),
+        extra={"quantization": {**(quantization or {}), "activations": activations}},
+    )

@@ -193,3 +193,109 @@ def write_report(out, model_type, settings, agreement, results, test_paths, cali
         json.dump(report, f, indent=2)
     with atomic_write(out / "report.md", "w") as f:
         f.write(markdown + "\n")
+
+
+def convert_published(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    float_sam: Sam | None = None,
+    test_paths: Sequence[str | os.PathLike] = (),
+    test_prompts: int = 16,
+    seed: int = 0,
+    onnx: bool = True,
+    activations: str = "uint8",
+    say=None,
+) -> dict:
+    """``tinysam quantize --from tinysam_w8a8.pth``: the authors' Q-TinySAM as our quantized
+    folder (``quant.json`` + ``quantized.pt``, no pickle), its int8 ONNX model, and, given test
+    images, a report: the int8 ONNX model's masks against the simulated model's, and both
+    against ``float_sam`` when one is given."""
+    from ..backends import load_model
+    from ..checkpoint import CheckpointError, detect_model_type
+    from .published import save_converted
+    from .split_products import check_exportable, export_published_onnx
+
+    say = say or (lambda line: None)
+    out = Path(out)
+    start = time.perf_counter()
+    sam, resolved = load_model(None, source, download=False, progress=False)
+    if not hasattr(sam, "published_layers"):
+        raise CheckpointError(
+            f"{source} is not a Q-TinySAM file (the authors' pickled model with InferQuant* "
+            "layers): quantize a float checkpoint with --checkpoint and --calib instead"
+        )
+    model_type = detect_model_type(sam.state_dict()) or "vit_t"
+    if onnx:
+        check_exportable(sam)  # before anything is written
+    info = {"source_checkpoint": str(resolved.path)}
+    save_converted(sam, out, model_type, **info)
+    del sam
+    say(f"saved: {out / 'quantized.pt'} ({time.perf_counter() - start:.0f} s)")
+    converted = load_quantized(out)  # what users get
+    summary = {"out": str(out), "layers": len(converted.published_layers)}
+    onnx_dir = None
+    if onnx:
+        onnx_dir = out / "onnx"
+        started = time.perf_counter()
+        export_published_onnx(converted, onnx_dir, model_type, activations)
+        summary["onnx"] = str(onnx_dir)
+        say(f"onnx: int8 model in {onnx_dir} ({time.perf_counter() - started:.0f} s)")
+    if test_paths:
+        images = [load_image(p) for p in test_paths]
+        with bounded_heap():
+            agreement = _published_agreement(
+                converted, onnx_dir, float_sam, images, test_prompts, seed
+            )
+        write_published_report(out, model_type, agreement, test_paths)
+        summary["agreement"] = {}
+        for name, kinds in agreement.items():
+            ious = ", ".join(f"{kind} {a.mean_iou:.3f}" for kind, a in kinds.items())
+            say(f"report: {name}: mean mask IoU {ious}")
+            summary["agreement"][name] = {k: round(a.mean_iou, 4) for k, a in kinds.items()}
+    say(f"done in {time.perf_counter() - start:.0f} s, peak memory {peak_memory_gb():.1f} GiB")
+    return summary
+
+
+def _published_agreement(converted, onnx_dir, float_sam, images, prompts, seed) -> dict:
+    """``{comparison: {"point"|"box": MaskAgreement}}`` for the converted model's report."""
+    simulated = SamPredictor(converted)
+    agreement = {}
+    if onnx_dir is not None:
+        from ..runtime.predictor import OnnxPredictor
+
+        onnx_predictor = OnnxPredictor(onnx_dir)
+        found = mask_agreement(
+            simulated, {"int8 ONNX Runtime": onnx_predictor}, images, prompts, seed=seed
+        )
+        agreement["int8 ONNX Runtime vs the simulated model"] = found["int8 ONNX Runtime"]
+    if float_sam is not None:
+        candidates = {"simulated": simulated}
+        if onnx_dir is not None:
+            candidates["int8 ONNX Runtime"] = onnx_predictor
+        found = mask_agreement(SamPredictor(float_sam), candidates, images, prompts, seed=seed)
+        for name, kinds in found.items():
+            agreement[f"{name} vs the float model"] = kinds
+    return agreement
+
+
+def write_published_report(out, model_type, agreement, test_paths) -> None:
+    """``report.json`` and ``report.md`` of a converted Q-TinySAM."""
+    report = {
+        "agreement": {
+            name: {kind: asdict(a) for kind, a in kinds.items()}
+            for name, kinds in agreement.items()
+        },
+        "test_images": [Path(p).name for p in test_paths],
+    }
+    markdown = "\n\n".join(
+        [
+            f"# Conversion report: Q-TinySAM ({model_type}), the authors' W8A8 layers",
+            "## Mean mask IoU\n\n" + agreement_table(agreement, versus=None),
+            f"Test images: {', '.join(report['test_images'])}",
+        ]
+    )
+    with atomic_write(out / "report.json", "w") as f:
+        json.dump(report, f, indent=2)
+    with atomic_write(out / "report.md", "w") as f:
+        f.write(markdown + "\n")

@@ -11,17 +11,28 @@ computes (divide, round half to even, clamp, multiply, in float32).
 
 The file is read by ``tinysam.pickled_modules`` (nothing in it runs); the float tensors load
 into our model strictly, then each listed layer becomes quantized in place.
+
+``save_converted`` writes such a model as our quantized folder (``quant.json`` with scheme
+``published`` and each layer's layout, ``quantized.pt`` with int8 weight levels and every
+interval: tensors only); ``load_converted`` rebuilds the same model from it, checked as the
+pickled file is.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from ..build import sam_from_state_dict
+from ..build import build_sam_model, sam_from_state_dict
+from ..checkpoint import QUANT_CONFIG_FILE, QUANT_WEIGHTS_FILE, CheckpointError, load_strict
+from ..io import atomic_write
 from ..modeling import Sam, transformer
 from ..modeling.common import LayerNorm2d
-from ..pickled_modules import QuantizedLayerRecord
+from ..pickled_modules import PickledModuleError, QuantizedLayerRecord, layer_record
 from .layers import to_quant_layer
 from .model import QuantDecoderAttention, QuantMaskDecoder
 from .quantizers import BlockWeightQuantizer, ChunkActQuantizer, OffsetActQuantizer
@@ -33,6 +44,14 @@ FLOAT_CLASS = {
     "conv_transpose": nn.ConvTranspose2d,
 }
 FORMAT_NAME = "Q-TinySAM (the authors' pickled W8A8 model)"
+SCHEME = "published"  # quant.json's scheme of a converted file
+# Our quantizers' buffers under the authors' names (what ``layer_record`` checks).
+BUFFER_NAMES = {
+    "w_interval": "weight_quant.interval",
+    "a_interval": "input_quant.interval",
+    "a_neg_interval": "input_quant.negative_interval",
+    "a_bias": "input_quant.offset",
+}
 
 
 class ReferenceLayerNorm2d(LayerNorm2d):
@@ -70,6 +89,100 @@ def load_published(
         quantize_layer(module, record)
     reference_order(sam)
     sam.published_quantization = {"format": FORMAT_NAME, "layers": len(layers)}
+    sam.published_layers = layers
+    return sam.to(device).eval()
+
+
+def save_converted(
+    sam: Sam, out_dir: str | os.PathLike, model_type: str, **info
+) -> Path:  # fmt: skip
+    """Write a published model (``load_published``) as a quantized folder; ``info`` goes into
+    ``quant.json``. The JSON is written last, so a folder with one is complete."""
+    from .store import FORMAT, PUBLISHED_FORMAT_VERSION
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / QUANT_CONFIG_FILE).unlink(missing_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in sam.state_dict().items()}
+    described = {}
+    for path, record in sam.published_layers.items():
+        module = sam.get_submodule(path)
+        state[f"{path}.weight"] = module.weight_quant.levels(module.weight.detach().cpu())
+        entry = {"kind": record.kind, "weight_bits": record.weight_bits}
+        entry["act_bits"] = record.act_bits
+        if record.kind.startswith("linear"):
+            entry.update(blocks=[record.n_V, record.n_H], chunks=record.n_a)
+        described[path] = entry
+    with atomic_write(out_dir / QUANT_WEIGHTS_FILE, "wb") as f:
+        torch.save(state, f)
+    config = {
+        "format": FORMAT,
+        "format_version": PUBLISHED_FORMAT_VERSION,
+        "scheme": SCHEME,
+        "model_type": model_type,
+        "source_format": FORMAT_NAME,
+        "layers": described,
+        **info,
+    }
+    with atomic_write(out_dir / QUANT_CONFIG_FILE, "w") as f:
+        json.dump(config, f, indent=2)
+    return out_dir
+
+
+def load_converted(directory: Path, config: dict, state: dict, device="cpu") -> Sam:
+    """The published model from a folder that ``save_converted`` wrote (its parsed
+    ``quant.json`` and ``quantized.pt``), every layer checked as the pickled file's are."""
+    source = str(directory / QUANT_WEIGHTS_FILE)
+    model_type = config["model_type"]
+    sam = build_sam_model(model_type)
+    layers = {}
+    for path, entry in config["layers"].items():
+        where = f"{source}: {path}"
+        weight_key = f"{path}.weight"
+        try:
+            module = sam.get_submodule(path)
+        except AttributeError:
+            raise CheckpointError(f"{where}: a layer {model_type} lacks; convert again") from None
+        levels = state.get(weight_key)
+        if not isinstance(levels, torch.Tensor) or levels.dtype != torch.int8:
+            raise CheckpointError(f"{where}: the weight is not int8 levels; convert again")
+        if levels.shape != module.weight.shape:
+            raise CheckpointError(
+                f"{where}: the weight has shape {tuple(levels.shape)}, not "
+                f"{tuple(module.weight.shape)}; convert again"
+            )
+        buffers = {name: state.get(f"{path}.{key}") for name, key in BUFFER_NAMES.items()}
+        n_v, n_h = entry.get("blocks", (1, 1))
+        counts = {"n_V": n_v, "n_H": n_h, "n_a": entry.get("chunks", 1)}
+        buffers.update({name: torch.tensor(value) for name, value in counts.items()})
+        if entry["act_bits"] > 8:  # a float input: no input quantizer was saved
+            buffers.update(a_interval=torch.ones(()), a_bias=torch.zeros(()))
+        try:
+            record = layer_record(
+                entry["kind"], entry["weight_bits"], entry["act_bits"], levels.shape, buffers,
+                where,
+            )  # fmt: skip
+            expected = FLOAT_CLASS[record.kind]
+            if type(module) is not expected:
+                raise PickledModuleError(
+                    f"{where} is a quantized {record.kind} layer, but {model_type} has a "
+                    f"{type(module).__name__} there"
+                )
+        except PickledModuleError as err:
+            raise CheckpointError(f"{err}; convert again") from None
+        quantize_layer(module, record)
+        lo, hi = -(2 ** (record.weight_bits - 1)), 2 ** (record.weight_bits - 1) - 1
+        if int(levels.min()) < lo or int(levels.max()) > hi:
+            raise CheckpointError(
+                f"{where}: weight levels outside {record.weight_bits} bits; convert again"
+            )
+        state[weight_key] = module.weight_quant.dequantize(levels)
+        layers[path] = record
+    reference_order(sam)
+    load_strict(sam, state, f"a converted Q-TinySAM {model_type}", source)
+    sam.published_quantization = {"format": FORMAT_NAME, "layers": len(layers)}
+    sam.published_layers = layers
+    sam.quant_config = config
     return sam.to(device).eval()
 
 

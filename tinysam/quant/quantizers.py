@@ -178,15 +178,29 @@ class BlockWeightQuantizer(nn.Module):
         self.register_buffer("interval", interval.detach().clone().float())
         self.enabled = True
 
+    def _blocked(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` viewed so that ``self.interval`` broadcasts against it."""
+        if self.blocks is None:
+            return w
+        n_v, n_h = self.blocks
+        return w.reshape(n_v, w.shape[0] // n_v, n_h, w.shape[1] // n_h)
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
         lo, hi = qrange(self.bits)
-        if self.blocks is None:
-            return quant_grid(w, self.interval, lo, hi)
-        n_v, n_h = self.blocks
-        view = w.reshape(n_v, w.shape[0] // n_v, n_h, w.shape[1] // n_h)
-        return quant_grid(view, self.interval, lo, hi).reshape(w.shape)
+        return quant_grid(self._blocked(w), self.interval, lo, hi).reshape(w.shape)
+
+    def levels(self, w: torch.Tensor) -> torch.Tensor:
+        """The integer levels ``forward`` puts ``w`` on (int8)."""
+        lo, hi = qrange(self.bits)
+        grid = torch.clamp(torch.round(self._blocked(w) / self.interval), lo, hi)
+        return grid.reshape(w.shape).to(torch.int8)
+
+    def dequantize(self, levels: torch.Tensor) -> torch.Tensor:
+        """Levels back to the weight ``forward`` gives (``forward`` of the result rounds to
+        the same levels: ``k * s / s`` rounds to ``k`` for ``|k| <= 128``)."""
+        return (self._blocked(levels.float()) * self.interval).reshape(levels.shape)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, blocks={self.blocks}, intervals={self.interval.numel()}"

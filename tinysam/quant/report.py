@@ -110,8 +110,11 @@ def layer_table(results: Sequence) -> str:
     return "\n".join(lines)
 
 
-def agreement_table(agreement: dict[str, dict[str, MaskAgreement]]) -> str:
-    lines = ["| model | point mIoU vs float | box mIoU vs float | prompts (point/box) |"]
+def agreement_table(
+    agreement: dict[str, dict[str, MaskAgreement]], versus: str | None = "float"
+) -> str:
+    against = f" vs {versus}" if versus else ""
+    lines = [f"| model | point mIoU{against} | box mIoU{against} | prompts (point/box) |"]
     lines.append("|---|---|---|---|")
     for name, kinds in agreement.items():
         p, b = kinds["point"], kinds["box"]

@@ -30,6 +30,9 @@ from .quantizers import TWIN_KINDS, qrange
 
 FORMAT = "tinysam-quant"
 FORMAT_VERSION = 1
+# Version 2: a converted Q-TinySAM (scheme "published", tinysam.quant.published), which
+# older readers could not rebuild.
+PUBLISHED_FORMAT_VERSION = 2
 
 
 def _weight_shape(scale: torch.Tensor, weight: torch.Tensor, axis: int) -> torch.Tensor:
@@ -114,13 +117,15 @@ def read_config(path: str | os.PathLike) -> tuple[Path, dict]:
         ) from err
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise CheckpointError(f"{config_path} is not a tinysam quantized model description")
-    if config.get("format_version") != FORMAT_VERSION:
+    published = config.get("scheme") == "published"
+    expected = PUBLISHED_FORMAT_VERSION if published else FORMAT_VERSION
+    if config.get("format_version") != expected:
         raise CheckpointError(
             f"{config_path} has format version {config.get('format_version')}; this tinysam "
-            f"reads version {FORMAT_VERSION}: quantize again"
+            f"reads version {expected}: quantize again"
         )
     try:
-        _check_config(config, str(config_path))
+        (_check_published_config if published else _check_config)(config, str(config_path))
     except FormatError as err:
         raise CheckpointError(f"{err}; quantize again") from None
     return directory, config
@@ -150,6 +155,30 @@ def _check_config(config: dict, where: str) -> None:
                 )
 
 
+def _check_published_config(config: dict, where: str) -> None:
+    """The fields ``published.load_converted`` reads (values are checked there, with the
+    tensors, as a pickled file's are)."""
+    from .published import FLOAT_CLASS
+
+    model_type = field(config, "model_type", "a string", where)
+    if model_type not in MODEL_TYPES:
+        raise FormatError(f"{where}: model_type {model_type!r} is not a known model type")
+    layers = field(config, "layers", "an object", where)
+    for name in layers:
+        entry = field(layers, name, "an object", where, "layers.")
+        prefix = f"layers.{name}."
+        kind = field(entry, "kind", "a string", where, prefix)
+        if kind not in FLOAT_CLASS:
+            raise FormatError(f"{where}: {prefix}kind must be one of {', '.join(FLOAT_CLASS)}")
+        for key in ("weight_bits", "act_bits"):
+            field(entry, key, "an integer", where, prefix)
+        if kind.startswith("linear"):
+            blocks = field(entry, "blocks", "a list", where, prefix)
+            if len(blocks) != 2 or not all(type(n) is int for n in blocks):
+                raise FormatError(f"{where}: {prefix}blocks must be two whole numbers")
+            field(entry, "chunks", "an integer", where, prefix)
+
+
 def load_quantized(
     path: str | os.PathLike, device: str | torch.device = "cpu", model_type: str | None = None
 ) -> Sam:
@@ -161,6 +190,10 @@ def load_quantized(
     if model_type is not None and model_type != found:
         raise CheckpointError(f"{path} is a quantized {found}, not {model_type}")
     model_type = found
+    if config.get("scheme") == "published":
+        from .published import load_converted
+
+        return load_converted(directory, config, read_state_dict(directory / WEIGHTS_FILE), device)
     bits = config.get("bits", {})
     model = prepare(build_sam_model(model_type), bits.get("weight", 8), bits.get("activation", 8))
     state = read_state_dict(directory / WEIGHTS_FILE)
