@@ -154,8 +154,7 @@ def run_convert(args: argparse.Namespace) -> dict:
         float_sam, _ = model_from_args(args)
         if hasattr(float_sam, "published_layers") or hasattr(float_sam, "quant_config"):
             raise UsageError(
-                f"--checkpoint {args.checkpoint} is quantized: give the float model to compare "
-                "with"
+                f"--checkpoint {args.checkpoint} is quantized: give the float model to compare with"
             )
     return convert_published(
         args.from_file,
