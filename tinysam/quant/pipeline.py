@@ -211,21 +211,24 @@ def convert_published(
     folder (``quant.json`` + ``quantized.pt``, no pickle), its int8 ONNX model, and, given test
     images, a report: the int8 ONNX model's masks against the simulated model's, and both
     against ``float_sam`` when one is given."""
-    from ..backends import load_model
-    from ..checkpoint import CheckpointError, detect_model_type
-    from .published import save_converted
+    from ..checkpoint import CheckpointError, read_checkpoint
+    from .published import load_published, save_converted
     from .split_products import check_exportable, export_published_onnx
 
     say = say or (lambda line: None)
     out = Path(out)
     start = time.perf_counter()
-    sam, resolved = load_model(None, source, download=False, progress=False)
-    if not hasattr(sam, "published_layers"):
+    contents = read_checkpoint(None, source, download=False, progress=False)
+    if not contents.published_layers:
         raise CheckpointError(
             f"{source} is not a Q-TinySAM file (the authors' pickled model with InferQuant* "
             "layers): quantize a float checkpoint with --checkpoint and --calib instead"
         )
-    model_type = detect_model_type(sam.state_dict()) or "vit_t"
+    resolved, model_type = contents.resolved, contents.model_type
+    sam = load_published(
+        contents.state_dict, contents.published_layers, model_type, str(resolved.path)
+    )
+    del contents
     if onnx:
         check_exportable(sam)  # before anything is written
     info = {"source_checkpoint": str(resolved.path)}
