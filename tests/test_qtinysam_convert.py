@@ -122,6 +122,13 @@ def test_a_damaged_converted_folder_is_one_line(
     assert code == 2 and message in one_error_line(err, "info")
 
 
+def test_export_points_a_quantized_model_to_its_int8_onnx_model(capsys, tmp_path, converted):
+    for checkpoint, hint in ((FILE, "tinysam quantize --from"), (converted, "onnx/ folder")):
+        code, _, err = run_cli(capsys, "export", "--checkpoint", checkpoint, "--out-dir", tmp_path)
+        assert code == 2 and hint in one_error_line(err, "export")
+    assert not list(tmp_path.iterdir())
+
+
 def test_quantize_from_refuses_what_it_cannot_convert(capsys, tmp_path, vit_t_checkpoint):
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "quantize", "--from", vit_t_checkpoint, "--out", out)

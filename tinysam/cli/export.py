@@ -64,6 +64,16 @@ def run_export(args: argparse.Namespace) -> dict:
     if args.opset < MIN_OPSET:
         raise UsageError(f"--opset must be at least {MIN_OPSET} (torch's ONNX exporter)")
     sam, resolved = model_from_args(args)
+    if hasattr(sam, "quant_config"):  # a folder tinysam quantize wrote (or converted)
+        raise UsageError(
+            f"{resolved.path} is a quantized model: its int8 ONNX model is the onnx/ folder "
+            "that tinysam quantize wrote beside it"
+        )
+    if hasattr(sam, "published_layers"):
+        raise UsageError(
+            f"{resolved.path} is the authors' Q-TinySAM: `tinysam quantize --from "
+            f"{resolved.path} --out DIR` writes its int8 ONNX model (DIR/onnx)"
+        )
     model_type = detect_model_type(sam.state_dict())
     if args.format != "tinysam":
         return _export_for_tool(args, sam, model_type, resolved.path)
