@@ -279,6 +279,7 @@ def test_fisher_loss_gradients_are_nonzero_at_the_float_model():
     assert logits.grad.abs().sum() > 0 and iou.grad.abs().sum() > 0
 
 
+@pytest.mark.slow  # 13-25 s end to end: CI's slow phase (the fast suite's budget)
 def test_quantized_masks_agree_with_float_and_switches_work(calibrated, vit_t_model, golden):
     from tinysam.io import load_image
     from tinysam.quant.report import mask_agreement
@@ -304,6 +305,7 @@ def test_quantized_masks_agree_with_float_and_switches_work(calibrated, vit_t_mo
         set_quantization(qmodel, False, layers=["image_encoder.nope"])
 
 
+@pytest.mark.slow  # 13-25 s end to end: CI's slow phase (the fast suite's budget)
 def test_everything_generator_runs_on_the_quantized_model(calibrated, vit_t_model, golden):
     from tinysam import SamAutomaticMaskGenerator
     from tinysam.io import load_image
