@@ -20,7 +20,6 @@ pickled file is.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -28,8 +27,7 @@ import torch
 from torch import nn
 
 from ..build import build_sam_model, sam_from_state_dict
-from ..checkpoint import QUANT_CONFIG_FILE, QUANT_WEIGHTS_FILE, CheckpointError, load_strict
-from ..io import atomic_write
+from ..checkpoint import QUANT_WEIGHTS_FILE, CheckpointError, load_strict
 from ..modeling import Sam, transformer
 from ..modeling.common import LayerNorm2d
 from ..pickled_modules import PickledModuleError, QuantizedLayerRecord, layer_record
@@ -98,11 +96,8 @@ def save_converted(
 ) -> Path:  # fmt: skip
     """Write a published model (``load_published``) as a quantized folder; ``info`` goes into
     ``quant.json``. The JSON is written last, so a folder with one is complete."""
-    from .store import FORMAT, PUBLISHED_FORMAT_VERSION
+    from .store import FORMAT, PUBLISHED_FORMAT_VERSION, write_folder
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / QUANT_CONFIG_FILE).unlink(missing_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in sam.state_dict().items()}
     described = {}
     for path, record in sam.published_layers.items():
@@ -113,8 +108,6 @@ def save_converted(
         if record.kind.startswith("linear"):
             entry.update(blocks=[record.n_V, record.n_H], chunks=record.n_a)
         described[path] = entry
-    with atomic_write(out_dir / QUANT_WEIGHTS_FILE, "wb") as f:
-        torch.save(state, f)
     config = {
         "format": FORMAT,
         "format_version": PUBLISHED_FORMAT_VERSION,
@@ -124,9 +117,7 @@ def save_converted(
         "layers": described,
         **info,
     }
-    with atomic_write(out_dir / QUANT_CONFIG_FILE, "w") as f:
-        json.dump(config, f, indent=2)
-    return out_dir
+    return write_folder(out_dir, state, config)
 
 
 def load_converted(directory: Path, config: dict, state: dict, device="cpu") -> Sam:

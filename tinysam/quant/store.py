@@ -71,9 +71,6 @@ def describe_layers(model: Sam) -> dict:
 def save_quantized(model: Sam, out_dir: str | os.PathLike, model_type: str, **info) -> Path:
     """Write ``quantized.pt`` and ``quant.json`` to ``out_dir``; ``info`` (calibration and
     search settings, results) goes into the JSON."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CONFIG_FILE).unlink(missing_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     for name, layer in quant_layers(model).items():
         if isinstance(layer, QuantLayer) and layer.weight_quant.calibrated:
@@ -83,8 +80,6 @@ def save_quantized(model: Sam, out_dir: str | os.PathLike, model_type: str, **in
             # Through the quantizer itself, so every rounding tie goes the way it does in use.
             grid = wq(layer.weight.detach()) / scale
             state[f"{name}.weight"] = torch.round(grid).clamp(lo, hi).to(torch.int8).cpu()
-    with atomic_write(out_dir / WEIGHTS_FILE, "wb") as f:
-        torch.save(state, f)
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -93,6 +88,16 @@ def save_quantized(model: Sam, out_dir: str | os.PathLike, model_type: str, **in
         "layers": describe_layers(model),
         **info,
     }
+    return write_folder(out_dir, state, config)
+
+
+def write_folder(out_dir: str | os.PathLike, state: dict, config: dict) -> Path:
+    """``quantized.pt`` (tensors only), then ``quant.json``: a folder with the JSON is whole."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CONFIG_FILE).unlink(missing_ok=True)
+    with atomic_write(out_dir / WEIGHTS_FILE, "wb") as f:
+        torch.save(state, f)
     with atomic_write(out_dir / CONFIG_FILE, "w") as f:
         json.dump(config, f, indent=2)
     return out_dir
