@@ -512,6 +512,23 @@ def test_int8_sessions_do_not_saturate_without_vnni(tmp_path):
     np.testing.assert_array_equal(y, exact)
 
 
+def test_int8_sessions_force_the_exact_kernels_only_where_products_saturate(monkeypatch):
+    """With VNNI or AMX the fast u8 x s8 kernels are exact: forcing u8 x u8 there only slows."""
+    from tinysam import perf
+    from tinysam.runtime.predictor import X64_QUANT_PRECISION, session_options
+
+    def setting(options):
+        try:
+            return options.get_session_config_entry(X64_QUANT_PRECISION)
+        except RuntimeError:  # not set
+            return None
+
+    for saturate, expected in ((True, "1"), (False, None)):
+        monkeypatch.setattr(perf, "int8_products_saturate", lambda saturate=saturate: saturate)
+        assert setting(session_options(1, quantized=True)) == expected
+        assert setting(session_options(1)) is None
+
+
 @pytest.mark.slow
 def test_segment_accepts_a_quantized_folder(quantize_run, golden, capsys, tmp_path):
     out, _ = quantize_run
