@@ -24,6 +24,7 @@ BACKENDS = ("auto", "torch", "onnx", "openvino")
 ONNX_DIR_ENV = "TINYSAM_ONNX_DIR"
 BACKEND_ENV = "TINYSAM_BACKEND"
 THREADS_ENV = "TINYSAM_THREADS"
+PRECISION_ENV = "TINYSAM_PRECISION"
 CHECKPOINT_ENV = "TINYSAM_CHECKPOINT"  # also read by checkpoint.resolve_checkpoint (vit_t)
 
 
@@ -84,6 +85,10 @@ class PredictorSpec:
     many_prompts: int = DEFAULT_MANY_PROMPTS
     progress: bool = False
     remeasure: bool = False  # auto: time the backends again instead of reading the cache
+    # fp32 (exact, the default); bf16 (the image encoder on torch autocast or OpenVINO's bf16);
+    # int8 (a quantized folder or int8 export, refused for a float model). ``perf.
+    # precision_note`` says where one runs slowly or in another precision.
+    precision: str = "fp32"
 
     @classmethod
     def from_args(cls, args, **settings) -> PredictorSpec:
@@ -96,6 +101,7 @@ class PredictorSpec:
             device=args.device,
             threads=args.threads,
             progress=sys.stderr.isatty(),
+            precision=getattr(args, "precision", None) or "fp32",
             **settings,
         ).checked()
 
@@ -103,7 +109,7 @@ class PredictorSpec:
     def from_env(cls, **settings) -> PredictorSpec:
         """A server's settings from its environment, checked: ``TINYSAM_BACKEND`` (torch),
         ``TINYSAM_CHECKPOINT``, ``TINYSAM_ONNX_DIR`` (for onnx, openvino and auto),
-        ``TINYSAM_THREADS``."""
+        ``TINYSAM_THREADS``, ``TINYSAM_PRECISION`` (fp32)."""
         from .io import positive_int_env
 
         backend = os.environ.get(BACKEND_ENV) or "torch"
@@ -112,6 +118,7 @@ class PredictorSpec:
             checkpoint=os.environ.get(CHECKPOINT_ENV) or None,
             onnx_dir=None if backend == "torch" else os.environ.get(ONNX_DIR_ENV) or None,
             threads=positive_int_env(THREADS_ENV, 0) or None,
+            precision=os.environ.get(PRECISION_ENV) or "fp32",
             **settings,
         ).checked()
 
@@ -124,6 +131,12 @@ class PredictorSpec:
             )
         if self.threads is not None and self.threads < 1:
             raise BackendError("--threads must be at least 1")
+        from .perf import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise BackendError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
         if self.backend == "auto":
             named = self.checkpoint is not None or self.model_type is not None
             onnx_dir = self.onnx_dir or (None if named else os.environ.get(ONNX_DIR_ENV) or None)
@@ -209,16 +222,47 @@ class PredictorSpec:
         if spec.backend in ("onnx", "openvino"):
             from .runtime import OnnxPredictor
 
-            return OnnxPredictor(
+            engine = "openvino" if spec.backend == "openvino" else "onnxruntime"
+            predictor = OnnxPredictor(
                 Path(spec.onnx_dir),
                 threads=spec.threads,
-                encoder_engine="openvino" if spec.backend == "openvino" else "onnxruntime",
+                encoder_engine=engine,
                 many_prompts=spec.many_prompts,
+                precision=spec.precision,
             )
-        from .predictor import SamPredictor
+        else:
+            from .predictor import SamPredictor
 
-        sam, _ = spec.load_model()
-        return SamPredictor(sam, many_prompts=spec.many_prompts)
+            sam, _ = spec.load_model()
+            spec.check_precision(sam)
+            engine = "torch"
+            predictor = SamPredictor(sam, many_prompts=spec.many_prompts, precision=spec.precision)
+        spec.note_precision(engine)
+        return predictor
+
+    def check_precision(self, sam) -> None:
+        """int8 needs a quantized model; a quantized model runs its own grids (not bf16)."""
+        quantized = hasattr(sam, "quant_config") or hasattr(sam, "published_layers")
+        if self.precision == "int8" and not quantized:
+            raise BackendError(
+                "--precision int8 needs a quantized model: a folder written by tinysam "
+                "quantize, the authors' Q-TinySAM, or its int8 export (--onnx-dir)"
+            )
+        if self.precision == "bf16" and quantized:
+            raise BackendError(
+                "this model is quantized: it runs on its 8-bit grids, not in bf16; leave out "
+                "--precision bf16"
+            )
+
+    def note_precision(self, engine: str) -> None:
+        """Warn (``perf.PrecisionWarning``, one line) where the precision runs slowly here."""
+        import warnings
+
+        from .perf import PrecisionWarning, precision_note
+
+        note = precision_note(self.precision, engine)
+        if note:
+            warnings.warn(note, PrecisionWarning, stacklevel=3)
 
     def load_model(self) -> tuple:
         """The torch model alone (``load_model``), for the commands that export, quantize or
@@ -315,7 +359,7 @@ def auto_candidates(**settings) -> tuple[dict, str]:
         if "torch" in factories:
             factories.update(
                 _torch_with_export_encoders(
-                    factories["torch"], onnx_dir, manifest, engines, spec.threads
+                    factories["torch"], onnx_dir, manifest, engines, spec.threads, spec.precision
                 )
             )
         else:
@@ -338,12 +382,15 @@ def auto_candidates(**settings) -> tuple[dict, str]:
         from .backend_choice import export_model_key
 
         model_key = export_model_key(manifest)
+    if spec.precision != "fp32":  # each precision has its own winner
+        model_key += f" precision {spec.precision}"
     return factories, model_key
 
 
 def _torch_with_export_encoders(
-    load_torch, onnx_dir, manifest: dict, engines: list[tuple[str, str]], threads: int | None
-) -> dict:
+    load_torch, onnx_dir, manifest: dict, engines: list[tuple[str, str]], threads: int | None,
+    precision: str = "fp32",
+) -> dict:  # fmt: skip
     """With a checkpoint and its export: "torch" loads the model once, and each export
     candidate is that model with the export's image encoder on its engine (the fastest
     encoder, and torch's prompt path: its many-prompt decoder beats the ONNX graphs in the
@@ -356,7 +403,7 @@ def _torch_with_export_encoders(
 
     def hybrid(engine: str) -> PredictorBase:
         base = torch_predictor()
-        encoder = load_encoder(onnx_dir, manifest, engine, threads)
+        encoder = load_encoder(onnx_dir, manifest, engine, threads, precision)
         return SamPredictor(base.model, base.many_prompts, image_encoder=encoder)
 
     for name, engine in engines:  # (backend name, encoder engine)

@@ -144,6 +144,37 @@ def cpu_kind() -> str:
     return f"{name} ({', '.join(extensions) or 'no AVX'})"
 
 
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+class PrecisionWarning(UserWarning):
+    """A precision that will run correctly here, but slowly or in another precision."""
+
+
+def bf16_is_fast() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX); elsewhere torch and OpenVINO
+    emulate it (or fall back to fp32), slower than fp32."""
+    _, flags = cpu_flags()
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def precision_note(precision: str, engine: str) -> str | None:
+    """One line when ``precision`` on ``engine`` ("torch", "onnxruntime", "openvino") will be
+    slow on this CPU or run in another precision; None when it runs as asked, at speed."""
+    if precision == "bf16" and engine == "onnxruntime":
+        return (
+            "ONNX Runtime has no bf16 kernels for the CPU: the encoder runs in fp32 "
+            "(--backend torch or openvino run bf16)"
+        )
+    if precision == "bf16" and not bf16_is_fast():
+        return "bf16 on this CPU (no AVX512-BF16 or AMX) is emulated: correct, but slower than fp32"
+    if precision == "int8" and engine != "torch" and int8_products_saturate():
+        return "int8 on this CPU (x86 without VNNI) runs exact u8 x u8 kernels: no faster than fp32"
+    if precision == "int8" and engine == "torch":
+        return "int8 on torch is simulated quantization (float arithmetic): use the int8 export"
+    return None
+
+
 def int8_products_saturate() -> bool:
     """Whether u8 x s8 products here go through int16 pairs that saturate: x86 CPUs without
     VNNI (AVX2, AVX-512F). On those, int8 kernels that use them give wrong sums near the ends

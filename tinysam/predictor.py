@@ -28,11 +28,22 @@ class SamPredictor(PredictorBase):
     ``image_encoder``: another engine for the image encoder on the CPU (an ONNX Runtime
     session or ``OpenVinoEncoder`` of the same model's ``encoder.onnx``: ``run(None,
     {"image": x})``), where it is faster than torch's; prompts stay on torch, whose
-    many-prompt decoder keeps work across batches that the ONNX graphs recompute."""
+    many-prompt decoder keeps work across batches that the ONNX graphs recompute.
+
+    ``precision="bf16"``: the image encoder runs under torch's bf16 autocast (products in
+    bf16, norms and softmax in fp32; the embedding comes back as fp32); fast on CPUs with
+    AVX512-BF16 or AMX, emulated elsewhere. The prompt path stays fp32."""
 
     def __init__(
-        self, sam_model: Sam, many_prompts: int = DEFAULT_MANY_PROMPTS, image_encoder=None
+        self,
+        sam_model: Sam,
+        many_prompts: int = DEFAULT_MANY_PROMPTS,
+        image_encoder=None,
+        precision: str = "fp32",
     ) -> None:
+        if precision not in ("fp32", "bf16", "int8"):
+            raise ValueError(f"precision must be fp32, bf16 or int8, got {precision!r}")
+        self.precision = precision
         if sam_model.device.type == "cpu":
             tune_allocator()  # ~1.5x faster CPU inference; see tinysam/perf.py
         elif image_encoder is not None:
@@ -69,7 +80,9 @@ class SamPredictor(PredictorBase):
         self.input_size = tuple(shape[-2:])
         encoder_input = self.model.preprocess(transformed_image.to(self.device, torch.float32))
         if self.image_encoder is None:
-            self.features = self.model.image_encoder(encoder_input)
+            bf16 = self.precision == "bf16"
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+                self.features = self.model.image_encoder(encoder_input).float()
         else:
             (features,) = self.image_encoder.run(None, {"image": encoder_input.numpy()})[:1]
             self.features = torch.from_numpy(np.ascontiguousarray(features))

@@ -8,7 +8,9 @@ image, a full disk) ends with exit status 2 and one line on stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import warnings
 from collections.abc import Sequence
 
 from ..version import __version__
@@ -70,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_allocator()
     show = getattr(args, "show", print_json)
     try:
-        show(args.run(args))
+        with _notes(args.command):
+            show(args.run(args))
     except KeyboardInterrupt:
         print("tinysam: interrupted", file=sys.stderr)
         return 130
@@ -81,6 +84,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tinysam {args.command}: error: {one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     return 0
+
+
+@contextlib.contextmanager
+def _notes(command: str):
+    """``perf.PrecisionWarning`` as one ``tinysam COMMAND: note: ...`` line on stderr."""
+    from ..perf import PrecisionWarning
+
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, *args, **kwargs):
+            if issubclass(category, PrecisionWarning):
+                print(f"tinysam {command}: note: {message}", file=sys.stderr, flush=True)
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        warnings.simplefilter("once", PrecisionWarning)
+        yield
 
 
 __all__ = ["EXIT_USAGE", "UsageError", "build_parser", "main"]

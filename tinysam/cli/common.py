@@ -63,6 +63,15 @@ def add_model_args(parser: argparse.ArgumentParser, backend: bool = False) -> No
             "export`; openvino: the same with OpenVINO running the image encoder",
         )
         parser.add_argument(
+            "--precision",
+            choices=("fp32", "bf16", "int8"),
+            default="fp32",
+            help="fp32 (exact, the default); bf16: the image encoder in bf16 on torch or "
+            "OpenVINO (fast on CPUs with AVX512-BF16 or AMX, emulated elsewhere); int8: a "
+            "quantized model (a tinysam quantize folder or its int8 --onnx-dir). A note says "
+            "where the CPU runs it slowly",
+        )
+        parser.add_argument(
             "--onnx-dir",
             type=Path,
             help="an export folder, for --backend auto, onnx or openvino "

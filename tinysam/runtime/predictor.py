@@ -207,11 +207,23 @@ class OnnxPredictor(PredictorBase):
         providers: list[str] | None = None,
         encoder_engine: str = "onnxruntime",
         many_prompts: int = DEFAULT_MANY_PROMPTS,
+        precision: str = "fp32",
     ) -> None:
         _check_engine(encoder_engine)
         _require_onnxruntime()
         self.model_dir = Path(model_dir)
         self.manifest = load_manifest(self.model_dir)
+        self.precision = precision
+        if precision == "int8" and "quantization" not in self.manifest:
+            raise OnnxModelError(
+                f"--precision int8 needs an int8 export; {self.model_dir} is float (make one "
+                "with tinysam quantize)"
+            )
+        if precision == "bf16" and "quantization" in self.manifest:
+            raise OnnxModelError(
+                f"{self.model_dir} is an int8 export: it runs in int8, not bf16; leave out "
+                "--precision bf16"
+            )
         self.image_size = int(self.manifest["image_size"])
         self.image_format = self.manifest["image_format"]
         self.mask_threshold = float(self.manifest["mask_threshold"])
@@ -224,7 +236,9 @@ class OnnxPredictor(PredictorBase):
         def session(name: str):
             return load_session(self.model_dir / name, self.manifest, threads, providers)
 
-        self.encoder = load_encoder(self.model_dir, self.manifest, encoder_engine, threads)
+        self.encoder = load_encoder(
+            self.model_dir, self.manifest, encoder_engine, threads, precision
+        )
         # All four mask tokens: both of SamPredictor's answers are slices of them.
         self.decoder = session(self.manifest["decoders"]["multimask"]["file"])
         self.upscaler = session(self.manifest["upscale"]["file"])
@@ -427,30 +441,34 @@ def load_encoder(
     manifest: dict | None = None,
     engine: str = "onnxruntime",
     threads: int | None = None,
+    precision: str = "fp32",
 ):
     """The export's image encoder alone, on ``engine``: ``run(None, {"image": x})`` ->
     [embedding]. For a torch model that encodes with an export (``SamPredictor``'s
-    ``image_encoder``) without loading the export's decoders."""
+    ``image_encoder``) without loading the export's decoders. ``precision="bf16"`` compiles
+    OpenVINO's encoder in bf16; ONNX Runtime has no bf16 CPU kernels and runs fp32."""
     _check_engine(engine)
     _require_onnxruntime()
     manifest = manifest if manifest is not None else load_manifest(model_dir)
     path = Path(model_dir) / manifest["encoder"]["file"]
     if engine == "openvino":
         quantized = "quantization" in manifest
-        return OpenVinoEncoder(path, threads or usable_cores(), quantized)
+        return OpenVinoEncoder(path, threads or usable_cores(), quantized, bf16=precision == "bf16")
     return load_session(path, manifest, threads)
 
 
 class OpenVinoEncoder:
-    """``encoder.onnx`` compiled by OpenVINO for the CPU, in float32 (OpenVINO would pick
-    bf16 on CPUs that have it, which moves the embedding by ~1e-2). Runs like an ONNX
+    """``encoder.onnx`` compiled by OpenVINO for the CPU, in float32 unless ``bf16`` (OpenVINO
+    would pick bf16 on CPUs that have it, which moves the embedding by ~1e-2). Runs like an ONNX
     Runtime session: ``run(None, {"image": x})`` -> [embedding].
 
     An int8 graph (``quantized``) is refused on x86 CPUs without VNNI: OpenVINO's int8
     kernels there saturate u8 x s8 pairs at int16 and have no exact mode (the W8A8 TinySAM
     embedding moved by 15%, against 3% on ONNX Runtime, on an AVX2 EPYC)."""
 
-    def __init__(self, path: Path, threads: int, quantized: bool = False) -> None:
+    def __init__(
+        self, path: Path, threads: int, quantized: bool = False, bf16: bool = False
+    ) -> None:
         from ..perf import int8_products_saturate
 
         if quantized and int8_products_saturate():
@@ -465,7 +483,7 @@ class OpenVinoEncoder:
                 "the openvino encoder needs openvino: pip install 'tinysam[openvino]'"
             ) from err
         config = {
-            "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
             "INFERENCE_NUM_THREADS": threads,
             "PERFORMANCE_HINT": "LATENCY",
         }
