@@ -166,6 +166,10 @@ def precision_note(precision: str, engine: str) -> str | None:
             "ONNX Runtime has no bf16 kernels for the CPU: the encoder runs in fp32 "
             "(--backend torch or openvino run bf16)"
         )
+    if precision == "bf16" and engine == "openvino" and not bf16_is_fast():
+        return (
+            "OpenVINO runs bf16 only on CPUs with AVX512-BF16 or AMX: here the encoder runs in fp32"
+        )
     if precision == "bf16" and not bf16_is_fast():
         return "bf16 on this CPU (no AVX512-BF16 or AMX) is emulated: correct, but slower than fp32"
     if precision == "int8" and engine != "torch" and int8_products_saturate():

@@ -482,8 +482,9 @@ class OpenVinoEncoder:
             raise ImportError(
                 "the openvino encoder needs openvino: pip install 'tinysam[openvino]'"
             ) from err
+        self.precision_hint = "bf16" if bf16 else "f32"  # OpenVINO keeps f32 without bf16 units
         config = {
-            "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
+            "INFERENCE_PRECISION_HINT": self.precision_hint,
             "INFERENCE_NUM_THREADS": threads,
             "PERFORMANCE_HINT": "LATENCY",
         }
