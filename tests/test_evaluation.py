@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -501,14 +502,30 @@ def test_machine_limits_are_measured_and_rows_rated_against_them(capsys):
     assert limits.best_fp32() == max(rates[:2])
     u8u8 = limits.int8_u8u8_gops_onnxruntime
     assert math.isfinite(u8u8) and u8u8 > 0
-    assert limits.int8_ceiling() == pytest.approx(u8u8 / limits.best_fp32())
+    assert math.isfinite(limits.bf16_gflops_torch) and limits.bf16_gflops_torch > 0
+    # The int8 ceiling is the kernel our graphs run here: u8 x u8 only where u8 x s8 saturates.
+    used = u8u8 if limits.int8_products_saturate else limits.int8_gops_onnxruntime
+    assert limits.int8_ceiling() == pytest.approx(used / limits.best_fp32())
+    assert limits.ceiling("int8") == used and limits.ceiling("bf16") == limits.bf16_gflops_torch
     table = limits_table(limits)
-    assert "int8 GEMM" in table and "memory copy" in table and limits.cpu in table
-    assert f"| int8 ceiling: u8 x u8 GEMM / best fp32 GEMM | {limits.int8_ceiling():.2f}x" in table
+    assert "int8 GEMM" in table and "bf16 GEMM" in table and "memory copy" in table
+    assert limits.cpu in table and "(our int8 graphs here)" in table
+    kernel = limits.int8_kernel()
+    assert f"| int8 ceiling: {kernel} GEMM / best fp32 GEMM | {limits.int8_ceiling():.2f}x" in table
+    for saturate, kernel in ((True, "u8 x u8"), (False, "u8 x s8")):
+        other = replace(limits, int8_products_saturate=saturate)
+        assert other.int8_kernel() == kernel
+        line = next(x for x in limits_table(other).splitlines() if "our int8 graphs" in x)
+        assert kernel in line
     # 2 GFLOP at 100 GFLOP/s is 20 ms ideal: 40 ms measured is 50% of the limit.
     cost = ModelCost(5_000_000, 4_000_000, 6_000, 2_000_000_000, 1_000_000)
     rated = bench_table(cost, [Latency("onnxruntime", 40.0, 3.0)], fp32_limit=100.0)
     assert "| onnxruntime | 40.0 | 50% | 3.0 |" in rated and "20.0 ms" in rated
+    # Each row against its own precision's rate: 2 GFLOP at 400 GFLOP/s bf16 is 5 ms ideal.
+    rows = [Latency("torch", 40.0, 3.0), Latency("torch bf16", 10.0, 3.0, "bf16")]
+    rated = bench_table(cost, rows, 100.0, ceilings={"fp32": 100.0, "bf16": 400.0, "int8": None})
+    assert "| torch | fp32 | 40.0 | 50% | 3.0 |" in rated
+    assert "| torch bf16 | bf16 | 10.0 | 50% | 3.0 |" in rated
     code = main(["bench", "--limits-only", "--repeats", "1", "--threads", "1"])
     out = capsys.readouterr().out
     assert code == 0 and "fp32 GEMM, torch" in out and '"limits"' in out

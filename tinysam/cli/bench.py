@@ -36,6 +36,14 @@ def register(sub) -> None:
     bench.add_argument(
         "--limits-only", action="store_true", help="measure the machine's limits and stop"
     )
+    bench.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="fp32 (default), or bf16 rows beside the fp32 ones (torch autocast, OpenVINO's "
+        "bf16); with --limits each row is rated against its own precision's GEMM rate. For "
+        "int8, give an int8 export as --onnx-dir",
+    )
     add_model_args(bench, backend=False)
     bench.set_defaults(run=run_bench)
 
@@ -62,22 +70,38 @@ def run_bench(args: argparse.Namespace) -> dict:
         image = np.random.default_rng(0).integers(0, 256, (768, 1024, 3), dtype=np.uint8)
     sam, _ = model_from_args(args)
     predictors = {"torch": SamPredictor(sam)}
+    precisions = {"torch": "fp32"}
+    if args.precision == "bf16":
+        predictors["torch bf16"] = SamPredictor(sam, precision="bf16")
+        precisions["torch bf16"] = "bf16"
     if args.onnx_dir is not None:
         from ..runtime import OnnxPredictor
-        from ..runtime.predictor import OnnxModelError
+        from ..runtime.predictor import OnnxModelError, load_manifest
 
+        int8 = "quantization" in load_manifest(args.onnx_dir)
+        export = "int8" if int8 else "fp32"
         predictors["onnxruntime"] = OnnxPredictor(args.onnx_dir, threads=args.threads)
-        try:
-            predictors["openvino"] = OnnxPredictor(
-                args.onnx_dir, threads=args.threads, encoder_engine="openvino"
-            )
-        except ImportError:
-            pass
-        except OnnxModelError as err:  # an int8 export on a CPU where OpenVINO's int8 is inexact
-            print(f"openvino skipped: {err}")
+        precisions["onnxruntime"] = export
+        engines = {"openvino": export}
+        if args.precision == "bf16" and not int8:
+            engines["openvino bf16"] = "bf16"
+        for name, precision in engines.items():
+            try:
+                predictors[name] = OnnxPredictor(
+                    args.onnx_dir, threads=args.threads, encoder_engine="openvino",
+                    precision="bf16" if precision == "bf16" else "fp32",
+                )  # fmt: skip
+                precisions[name] = precision
+            except ImportError:
+                pass
+            except OnnxModelError as err:  # int8 where OpenVINO's int8 is inexact
+                print(f"{name} skipped: {err}")
     cost = count_costs(sam)
-    latencies = measure_latency(predictors, image, args.repeats)
-    print(bench_table(cost, latencies, limits.best_fp32() if limits else None))
+    latencies = measure_latency(predictors, image, args.repeats, precisions)
+    ceilings = None
+    if limits is not None:
+        ceilings = {p: limits.ceiling(p) for p in ("fp32", "bf16", "int8")}
+    print(bench_table(cost, latencies, limits.best_fp32() if limits else None, ceilings))
     result = {"costs": asdict(cost), "latency": [asdict(r) for r in latencies]}
     if limits is not None:
         result["limits"] = asdict(limits)

@@ -60,11 +60,15 @@ class Latency:
     backend: str
     encoder_ms: float
     decoder_ms: float
+    precision: str = "fp32"  # what the encoder computed in (its row's ceiling)
 
 
-def measure_latency(predictors: dict, image: np.ndarray, repeats: int = 5) -> list[Latency]:
+def measure_latency(
+    predictors: dict, image: np.ndarray, repeats: int = 5, precisions: dict | None = None
+) -> list[Latency]:
     """Encoder and one-point decoder medians per predictor, runs of the backends alternating
-    so that a noisy machine slows them alike."""
+    so that a noisy machine slows them alike; ``precisions`` names each one's (fp32)."""
+    precisions = precisions or {}
     h, w = image.shape[:2]
     point = np.array([[w / 2, h / 2]], np.float32)
     label = np.ones(1, np.float32)
@@ -80,12 +84,20 @@ def measure_latency(predictors: dict, image: np.ndarray, repeats: int = 5) -> li
         },
         repeats,
     )
-    return [Latency(name, encoder[name] * 1e3, decoder[name] * 1e3) for name in predictors]
+    return [
+        Latency(name, encoder[name] * 1e3, decoder[name] * 1e3, precisions.get(name, "fp32"))
+        for name in predictors
+    ]
 
 
-def bench_table(cost: ModelCost, latencies: list[Latency], fp32_limit: float | None = None) -> str:
+def bench_table(
+    cost: ModelCost, latencies: list[Latency], fp32_limit: float | None = None,
+    ceilings: dict[str, float | None] | None = None,
+) -> str:  # fmt: skip
     """The table; with ``fp32_limit`` (GFLOP/s, ``limits.measure_limits``), each encoder row
-    also says how close it came: its FLOPs over the limit, divided by its time."""
+    also says how close it came: its FLOPs over the limit, divided by its time. ``ceilings``
+    (``MachineLimits.ceiling`` per precision) rates each row against its own precision's
+    GEMM rate instead."""
     lines = [
         f"parameters: image encoder {cost.encoder_parameters / 1e6:.2f} M, "
         f"prompt encoder {cost.prompt_encoder_parameters / 1e3:.1f} K, "
@@ -100,6 +112,23 @@ def bench_table(cost: ModelCost, latencies: list[Latency], fp32_limit: float | N
         lines += [f"| {r.backend} | {r.encoder_ms:.1f} | {r.decoder_ms:.1f} |" for r in latencies]
         return "\n".join(lines) + "\n"
     from .limits import percent_of_limit
+
+    if ceilings is not None:
+        lines += [
+            "| backend | precision | encoder ms | encoder % of its precision's GEMM limit | "
+            "decoder ms (one point) |",
+            "|---|---|---|---|---|",
+        ]
+        for r in latencies:
+            limit = ceilings.get(r.precision)
+            share = "n/a" if not limit else (
+                f"{percent_of_limit(cost.encoder_flops, r.encoder_ms / 1e3, limit):.0f}%"
+            )  # fmt: skip
+            lines.append(
+                f"| {r.backend} | {r.precision} | {r.encoder_ms:.1f} | {share} | "
+                f"{r.decoder_ms:.1f} |"
+            )
+        return "\n".join(lines) + "\n"
 
     ideal_ms = cost.encoder_flops / (fp32_limit * 1e9) * 1e3
     lines += [

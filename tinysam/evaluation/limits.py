@@ -1,7 +1,8 @@
 """What this machine can do at most, measured in the same run as the benchmarks that compare
-against it: dense fp32 GEMM (torch's kernel and ONNX Runtime's), int8 GEMM (ONNX Runtime's
-``MatMulInteger``: its u8 x s8 kernel, and the u8 x u8 one our int8 graphs run on x86 CPUs
-without VNNI, see ``runtime.predictor.X64_QUANT_PRECISION``) and memory bandwidth.
+against it: dense fp32 GEMM (torch's kernel and ONNX Runtime's), bf16 GEMM (torch's, fp32
+accumulation: AMX or AVX512-BF16 where the CPU has them, emulated elsewhere), int8 GEMM (ONNX
+Runtime's ``MatMulInteger``: its u8 x s8 kernel, and the u8 x u8 one our int8 graphs run on
+x86 CPUs without VNNI, see ``runtime.predictor.X64_QUANT_PRECISION``) and memory bandwidth.
 
 The int8 rate over the best fp32 rate is the most an int8 model can gain on the machine: its
 GEMMs can at best run that much faster, and the rest (softmax, norms, depthwise convolutions)
@@ -31,22 +32,43 @@ class MachineLimits:
     int8_gops_onnxruntime: float | None
     memory_gb_per_s: float
     int8_u8u8_gops_onnxruntime: float | None = None  # the kernel X64_QUANT_PRECISION selects
+    bf16_gflops_torch: float | None = None
+    int8_products_saturate: bool = False  # u8 x s8 saturates here: our graphs run u8 x u8
 
     def best_fp32(self) -> float:
         return max(r for r in (self.fp32_gflops_torch, self.fp32_gflops_onnxruntime) if r)
 
+    def int8_graph_gops(self) -> float | None:
+        """The rate of the int8 kernel our graphs run here (``session_options``)."""
+        if self.int8_products_saturate:
+            return self.int8_u8u8_gops_onnxruntime or self.int8_gops_onnxruntime
+        return self.int8_gops_onnxruntime
+
+    def int8_kernel(self) -> str:
+        return "u8 x u8" if self.int8_products_saturate else "u8 x s8"
+
     def int8_ceiling(self) -> float | None:
         """The int8 kernel our graphs run here, over the best fp32 rate."""
-        rate = self.int8_u8u8_gops_onnxruntime or self.int8_gops_onnxruntime
+        rate = self.int8_graph_gops()
         return None if rate is None else rate / self.best_fp32()
 
+    def ceiling(self, precision: str) -> float | None:
+        """The GEMM rate (G op/s) a model in ``precision`` could at best run at here."""
+        rates = {
+            "fp32": self.best_fp32(),
+            "bf16": self.bf16_gflops_torch,
+            "int8": self.int8_graph_gops(),
+        }
+        return rates[precision]
 
-def _torch_gemm(n: int, threads: int):
+
+def _torch_gemm(n: int, threads: int, dtype=None):
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
+    dtype = dtype or torch.float32
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
     return lambda: torch.mm(a, b, out=out)
 
 
@@ -95,8 +117,15 @@ def measure_limits(
     threads: int | None = None, n: int = 2048, repeats: int = 5, copy_mb: int = 256
 ) -> MachineLimits:
     """GEMM rates on n x n matrices and the copy bandwidth of ``copy_mb`` MiB (read + write)."""
+    import torch
+
+    from ..perf import bf16_is_fast, int8_products_saturate
+
     threads = threads or len(os.sched_getaffinity(0))
     jobs = {"torch": _torch_gemm(n, threads), "copy": _copy(copy_mb)}
+    # Emulated bf16 runs at ~1 GFLOP/s: a smaller product keeps the measurement short.
+    bf16_n = n if bf16_is_fast() else min(n, 512)
+    jobs["torch_bf16"] = _torch_gemm(bf16_n, threads, torch.bfloat16)
     try:
         jobs["ort_fp32"] = _ort_gemm(n, threads, int8=False)
         jobs["ort_int8"] = _ort_gemm(n, threads, int8=True)
@@ -106,10 +135,10 @@ def measure_limits(
     for job in jobs.values():  # warm-up: first calls allocate and pick kernels
         job()
     seconds = interleaved_medians(jobs, repeats)
-    flops = 2.0 * n**3
 
     def rate(job: str) -> float | None:
-        return flops / seconds[job] / 1e9 if job in seconds else None
+        size = bf16_n if job == "torch_bf16" else n
+        return 2.0 * size**3 / seconds[job] / 1e9 if job in seconds else None
 
     return MachineLimits(
         cpu=cpu_kind(),
@@ -119,6 +148,8 @@ def measure_limits(
         int8_gops_onnxruntime=rate("ort_int8"),
         memory_gb_per_s=2 * (copy_mb << 20) / seconds["copy"] / 1e9,
         int8_u8u8_gops_onnxruntime=rate("ort_u8u8"),
+        bf16_gflops_torch=rate("torch_bf16"),
+        int8_products_saturate=int8_products_saturate(),
     )
 
 
@@ -127,11 +158,18 @@ def limits_table(limits: MachineLimits) -> str:
         return "onnxruntime not installed" if value is None else f"{value:.1f} {unit}"
 
     ceiling = ""
-    if limits.int8_ceiling() is not None:
-        ceiling = (
-            f"| int8 ceiling: u8 x u8 GEMM / best fp32 GEMM | {limits.int8_ceiling():.2f}x "
-            "(the most int8 GEMMs gain here) |\n"
+    if limits.bf16_gflops_torch is not None:
+        ceiling += (
+            f"| bf16 ceiling: bf16 GEMM / best fp32 GEMM | "
+            f"{limits.bf16_gflops_torch / limits.best_fp32():.2f}x (the most bf16 gains here) |\n"
         )
+    if limits.int8_ceiling() is not None:
+        ceiling += (
+            f"| int8 ceiling: {limits.int8_kernel()} GEMM / best fp32 GEMM | "
+            f"{limits.int8_ceiling():.2f}x (the most int8 GEMMs gain here) |\n"
+        )
+    used = " (our int8 graphs here)"
+    s8_used, u8_used = ("", used) if limits.int8_products_saturate else (used, "")
 
     return (
         f"machine: {limits.cpu}, {limits.threads} threads\n\n"
@@ -139,9 +177,11 @@ def limits_table(limits: MachineLimits) -> str:
         f"| fp32 GEMM, torch (torch.mm) | {rate(limits.fp32_gflops_torch, 'GFLOP/s')} |\n"
         f"| fp32 GEMM, ONNX Runtime (MatMul) | "
         f"{rate(limits.fp32_gflops_onnxruntime, 'GFLOP/s')} |\n"
-        f"| int8 GEMM, ONNX Runtime (MatMulInteger u8 x s8) | "
+        f"| bf16 GEMM, torch (torch.mm, fp32 accumulation) | "
+        f"{rate(limits.bf16_gflops_torch, 'GFLOP/s')} |\n"
+        f"| int8 GEMM, ONNX Runtime (MatMulInteger u8 x s8){s8_used} | "
         f"{rate(limits.int8_gops_onnxruntime, 'GOP/s')} |\n"
-        f"| int8 GEMM, ONNX Runtime, u8 x u8 (x64quantprecision) | "
+        f"| int8 GEMM, ONNX Runtime, u8 x u8 (x64quantprecision){u8_used} | "
         f"{rate(limits.int8_u8u8_gops_onnxruntime, 'GOP/s')} |\n"
         f"| memory copy (read + write) | {limits.memory_gb_per_s:.1f} GB/s |\n" + ceiling
     )
