@@ -151,3 +151,20 @@ def test_auto_keeps_a_winner_per_precision(onnx_dir):
     _, fp32_key = auto_candidates(onnx_dir=onnx_dir)
     _, bf16_key = auto_candidates(onnx_dir=onnx_dir, precision="bf16")
     assert bf16_key == fp32_key + " precision bf16"
+
+
+def test_auto_never_picks_an_emulated_bf16(monkeypatch, vit_t_checkpoint):
+    """Where bf16 would be emulated, auto runs fp32 (and says so); a named backend runs bf16."""
+    monkeypatch.setattr(perf, "bf16_is_fast", lambda: False)
+    assert PredictorSpec("auto", checkpoint=vit_t_checkpoint, precision="bf16").checked() == (
+        PredictorSpec("torch", checkpoint=vit_t_checkpoint)
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predictor = PredictorSpec("auto", checkpoint=vit_t_checkpoint, precision="bf16").load()
+    assert predictor.precision == "fp32"
+    assert any("auto runs fp32" in str(w.message) for w in caught)
+    assert PredictorSpec("torch", precision="bf16").checked().precision == "bf16"
+    monkeypatch.setattr(perf, "bf16_is_fast", lambda: True)
+    spec = PredictorSpec("auto", checkpoint=vit_t_checkpoint, precision="bf16").checked()
+    assert spec.precision == "bf16"

@@ -137,6 +137,11 @@ class PredictorSpec:
             raise BackendError(
                 f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
             )
+        if self.backend == "auto" and self.precision == "bf16":
+            from .perf import bf16_is_fast
+
+            if not bf16_is_fast():  # auto never picks what runs slower than fp32
+                return replace(self, precision="fp32").checked()
         if self.backend == "auto":
             named = self.checkpoint is not None or self.model_type is not None
             onnx_dir = self.onnx_dir or (None if named else os.environ.get(ONNX_DIR_ENV) or None)
@@ -211,6 +216,17 @@ class PredictorSpec:
         """The predictor: SamPredictor for torch, OnnxPredictor (no torch needed) for onnx and
         openvino, the fastest of those that can run what was given for auto."""
         spec = self.checked()
+        if self.backend == "auto" and spec.precision != self.precision:
+            import warnings
+
+            from .perf import PrecisionWarning
+
+            warnings.warn(
+                f"--backend auto runs fp32: {self.precision} on this CPU (no AVX512-BF16 or "
+                "AMX) would be emulated, slower than fp32; name a backend to run it anyway",
+                PrecisionWarning,
+                stacklevel=2,
+            )
         if spec.backend == "auto":
             from .backend_choice import choose_backend
 
