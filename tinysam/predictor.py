@@ -13,7 +13,7 @@ import torch
 from .checks import check_prompt_batch
 from .modeling import Sam
 from .modeling.many_prompts import ManyPromptDecoder
-from .perf import tune_allocator
+from .perf import PRECISIONS, tune_allocator
 from .predictor_base import (
     DEFAULT_MANY_PROMPTS,
     MANY_PROMPT_CHUNK,
@@ -41,8 +41,8 @@ class SamPredictor(PredictorBase):
         image_encoder=None,
         precision: str = "fp32",
     ) -> None:
-        if precision not in ("fp32", "bf16", "int8"):
-            raise ValueError(f"precision must be fp32, bf16 or int8, got {precision!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.precision = precision
         if sam_model.device.type == "cpu":
             tune_allocator()  # ~1.5x faster CPU inference; see tinysam/perf.py

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..perf import PRECISIONS
+
 EXIT_USAGE = 2
 
 
@@ -64,7 +66,7 @@ def add_model_args(parser: argparse.ArgumentParser, backend: bool = False) -> No
         )
         parser.add_argument(
             "--precision",
-            choices=("fp32", "bf16", "int8"),
+            choices=PRECISIONS,
             default="fp32",
             help="fp32 (exact, the default); bf16: the image encoder in bf16 on torch or "
             "OpenVINO (fast on CPUs with AVX512-BF16 or AMX, emulated elsewhere); int8: a "
