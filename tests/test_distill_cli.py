@@ -175,6 +175,7 @@ def test_student_from_a_checkpoint_of_the_wrong_model(capsys, tmp_path, data, vi
     assert "does not match the small student" in one_error_line(err, "distill")
 
 
+@pytest.mark.slow  # ~12 s end to end: CI's slow phase (the fast suite's budget)
 def test_torchrun_two_ranks(tmp_path, data):
     """The command under torchrun: two gloo ranks, one checkpoint written by rank 0."""
     _train_config(tmp_path, data, max_steps=2, checkpoint_every=100)

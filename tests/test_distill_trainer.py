@@ -37,6 +37,7 @@ def _config(data, out, **overrides) -> TrainConfig:
     return replace(base, **overrides)
 
 
+@pytest.mark.slow  # ~12 s end to end: CI's slow phase (the fast suite's budget)
 def test_loss_falls(data, tmp_path):
     torch.manual_seed(0)
     config = _config(data, tmp_path, max_steps=36)

@@ -93,6 +93,7 @@ def test_embed_redoes_a_truncated_embedding(capsys, tmp_path, photos, vit_t_chec
     assert sorted(p.name for p in read_index(out).values()) == ["a.npz", "b.npz"]
 
 
+@pytest.mark.slow  # ~12 s end to end: CI's slow phase (the fast suite's budget)
 def test_boxes_redo_a_truncated_part(capsys, tmp_path, vit_t_checkpoint):
     from test_evaluation import write_dataset
 
