@@ -104,6 +104,7 @@ def _set(mapping, key, value):
         (lambda c: _set(c["layers"][QKV], "blocks", "2x2"), None, "blocks must be"),
         (lambda c: _set(c["layers"][QKV], "kind", "exec"), None, "kind must be one of"),
         (lambda c: _set(c["layers"][QKV], "weight_bits", 9), None, "not a supported bit width"),
+        (lambda c: _set(c["layers"][QKV], "weight_bits", 4), None, "levels outside 4 bits"),
         (lambda c: _set(c, "format_version", 1), None, "format version 1"),
         (None, lambda s: s[f"{QKV}.weight_quant.interval"].fill_(float("nan")), "NaN or infinite"),
         (None, lambda s: s[f"{CONV}.weight_quant.interval"].zero_(), "finite positive"),
