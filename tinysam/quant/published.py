@@ -33,7 +33,7 @@ from ..modeling.common import LayerNorm2d
 from ..pickled_modules import PickledModuleError, QuantizedLayerRecord, layer_record
 from .layers import to_quant_layer
 from .model import QuantDecoderAttention, QuantMaskDecoder
-from .quantizers import BlockWeightQuantizer, ChunkActQuantizer, OffsetActQuantizer
+from .quantizers import BlockWeightQuantizer, ChunkActQuantizer, OffsetActQuantizer, qrange
 
 FLOAT_CLASS = {
     "linear": nn.Linear,
@@ -103,8 +103,11 @@ def save_converted(
     for path, record in sam.published_layers.items():
         module = sam.get_submodule(path)
         state[f"{path}.weight"] = module.weight_quant.levels(module.weight.detach().cpu())
-        entry = {"kind": record.kind, "weight_bits": record.weight_bits}
-        entry["act_bits"] = record.act_bits
+        entry = {
+            "kind": record.kind,
+            "weight_bits": record.weight_bits,
+            "act_bits": record.act_bits,
+        }
         if record.kind.startswith("linear"):
             entry.update(blocks=[record.n_V, record.n_H], chunks=record.n_a)
         described[path] = entry
@@ -146,7 +149,8 @@ def load_converted(directory: Path, config: dict, state: dict, device="cpu") -> 
         n_v, n_h = entry.get("blocks", (1, 1))
         counts = {"n_V": n_v, "n_H": n_h, "n_a": entry.get("chunks", 1)}
         buffers.update({name: torch.tensor(value) for name, value in counts.items()})
-        if entry["act_bits"] > 8:  # a float input: no input quantizer was saved
+        if entry["act_bits"] > 8 and not entry["kind"].startswith("linear"):
+            # a convolution's float input: no input quantizer was saved
             buffers.update(a_interval=torch.ones(()), a_bias=torch.zeros(()))
         try:
             record = layer_record(
@@ -162,7 +166,7 @@ def load_converted(directory: Path, config: dict, state: dict, device="cpu") -> 
         except PickledModuleError as err:
             raise CheckpointError(f"{err}; convert again") from None
         quantize_layer(module, record)
-        lo, hi = -(2 ** (record.weight_bits - 1)), 2 ** (record.weight_bits - 1) - 1
+        lo, hi = qrange(record.weight_bits)
         if int(levels.min()) < lo or int(levels.max()) > hi:
             raise CheckpointError(
                 f"{where}: weight levels outside {record.weight_bits} bits; convert again"
