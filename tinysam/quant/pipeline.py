@@ -245,7 +245,7 @@ def convert_published(
         summary["onnx"] = str(onnx_dir)
         say(f"onnx: int8 model in {onnx_dir} ({time.perf_counter() - started:.0f} s)")
     if test_paths:
-        images = [load_image(p) for p in test_paths]
+        images = OneAtATime(test_paths)
         with bounded_heap():
             agreement = _published_agreement(
                 converted, onnx_dir, float_sam, images, test_prompts, seed
@@ -258,6 +258,16 @@ def convert_published(
             summary["agreement"][name] = {k: round(a.mean_iou, 4) for k, a in kinds.items()}
     say(f"done in {time.perf_counter() - start:.0f} s, peak memory {peak_memory_gb():.1f} GiB")
     return summary
+
+
+class OneAtATime:
+    """Images read from their paths each time they are iterated: one in memory at a time."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike]) -> None:
+        self.paths = list(paths)
+
+    def __iter__(self):
+        return (load_image(p) for p in self.paths)
 
 
 def _published_agreement(converted, onnx_dir, float_sam, images, prompts, seed) -> dict:
