@@ -31,12 +31,13 @@ def register(sub) -> None:
             "distance on the task loss KL(masks) + KL(IoUs)), then write OUT/quantized.pt + "
             "OUT/quant.json (the fake-quantized model, int8 weights), OUT/onnx/ (int8 QDQ "
             "model for ONNX Runtime; 8 bits only) and OUT/report.md + report.json (per-layer "
-            "errors, mask agreement with the float model)."
+            "errors, mask agreement with the float model). With --from, the authors' published "
+            "Q-TinySAM is converted instead: nothing is calibrated."
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    q.add_argument("--calib", type=Path, help="folder of calibration images (required)")
+    q.add_argument("--calib", type=Path, help="folder of calibration images (unless --from)")
     q.add_argument(
         "--from",
         dest="from_file",
