@@ -147,7 +147,8 @@ def test_openvino_compiles_the_encoder_in_the_precision_asked(onnx_dir):
         assert "runs in fp32" in perf.precision_note("bf16", "openvino")
 
 
-def test_auto_keeps_a_winner_per_precision(onnx_dir):
+def test_auto_keeps_a_winner_per_precision(onnx_dir, monkeypatch):
+    monkeypatch.setattr(perf, "bf16_is_fast", lambda: True)  # else auto runs fp32 (below)
     _, fp32_key = auto_candidates(onnx_dir=onnx_dir)
     _, bf16_key = auto_candidates(onnx_dir=onnx_dir, precision="bf16")
     assert bf16_key == fp32_key + " precision bf16"
