@@ -8,6 +8,11 @@ with the many-prompt decoder switched off, measured in the same run; the authors
     python benchmarks/everything.py [--checkpoint PATH] [--pred-iou-thresh 0.88]
         [--stability-thresh 0.95] [--points-per-side 32] [--threads 2] [--skip-plain]
         [--post-masks 256 --post-size 1200x1800] [--memory-image PHOTO [--onnx-dir EXPORT]]
+        [--precision bf16]
+
+--precision bf16 adds dense everything mode in bf16 (the encoder, and the many-prompt decoder's
+masks where the CPU has bf16 arithmetic) against the fp32 fast row of the same run, with the
+share of fp32's masks that bf16 finds again (mask IoU >= 0.9).
 
 --memory-image runs ``tinysam everything`` on that image (dense, then hierarchical), each in
 its own process, and prints each run's peak resident memory (the kernel's count for the child:
@@ -47,6 +52,8 @@ from tinysam.everything.mask_ops import (
 )
 from tinysam.everything.upscaled import UpscaledMasks
 from tinysam.io import load_image
+from tinysam.masks import mask_iou
+from tinysam.perf import bf16_is_fast
 from tinysam.predictor_base import DEFAULT_MANY_PROMPTS
 from tinysam.transforms import ResizeLongestSide, upscale_logits
 
@@ -67,8 +74,9 @@ def make_generator(generator_class, predictor, args):
     )
 
 
-def run(generator_class, sam, image, args, fast: bool) -> dict:
-    predictor = SamPredictor(sam, many_prompts=DEFAULT_MANY_PROMPTS if fast else 1 << 30)
+def run(generator_class, sam, image, args, fast: bool, precision: str = "fp32") -> dict:
+    many_prompts = DEFAULT_MANY_PROMPTS if fast else 1 << 30
+    predictor = SamPredictor(sam, many_prompts=many_prompts, precision=precision)
     generator = make_generator(generator_class, predictor, args)
     start = time.perf_counter()
     records = generator.generate(image)
@@ -83,6 +91,7 @@ def run(generator_class, sam, image, args, fast: bool) -> dict:
         "total": total,
         "masks": len(records),
         "covered": stats.covered_fraction,
+        "records": records,
     }
 
 
@@ -149,6 +158,9 @@ def main() -> None:
         help="hierarchical covered-area logit cutoff (random weights rarely reach 8.5)",
     )
     parser.add_argument("--skip-plain", action="store_true", help="only the fast path")
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: add a bf16 row"
+    )
     parser.add_argument("--post-masks", type=int, default=256, help="masks in the last table")
     parser.add_argument("--post-size", default="1200x1800", help="HxW of the last table's image")
     parser.add_argument("--post-only", action="store_true", help="only the last table")
@@ -206,8 +218,28 @@ def main() -> None:
                 f"  hierarchical rounds (prompts): {fast['rounds']}, "
                 f"covered by round 1: {fast['covered']:.0%}"
             )
+    if args.precision == "bf16":
+        bf16_line(sam, image, args, dense_fast)
     limit_line(sam, image, args, dense_fast)
     post_table(args)
+
+
+def bf16_line(sam, image, args, fp32: dict) -> None:
+    """Dense everything mode in bf16 against the fp32 fast row: time and masks found again."""
+    from pycocotools import mask as coco_mask  # noqa: PLC0415
+
+    bf16 = run(SamAutomaticMaskGenerator, sam, image, args, fast=True, precision="bf16")
+    ours = [coco_mask.decode(r["segmentation"]) for r in bf16["records"]]
+    found = 0
+    for record in fp32["records"]:
+        mask = coco_mask.decode(record["segmentation"])
+        found += max((mask_iou(mask, o) for o in ours), default=0.0) >= 0.9
+    print(
+        f"dense bf16: encoder {bf16['encoder']:.2f}s decoder {bf16['decoder']:.2f}s "
+        f"total {bf16['total']:.2f}s = {fp32['total'] / bf16['total']:.2f}x fp32's; "
+        f"{bf16['masks']} masks, {found}/{fp32['masks']} of fp32's found again (IoU >= 0.9); "
+        f"{'native' if bf16_is_fast() else 'emulated: no AVX512-BF16/AMX, decoder stays fp32'}"
+    )
 
 
 def flop_count(sam, image, args) -> tuple[float, float]:

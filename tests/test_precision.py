@@ -81,6 +81,30 @@ def test_bf16_masks_agree_with_fp32(vit_t_model, golden_image):
     assert min(ious) > 0.95, ious
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_many_prompt_masks_only_where_bf16_is_native(vit_t_model, monkeypatch, native):
+    """Everything mode's masks (the many-prompt decoder) run in bf16 only where it pays."""
+    import tinysam.predictor as predictor_module
+
+    monkeypatch.setattr(predictor_module, "bf16_is_fast", lambda: native)
+    image = (np.random.default_rng(1).random((96, 128, 3)) * 255).astype(np.uint8)
+    predictor = SamPredictor(vit_t_model, many_prompts=2)
+    predictor.set_image(image)  # fp32 features: this test is about the decoder
+    points = torch.as_tensor(np.random.default_rng(2).uniform(0, 1000, (12, 1, 2)))
+    labels = torch.ones(12, 1, dtype=torch.int)
+    _, fp32_scores, fp32_logits = predictor.predict_torch(points.float(), labels, upscale=False)
+    predictor.precision = "bf16"
+    _, scores, logits = predictor.predict_torch(points.float(), labels, upscale=False)
+    assert logits.dtype == torch.float32
+    assert torch.equal(scores, fp32_scores)  # prompt decoding stays fp32
+    if not native:
+        assert torch.equal(logits, fp32_logits)  # emulated bf16 would not pay: fp32
+        return
+    assert not torch.equal(logits, fp32_logits)
+    ious = [mask_iou(a.numpy() > 0, b.numpy() > 0) for a, b in zip(fp32_logits, logits)]
+    assert np.mean(ious) > 0.98, ious
+
+
 def test_int8_needs_a_quantized_model_and_bf16_a_float_one(vit_t_checkpoint, onnx_dir, tmp_path):
     with pytest.raises(BackendError, match="needs a quantized model"):
         PredictorSpec(checkpoint=vit_t_checkpoint, precision="int8").load()

@@ -5,6 +5,8 @@ authors' layers as split integer products."""
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,14 +161,18 @@ def _run_int8(module: nn.Module, x: torch.Tensor) -> np.ndarray:
         i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and i.dims
         and not i.name.endswith("_zero_point")
     ]  # fmt: skip
-    session = ort.InferenceSession(
-        model.SerializeToString(),
-        session_options(2, quantized=True),
-        providers=["CPUExecutionProvider"],
-        disabled_optimizers=disabled_optimizers(True),
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        options = session_options(2, quantized=True)
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        session = ort.InferenceSession(
+            model.SerializeToString(),
+            options,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=disabled_optimizers(True),
+        )
+        ran = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    return out, model, int8_weights
+    return out, model, int8_weights, ran
 
 
 def _linear_record(layer, kind, blocks, generator):
@@ -205,11 +211,12 @@ def test_a_linear_layer_in_onnx_runtime_computes_its_levels(kind, blocks):
         simulated = layer(x)
         split = SplitProductLinear(layer)
         assert torch.allclose(split(x), simulated, atol=1e-5)
-    out, model, int8_weights = _run_int8(split, x)
+    out, model, int8_weights, ran = _run_int8(split, x)
     n_v, n_h, n_a = blocks
     products = np.lcm(n_h, n_a) * (2 if kind == "linear_post_gelu" else 1)
     assert len(int8_weights) == products  # every product's weight is stored as int8
     assert sum(n.op_type == "MatMul" for n in model.graph.node) == products
+    assert ran.count("MatMulIntegerToFloat") == products  # each an integer kernel in ORT
     scale = float(simulated.abs().max())
     np.testing.assert_allclose(out, simulated.numpy(), atol=1e-5 * scale, rtol=0)
 
@@ -233,7 +240,7 @@ def test_a_convolution_in_onnx_runtime_computes_on_its_grid(transposed):
     with torch.no_grad():
         simulated = layer(x)
         grid = GridInputConv(layer)
-    out, _, _ = _run_int8(grid, x)
+    out, _, _, _ = _run_int8(grid, x)
     np.testing.assert_allclose(out, simulated.numpy(), atol=1e-5 * float(simulated.abs().max()))
 
 

@@ -512,6 +512,60 @@ def test_int8_sessions_do_not_saturate_without_vnni(tmp_path):
     np.testing.assert_array_equal(y, exact)
 
 
+class _ConvThenFloat(torch.nn.Module):
+    """A deploy-mode block in miniature: an int8 convolution with a quantized output whose
+    float value goes through a Reshape and Transpose to a LayerNorm and a residual Add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.weight = torch.nn.Parameter(torch.randn(16, 16, 1, 1, generator=generator) * 0.2)
+        self.norm = torch.nn.LayerNorm(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = torch.fake_quantize_per_tensor_affine(x, 0.02, 0, -128, 127)
+        scales = self.weight.detach().abs().amax(dim=(1, 2, 3)) / 127
+        w = torch.fake_quantize_per_channel_affine(
+            self.weight, scales, torch.zeros(16, dtype=torch.int32), 0, -128, 127
+        )
+        y = torch.nn.functional.conv2d(q, w)
+        y = torch.fake_quantize_per_tensor_affine(y, 0.03, 0, -128, 127)
+        tokens = y.flatten(2).transpose(1, 2)
+        return tokens + self.norm(tokens)
+
+
+def test_int8_sessions_skip_the_qdq_copies_around_shape_ops(tmp_path):
+    """ONNX Runtime's QDQ propagation copies Q/DQ pairs across the Reshape/Transpose after an
+    int8 convolution: our sessions turn it off, for the same integer kernels and outputs."""
+    import onnx
+    import onnxruntime as ort
+
+    from tinysam.quant.onnx_int8 import to_int8
+    from tinysam.runtime.onnx_export import DEFAULT_OPSET, onnx_program
+    from tinysam.runtime.predictor import disabled_optimizers, session_options
+
+    x = torch.randn(1, 16, 12, 12, generator=torch.Generator().manual_seed(1))
+    model = to_int8(onnx_program(_ConvThenFloat().eval(), (x,), DEFAULT_OPSET))
+    results = {}
+    for name, disabled in (
+        ("ours", disabled_optimizers(True)),
+        ("propagating", [o for o in disabled_optimizers(True) if "Propagation" not in o]),
+    ):
+        options = session_options(1, quantized=True)
+        options.optimized_model_filepath = str(tmp_path / f"{name}.onnx")
+        session = ort.InferenceSession(
+            model.SerializeToString(), options, disabled_optimizers=disabled
+        )
+        (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        ops = [n.op_type for n in onnx.load(tmp_path / f"{name}.onnx").graph.node]
+        results[name] = out, ops
+    (ours, ours_ops), (theirs, their_ops) = results["ours"], results["propagating"]
+    np.testing.assert_array_equal(ours, theirs)
+    assert ours_ops.count("QLinearConv") == their_ops.count("QLinearConv") == 1
+    qdq = ("QuantizeLinear", "DequantizeLinear")
+    assert sum(ours_ops.count(op) for op in qdq) < sum(their_ops.count(op) for op in qdq)
+
+
 def test_int8_sessions_force_the_exact_kernels_only_where_products_saturate(monkeypatch):
     """With VNNI or AMX the fast u8 x s8 kernels are exact: forcing u8 x u8 there only slows."""
     from tinysam import perf

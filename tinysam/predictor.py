@@ -13,7 +13,7 @@ import torch
 from .checks import check_prompt_batch
 from .modeling import Sam
 from .modeling.many_prompts import ManyPromptDecoder
-from .perf import PRECISIONS, tune_allocator
+from .perf import PRECISIONS, bf16_is_fast, tune_allocator
 from .predictor_base import (
     DEFAULT_MANY_PROMPTS,
     MANY_PROMPT_CHUNK,
@@ -32,7 +32,9 @@ class SamPredictor(PredictorBase):
 
     ``precision="bf16"``: the image encoder runs under torch's bf16 autocast (products in
     bf16, norms and softmax in fp32; the embedding comes back as fp32); fast on CPUs with
-    AVX512-BF16 or AMX, emulated elsewhere. The prompt path stays fp32."""
+    AVX512-BF16 or AMX, emulated elsewhere. Where bf16 is fast (those CPUs, or a GPU), the
+    many-prompt decoder's masks (everything mode's largest products) run in bf16 too; its
+    prompt decoding and the plain decoder stay fp32."""
 
     def __init__(
         self,
@@ -188,7 +190,8 @@ class SamPredictor(PredictorBase):
         for chunk in sparse.split(MANY_PROMPT_CHUNK):
             scores = decoder.decode(chunk)[0][:, selected]
             rows = None if min_iou is None else (scores > min_iou).any(dim=1).nonzero()[:, 0]
-            logits = decoder.masks(rows)[:, selected]
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self._bf16_masks()):
+                logits = decoder.masks(rows)[:, selected].float()
             if rows is not None:
                 kept = logits
                 logits = kept.new_full((chunk.shape[0], *kept.shape[1:]), float("nan"))
@@ -196,6 +199,14 @@ class SamPredictor(PredictorBase):
             all_scores.append(scores)
             all_logits.append(logits)
         return torch.cat(all_scores), torch.cat(all_logits)
+
+    def _bf16_masks(self) -> bool:
+        """Whether the many-prompt decoder's masks run in bf16: asked for, and where it pays
+        (emulated bf16 would make everything mode's decoder about 12x slower). Its prompt
+        decoding stays fp32: the low-rank updates mix dtypes, which autocast does not cover."""
+        if self.precision != "bf16":
+            return False
+        return self.device.type != "cpu" or bf16_is_fast()
 
     def _many_prompt_decoder(self, dense: torch.Tensor) -> ManyPromptDecoder:
         """The current image's ManyPromptDecoder (its shared work is done once per image)."""
