@@ -213,6 +213,41 @@ def test_demo_prints_before_and_after(capsys, tmp_path):
     assert (tmp_path / "teacher" / "student.pt").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow  # ~50 s: five tiny distillation runs and their evaluations
+def test_demo_seeds_summarise_and_resume_only_what_matches(capsys, tmp_path):
+    """--seeds: a student per seed, their spread in OUT (table, JSON, plot); a second run
+    reuses each stage made with the same settings, redoes what changed, and never touches
+    a folder it did not make."""
+    tiny = ["--steps", 1, "--teacher-steps", 1, "--train-images", 2, "--eval-images", 1,
+            "--prompts", 2, "--data", "rich"]  # fmt: skip
+    out = tmp_path / "demo"
+    code, printed, err = run_cli(capsys, "distill", "demo", "--out", out, "--seeds", 2, *tiny)
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert [r["seed"] for r in results] == [0, 1]
+    summary = json.loads((out / "summary.json").read_text())
+    both = summary["variants"]["+ both (TinySAM)"]["box"]["student_gt"]
+    assert len(both["values"]) == 2 and both["std"] >= 0
+    assert (out / "ablation.md").read_text().strip() in printed
+    assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    code, _, err = run_cli(capsys, "distill", "demo", "--out", out, "--seeds", 2, *tiny)
+    assert code == 0 and err.count("reusing") == 2  # both students; data and teacher too
+    assert "training the small teacher" not in err and "writing" not in err
+    assert json.loads((out / "results.json").read_text()) == results
+
+    more = ["--steps", 2, *tiny[2:]]  # two student steps: the students again, not the teacher
+    code, _, err = run_cli(capsys, "distill", "demo", "--out", out, "--seeds", 2, *more)
+    assert code == 0 and "reusing" not in err and "training the small teacher" not in err
+
+    foreign = tmp_path / "theirs"
+    (foreign / "data").mkdir(parents=True)
+    (foreign / "data" / "notes.txt").write_text("keep me")
+    code, _, err = run_cli(capsys, "distill", "demo", "--out", foreign, *tiny)
+    assert code == 2 and "was not made by this demo" in one_error_line(err, "distill")
+    assert (foreign / "data" / "notes.txt").read_text() == "keep me"
+
+
 def test_students_start_from_checkpoints(tmp_path, vit_t_checkpoint):
     """A previous run's student.pt or last.pt for the small student; TinySAM/MobileSAM
     weights (vit_t layout, here the golden checkpoint) for vit_t."""

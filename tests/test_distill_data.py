@@ -127,3 +127,38 @@ def test_malformed_annotations_name_the_file_and_field(tmp_path, document, field
         dataset[1]
     assert broken.stem in str(err.value)
     shutil.rmtree(root)
+
+
+def test_rich_images_have_visible_disjoint_masks_at_many_scales():
+    """The demo's harder data: every annotation is the visible part of one object (no pixel
+    belongs to two), big enough to count, drawn in the image; thin parts and a wide range of
+    sizes occur; and a folder written with ``style="rich"`` holds the same masks."""
+    from tinysam.distill.synthetic import rich_image
+
+    rng = np.random.default_rng(3)
+    areas, thin = [], 0
+    for _ in range(12):
+        image, masks = rich_image(rng, (96, 128), 8)
+        assert image.shape == (96, 128, 3) and image.dtype == np.uint8
+        assert masks.dtype == bool and len(masks) >= 1
+        assert masks.sum(0).max() == 1  # occlusion: each pixel shows one object
+        sizes = masks.reshape(len(masks), -1).sum(1)
+        assert (sizes >= 0.002 * 96 * 128).all() and (np.diff(sizes) <= 0).all()
+        areas += sizes.tolist()
+        for mask in masks:  # thin: a part no wider than 3 pixels across
+            eroded = mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1]
+            eroded &= mask[1:-1, :-2] & mask[1:-1, 2:]
+            thin += eroded.sum() < 0.5 * mask.sum()
+    assert max(areas) > 20 * min(areas)  # objects a decade apart in size, or more
+    assert thin >= 3
+    with pytest.raises(ValueError, match="style must be one of"):
+        write_synthetic_sa1b("unused", 1, style="fancy")
+
+
+def test_a_rich_folder_holds_the_generators_masks(tmp_path):
+    from tinysam.distill.synthetic import rich_image
+
+    folder = write_synthetic_sa1b(tmp_path / "rich", 2, size=(48, 64), seed=5, style="rich")
+    _, expected = rich_image(np.random.default_rng(5), (48, 64), 5)
+    masks = SA1BDataset(folder, image_size=64)[0].masks()
+    assert torch.equal(masks[:, :48], torch.from_numpy(expected))

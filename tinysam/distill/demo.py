@@ -9,7 +9,11 @@
    sampling and hard mask weighting each on or off;
 5. student-teacher and student-ground-truth mask IoU on the held-out images, before and after.
 
-Every stage's output stays in OUT; a second run reuses the data, the teacher and its cache.
+Every stage's output stays in OUT, each with a record of the settings that made it; a second
+run reuses a stage (data, teacher, cache, each student) only where its record matches, so an
+interrupted ablation goes on where it stopped. ``seeds`` distils every variant once per seed
+(students ``seed``, ``seed + 1``, ...; the data and the teacher stay ``seed``'s), and
+``tinysam.distill.ablation`` turns them into means, spreads and paired intervals.
 """
 
 from __future__ import annotations
@@ -18,11 +22,20 @@ import json
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from ..io import atomic_write
+from ..io import (
+    BROKEN,
+    DONE,
+    FOREIGN,
+    ForeignFileError,
+    atomic_write,
+    output_state,
+    write_json_output,
+)
 from .data import SA1BDataset
 from .evaluate import Agreement, evaluate_agreement
 from .losses import LossWeights
@@ -51,6 +64,8 @@ class DemoOptions:
     prompts_per_image: int = 16
     lr: float = 5e-4
     seed: int = 0
+    seeds: int = 1
+    style: str = "plain"  # the synthetic data (see tinysam.distill.synthetic)
 
 
 @dataclass
@@ -61,6 +76,14 @@ class DemoResult:
     before: dict[str, Agreement]
     after: dict[str, Agreement]
     final_loss: float
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, values: dict) -> DemoResult:
+        fields = dict(values)
+        for when in ("before", "after"):
+            fields[when] = {kind: Agreement(**a) for kind, a in values[when].items()}
+        return cls(**fields)
 
 
 def _config(options: DemoOptions, data: Path, out: Path, steps: int, **fields) -> TrainConfig:
@@ -82,6 +105,35 @@ def _config(options: DemoOptions, data: Path, out: Path, steps: int, **fields) -
     )
 
 
+RECORD = "made_with.json"  # in each stage's folder: the settings that made it (and results)
+
+
+def _stage_done(folder: Path, settings: dict) -> dict | None:
+    """The record of ``folder`` when it holds this stage made with ``settings``, else None
+    (a folder of ours made otherwise, or cut short, is cleared to be made again). A folder
+    with content but no record of ours is never touched: ``ForeignFileError``."""
+    record = folder / RECORD
+    state = output_state(record)
+    if state == DONE:
+        made = json.loads(record.read_text())
+        if made.get("settings") == json.loads(json.dumps(settings)):
+            return made
+    if state in (DONE, BROKEN):
+        shutil.rmtree(folder)
+        return None
+    if state == FOREIGN or (folder.is_dir() and any(folder.iterdir())):
+        raise ForeignFileError(
+            f"{folder} exists and was not made by this demo (no {RECORD} of ours, e.g. an "
+            "older version's); move it away or choose another --out"
+        )
+    return None
+
+
+def _finish_stage(folder: Path, settings: dict, **results) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_output(folder / RECORD, "demo-stage", {"settings": settings, **results})
+
+
 def prepare(options: DemoOptions, progress: bool = True, say: Callable[[str], None] = print):
     """Data, the trained small teacher and its embedding cache, made once in ``options.out``.
     Returns (training data, evaluation data, teacher checkpoint, cache folder)."""
@@ -89,12 +141,28 @@ def prepare(options: DemoOptions, progress: bool = True, say: Callable[[str], No
     size = options.image_size
     shape = (size * 3 // 4, size)
     train, held_out = out / "data" / "train", out / "data" / "eval"
-    if not (train / f"sa_{options.train_images - 1}.json").is_file():
+    data_settings = {
+        "train_images": options.train_images,
+        "eval_images": options.eval_images,
+        "shape": list(shape),
+        "seed": options.seed,
+        "style": options.style,
+    }
+    if _stage_done(out / "data", data_settings) is None:
         say(f"writing {options.train_images} + {options.eval_images} synthetic images")
-        write_synthetic_sa1b(train, options.train_images, size=shape, seed=options.seed)
-        write_synthetic_sa1b(held_out, options.eval_images, size=shape, seed=options.seed + 1)
+        write = partial(write_synthetic_sa1b, size=shape, style=options.style)
+        write(train, options.train_images, seed=options.seed)
+        write(held_out, options.eval_images, seed=options.seed + 1)
+        _finish_stage(out / "data", data_settings)
     teacher_path = out / "teacher" / STUDENT_FILE
-    if not teacher_path.is_file():
+    teacher_settings = {
+        "data": data_settings,
+        "image_size": size,
+        "steps": options.teacher_steps,
+        "lr": options.lr,
+        "prompts_per_image": options.prompts_per_image,
+    }
+    if _stage_done(out / "teacher", teacher_settings) is None:
         say(f"training the small teacher on the ground truth ({options.teacher_steps} steps)")
         # Plain prompts, half of them boxes: measured to learn ~2x faster than the
         # distillation defaults, and this teacher only has to be better than random.
@@ -107,6 +175,7 @@ def prepare(options: DemoOptions, progress: bool = True, say: Callable[[str], No
             box_rate=0.5,
         )
         Distiller(small_teacher(size), None, config).run(progress=progress)
+        _finish_stage(out / "teacher", teacher_settings)
         shutil.rmtree(out / "teacher_cache", ignore_errors=True)  # a new teacher's cache is stale
     cache = out / "teacher_cache"
     teacher = build_teacher(SMALL, size, teacher_path)
@@ -123,39 +192,60 @@ def run_demo(
     progress: bool = True,
     say: Callable[[str], None] = print,
 ) -> list[DemoResult]:
-    """Distil one student per (hard prompt sampling, hard mask weighting) variant from the
-    same initialisation and data; returns before/after agreement for each."""
+    """Distil one student per (hard prompt sampling, hard mask weighting) variant and seed;
+    within a seed every variant starts from the same student and draws the same prompts.
+    Returns before/after agreement for each, seed by seed; runs already made with the same
+    settings are reused."""
     train, held_out, teacher_path, cache = prepare(options, progress, say)
     size = options.image_size
     evaluation = SA1BDataset(held_out, size)
     teacher = build_teacher(SMALL, size, teacher_path)
-    before = None  # every variant starts from the same student
     results = []
-    for hard_prompts, hard_mask_weighting in variants:
-        name = VARIANTS[hard_prompts, hard_mask_weighting]
-        say(f"distilling the student: {name} ({options.steps} steps)")
-        out = Path(options.out) / _run_name(hard_prompts, hard_mask_weighting)
-        config = _config(
-            options,
-            train,
-            out,
-            options.steps,
-            teacher_cache=str(cache),
-            hard_prompts=hard_prompts,
-            losses=replace(LossWeights(), hard_mask_weighting=hard_mask_weighting),
-            decoder_from_teacher=True,
-        )
-        cached_teacher = build_teacher(SMALL, size, teacher_path, with_image_encoder=False)
-        torch.manual_seed(options.seed)
-        distiller = Distiller(small_student(size), cached_teacher, config)
-        if before is None:
-            before = evaluate_agreement(distiller.student, teacher, evaluation, seed=options.seed)
-        history = distiller.run(progress=progress)
-        after = evaluate_agreement(distiller.student, teacher, evaluation, seed=options.seed)
-        final_loss = sum(row["total"] for row in history[-10:]) / len(history[-10:])
-        results.append(
-            DemoResult(name, hard_prompts, hard_mask_weighting, before, after, final_loss)
-        )
+    shared = {k: v for k, v in asdict(options).items() if k not in ("out", "seeds", "seed")}
+    for seed in range(options.seed, options.seed + options.seeds):
+        before = None  # every variant of a seed starts from the same student
+        for hard_prompts, hard_mask_weighting in variants:
+            name = VARIANTS[hard_prompts, hard_mask_weighting]
+            out = Path(options.out) / f"seed_{seed}" / _run_name(hard_prompts, hard_mask_weighting)
+            settings = {
+                **shared,
+                "data_seed": options.seed,
+                "seed": seed,
+                "hard_prompts": hard_prompts,
+                "hard_mask_weighting": hard_mask_weighting,
+            }
+            made = _stage_done(out, settings)
+            if made is not None:
+                say(f"seed {seed}, {name}: reusing {out}")
+                result = DemoResult.from_dict(made["result"])
+                before = result.before
+                results.append(result)
+                continue
+            say(f"seed {seed}: distilling the student, {name} ({options.steps} steps)")
+            config = _config(
+                options,
+                train,
+                out,
+                options.steps,
+                teacher_cache=str(cache),
+                hard_prompts=hard_prompts,
+                losses=replace(LossWeights(), hard_mask_weighting=hard_mask_weighting),
+                decoder_from_teacher=True,
+            )
+            config.seed = seed
+            cached_teacher = build_teacher(SMALL, size, teacher_path, with_image_encoder=False)
+            torch.manual_seed(seed)
+            distiller = Distiller(small_student(size, seed=seed + 1), cached_teacher, config)
+            if before is None:
+                before = evaluate_agreement(distiller.student, teacher, evaluation, seed=seed)
+            history = distiller.run(progress=progress)
+            after = evaluate_agreement(distiller.student, teacher, evaluation, seed=seed)
+            final_loss = sum(row["total"] for row in history[-10:]) / len(history[-10:])
+            result = DemoResult(
+                name, hard_prompts, hard_mask_weighting, before, after, final_loss, seed
+            )
+            _finish_stage(out, settings, result=asdict(result))
+            results.append(result)
     with atomic_write(Path(options.out) / "results.json", "w") as f:
         json.dump([asdict(r) for r in results], f, indent=1)
     return results

@@ -4,6 +4,10 @@ For tests and ``tinysam distill demo``: real SA-1B cannot be had here, and exact
 ground-truth terms meaningful. Each image gets a smooth colour gradient with noise texture and
 a few filled ellipses, rectangles and triangles in distinct colours; later shapes occlude
 earlier ones, and each annotation is the visible part (as SA-1B's are).
+
+``rich_image`` (the demo's data, ``style="rich"``) is harder in the ways that make hard prompts
+matter: more shapes at scales a decade apart, rotated, with thin parts (bars, rings, crosses)
+and textures of their own (stripes, checks, noise), overlapping so that most are partly hidden.
 """
 
 from __future__ import annotations
@@ -54,6 +58,94 @@ def synthetic_image(rng: np.random.Generator, size: tuple[int, int], shapes: int
     return np.asarray(canvas), masks[order]
 
 
+RICH_KINDS = ("ellipse", "box", "triangle", "bar", "ring", "cross")
+
+
+def _rotated(points: np.ndarray, angle: float, centre: tuple[float, float]) -> list[tuple]:
+    c, s = np.cos(angle), np.sin(angle)
+    x, y = points[:, 0], points[:, 1]
+    return [(centre[0] + c * a - s * b, centre[1] + s * a + c * b) for a, b in zip(x, y)]
+
+
+def _shape_mask(rng: np.random.Generator, kind: str, size: tuple[int, int]) -> np.ndarray:
+    """One shape's full (unoccluded) mask, H x W bool, rotated at random."""
+    h, w = size
+    extent = max(h, w)
+    radius = extent * float(np.exp(rng.uniform(np.log(0.05), np.log(0.3))))  # a decade of scales
+    centre = (rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h)
+    angle = rng.uniform(0, np.pi)
+    aspect = rng.uniform(0.5, 1.0)
+    canvas = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(canvas)
+    if kind in ("ellipse", "ring"):
+        t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+        outline = np.stack([radius * np.cos(t), radius * aspect * np.sin(t)], 1)
+        draw.polygon(_rotated(outline, angle, centre), fill=255)
+        if kind == "ring":  # a thin band: the hole is most of it
+            inner = outline * rng.uniform(0.55, 0.75)
+            draw.polygon(_rotated(inner, angle, centre), fill=0)
+    elif kind == "triangle":
+        corners = np.array([[0, -radius], [-radius, radius * aspect], [radius, radius * aspect]])
+        draw.polygon(_rotated(corners, angle, centre), fill=255)
+    else:
+        half = {"box": radius * aspect, "bar": max(1.5, radius * rng.uniform(0.06, 0.15))}
+        width = half.get(kind, max(1.5, radius * rng.uniform(0.1, 0.2)))
+        arms = [np.array([[-radius, -width], [radius, -width], [radius, width], [-radius, width]])]
+        if kind == "cross":
+            arms.append(arms[0][:, ::-1])
+        for arm in arms:
+            draw.polygon(_rotated(arm, angle, centre), fill=255)
+    return np.asarray(canvas) > 127
+
+
+def _texture(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
+    """A shape's own pattern: H x W x 3 offsets around its colour (stripes, checks or noise)."""
+    h, w = size
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    kind = rng.integers(0, 3)
+    amplitude = rng.uniform(10, 35)
+    if kind == 0:  # stripes at a random angle and period
+        angle, period = rng.uniform(0, np.pi), rng.uniform(3, 10)
+        wave = np.sin((xs * np.cos(angle) + ys * np.sin(angle)) * 2 * np.pi / period)
+    elif kind == 1:  # checks
+        cell = rng.integers(3, 8)
+        wave = ((xs // cell + ys // cell) % 2) * 2 - 1.0
+    else:
+        wave = rng.normal(0, 0.7, (h, w))
+    tint = rng.uniform(0.5, 1.0, 3)
+    return wave[..., None] * amplitude * tint
+
+
+def rich_image(
+    rng: np.random.Generator, size: tuple[int, int], shapes: int, min_area: float = 0.002
+):
+    """Like ``synthetic_image``, harder (see the module doc). Objects whose visible part
+    covers less than ``min_area`` of the image are not annotated (their pixels stay drawn)."""
+    h, w = size
+    ys, xs = np.mgrid[0:h, 0:w] / max(h, w)
+    base = rng.uniform(40, 200, 3)
+    slope = rng.uniform(-60, 60, (2, 3))
+    image = base + xs[..., None] * slope[0] + ys[..., None] * slope[1]
+    image = image + rng.normal(0, 10, (h, w, 3))
+    owners = np.zeros((h, w), np.int32)
+    count = int(rng.integers(max(1, shapes - 2), shapes + 3))
+    for k in range(1, count + 1):
+        kind = RICH_KINDS[rng.integers(0, len(RICH_KINDS))]
+        mask = _shape_mask(rng, kind, size)
+        colour = rng.integers(0, 256, 3).astype(np.float64)
+        image[mask] = (colour + _texture(rng, size))[mask]
+        owners[mask] = k
+    masks = np.stack([owners == k for k in range(1, count + 1)])
+    areas = masks.reshape(count, -1).sum(1)
+    shown = areas >= max(1.0, min_area * h * w)
+    masks, areas = masks[shown], areas[shown]
+    order = np.argsort(-areas, kind="stable")
+    return np.clip(image, 0, 255).astype(np.uint8), masks[order]
+
+
+STYLES = {"plain": synthetic_image, "rich": rich_image}
+
+
 def annotations_for(masks: np.ndarray, image_id: int, size: tuple[int, int]) -> dict:
     """SA-1B's JSON document for one image's masks."""
     from pycocotools import mask as mask_utils
@@ -89,15 +181,20 @@ def write_synthetic_sa1b(
     shapes: int = 5,
     seed: int = 0,
     shard_size: int = 0,
+    style: str = "plain",
 ) -> Path:
     """``count`` images as ``sa_<id>.jpg`` + ``sa_<id>.json`` in ``out``; with ``shard_size``,
-    packed into ``.tar`` shards of that many images instead. Returns ``out``."""
+    packed into ``.tar`` shards of that many images instead. ``style``: ``plain``
+    (``synthetic_image``) or ``rich`` (``rich_image``, about ``shapes`` +- 2 objects).
+    Returns ``out``."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     files: list[tuple[str, bytes]] = []
     for image_id in range(count):
-        image, masks = synthetic_image(rng, size, shapes)
+        image, masks = STYLES[style](rng, size, shapes)
         buffer = io.BytesIO()
         Image.fromarray(image).save(buffer, format="JPEG", quality=95)
         document = json.dumps(annotations_for(masks, image_id, size)).encode()
