@@ -215,12 +215,14 @@ def run_demo(
                 "hard_mask_weighting": hard_mask_weighting,
             }
             made = _stage_done(out, settings)
-            if made is not None:
+            stored = _stored_result(made) if made is not None else None
+            if stored is not None:
                 say(f"seed {seed}, {name}: reusing {out}")
-                result = DemoResult.from_dict(made["result"])
-                before = result.before
-                results.append(result)
+                before = stored.before
+                results.append(stored)
                 continue
+            if made is not None:  # our record, but no result we can read: made again
+                shutil.rmtree(out)
             say(f"seed {seed}: distilling the student, {name} ({options.steps} steps)")
             config = _config(
                 options,
@@ -249,6 +251,19 @@ def run_demo(
     with atomic_write(Path(options.out) / "results.json", "w") as f:
         json.dump([asdict(r) for r in results], f, indent=1)
     return results
+
+
+def _stored_result(made: dict) -> DemoResult | None:
+    """The result a student's record holds, or None where it is missing or malformed."""
+    try:
+        result = DemoResult.from_dict(made["result"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    values = [getattr(a, m) for a in (*result.before.values(), *result.after.values())
+              for m in ("student_teacher", "student_gt", "teacher_gt")]  # fmt: skip
+    if not all(isinstance(v, float) and 0 <= v <= 1 for v in values):
+        return None
+    return result
 
 
 def _run_name(hard_prompts: bool, hard_mask_weighting: bool) -> str:
