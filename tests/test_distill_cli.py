@@ -244,6 +244,13 @@ def test_demo_seeds_summarise_and_resume_only_what_matches(capsys, tmp_path):
     assert code == 0 and err.count("reusing") == 1  # the tampered record's student is redone
     assert json.loads((out / "results.json").read_text()) == results  # the same numbers again
 
+    record = out / "seed_0" / "student_hps1_hmw1" / "made_with.json"
+    interrupted = json.loads(record.read_text())
+    interrupted["finished"] = False  # as a run stopped mid-training leaves it
+    record.write_text(json.dumps(interrupted))
+    code, _, err = run_cli(capsys, "distill", "demo", "--out", out, "--seeds", 2, *tiny)
+    assert code == 0 and err.count("reusing") == 1, err  # redone, not refused or trusted
+
     more = ["--steps", 2, *tiny[2:]]  # two student steps: the students again, not the teacher
     code, _, err = run_cli(capsys, "distill", "demo", "--out", out, "--seeds", 2, *more)
     assert code == 0 and "reusing" not in err and "training the small teacher" not in err

@@ -109,14 +109,16 @@ RECORD = "made_with.json"  # in each stage's folder: the settings that made it (
 
 
 def _stage_done(folder: Path, settings: dict) -> dict | None:
-    """The record of ``folder`` when it holds this stage made with ``settings``, else None
-    (a folder of ours made otherwise, or cut short, is cleared to be made again). A folder
-    with content but no record of ours is never touched: ``ForeignFileError``."""
+    """The record of ``folder`` when it holds this stage finished with ``settings``, else
+    None: a folder of ours made otherwise, interrupted or cut short is cleared to be made
+    again. A folder with content but no record of ours is never touched:
+    ``ForeignFileError``."""
     record = folder / RECORD
     state = output_state(record)
     if state == DONE:
         made = json.loads(record.read_text())
-        if made.get("settings") == json.loads(json.dumps(settings)):
+        same = made.get("settings") == json.loads(json.dumps(settings))
+        if same and made.get("finished") is True:
             return made
     if state in (DONE, BROKEN):
         shutil.rmtree(folder)
@@ -129,9 +131,15 @@ def _stage_done(folder: Path, settings: dict) -> dict | None:
     return None
 
 
-def _finish_stage(folder: Path, settings: dict, **results) -> None:
+def _start_stage(folder: Path, settings: dict) -> None:
+    """Claim ``folder`` before writing in it, so an interrupted stage is known to be ours."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_json_output(folder / RECORD, "demo-stage", {"settings": settings, **results})
+    write_json_output(folder / RECORD, "demo-stage", {"settings": settings, "finished": False})
+
+
+def _finish_stage(folder: Path, settings: dict, **results) -> None:
+    document = {"settings": settings, "finished": True, **results}
+    write_json_output(folder / RECORD, "demo-stage", document)
 
 
 def prepare(options: DemoOptions, progress: bool = True, say: Callable[[str], None] = print):
@@ -150,6 +158,7 @@ def prepare(options: DemoOptions, progress: bool = True, say: Callable[[str], No
     }
     if _stage_done(out / "data", data_settings) is None:
         say(f"writing {options.train_images} + {options.eval_images} synthetic images")
+        _start_stage(out / "data", data_settings)
         write = partial(write_synthetic_sa1b, size=shape, style=options.style)
         write(train, options.train_images, seed=options.seed)
         write(held_out, options.eval_images, seed=options.seed + 1)
@@ -164,6 +173,7 @@ def prepare(options: DemoOptions, progress: bool = True, say: Callable[[str], No
     }
     if _stage_done(out / "teacher", teacher_settings) is None:
         say(f"training the small teacher on the ground truth ({options.teacher_steps} steps)")
+        _start_stage(out / "teacher", teacher_settings)
         # Plain prompts, half of them boxes: measured to learn ~2x faster than the
         # distillation defaults, and this teacher only has to be better than random.
         config = _config(
@@ -224,6 +234,7 @@ def run_demo(
             if made is not None:  # our record, but no result we can read: made again
                 shutil.rmtree(out)
             say(f"seed {seed}: distilling the student, {name} ({options.steps} steps)")
+            _start_stage(out, settings)
             config = _config(
                 options,
                 train,
