@@ -15,6 +15,7 @@ from tinysam.build import read_state_dict
 from tinysam.distill.models import small_teacher
 from tinysam.distill.synthetic import write_synthetic_sa1b
 from tinysam.distill.trainer import TrainConfig, config_from_dict
+from tinysam.io import DONE, output_state
 
 from conftest import one_error_line, run_cli
 
@@ -198,7 +199,7 @@ def test_demo_prints_before_and_after(capsys, tmp_path):
     assert code == 0, err
     rows = [line for line in out.splitlines() if line.startswith("| + hard prompt sampling")]
     assert [row.split("|")[2].strip() for row in rows] == ["point", "box"]
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((tmp_path / "results.json").read_text())["runs"]
     assert len(results) == 1
     result = results[0]
     assert result["hard_prompts"] is True and result["hard_mask_weighting"] is False
@@ -223,18 +224,18 @@ def test_demo_seeds_summarise_and_resume_only_what_matches(capsys, tmp_path):
     out = tmp_path / "demo"
     code, printed, err = run_cli(capsys, "distill", "demo", "--out", out, "--seeds", 2, *tiny)
     assert code == 0, err
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())["runs"]
     assert [r["seed"] for r in results] == [0, 1]
     summary = json.loads((out / "summary.json").read_text())
     both = summary["variants"]["+ both (TinySAM)"]["box"]["student_gt"]
     assert len(both["values"]) == 2 and both["std"] >= 0
     assert (out / "ablation.md").read_text().strip() in printed
-    assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert output_state(out / "ablation.png") == DONE  # a whole PNG, marked as ours
 
     code, _, err = run_cli(capsys, "distill", "demo", "--out", out, "--seeds", 2, *tiny)
     assert code == 0 and err.count("reusing") == 2  # both students; data and teacher too
     assert "training the small teacher" not in err and "writing" not in err
-    assert json.loads((out / "results.json").read_text()) == results
+    assert json.loads((out / "results.json").read_text())["runs"] == results
 
     record = out / "seed_1" / "student_hps1_hmw1" / "made_with.json"
     tampered = json.loads(record.read_text())
@@ -242,7 +243,7 @@ def test_demo_seeds_summarise_and_resume_only_what_matches(capsys, tmp_path):
     record.write_text(json.dumps(tampered))
     code, _, err = run_cli(capsys, "distill", "demo", "--out", out, "--seeds", 2, *tiny)
     assert code == 0 and err.count("reusing") == 1  # the tampered record's student is redone
-    assert json.loads((out / "results.json").read_text()) == results  # the same numbers again
+    assert json.loads((out / "results.json").read_text())["runs"] == results  # the same again
 
     record = out / "seed_0" / "student_hps1_hmw1" / "made_with.json"
     interrupted = json.loads(record.read_text())
@@ -261,6 +262,13 @@ def test_demo_seeds_summarise_and_resume_only_what_matches(capsys, tmp_path):
     code, _, err = run_cli(capsys, "distill", "demo", "--out", foreign, *tiny)
     assert code == 2 and "was not made by this demo" in one_error_line(err, "distill")
     assert (foreign / "data" / "notes.txt").read_text() == "keep me"
+    for name in ("results.json", "ablation.md", "summary.json"):  # refused before any work
+        theirs = tmp_path / f"theirs_{name}"
+        theirs.mkdir()
+        (theirs / name).write_text("[1, 2]")
+        code, _, err = run_cli(capsys, "distill", "demo", "--out", theirs, "--seeds", 2, *tiny)
+        assert code == 2 and "not written by tinysam" in one_error_line(err, "distill"), name
+        assert (theirs / name).read_text() == "[1, 2]" and not (theirs / "data").exists()
 
 
 def test_students_start_from_checkpoints(tmp_path, vit_t_checkpoint):

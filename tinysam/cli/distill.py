@@ -218,11 +218,21 @@ def _demo(args) -> None:
     def say(text: str) -> None:
         print(f"tinysam distill demo: {text}", file=sys.stderr, flush=True)
 
+    if args.seeds > 1:
+        from ..distill.ablation import check_outputs
+
+        check_outputs(args.out)  # before an hour of work, not after it
     results = run_demo(options, variants, progress=sys.stderr.isatty(), say=say)
     if args.seeds == 1:
         print(results_table(results))
         print(f"\n(results also in {args.out / 'results.json'})")
         return None
+    from ..distill.ablation import summarize, write_outputs
+
+    table, plot = write_outputs(args.out, summarize(results))
+    print(table)
+    print(f"\n(per run: {args.out / 'results.json'}; summary.json, ablation.md and {plot.name})")
+    return None
     from ..distill.ablation import plot_summary, summarize, summary_table
     from ..io import atomic_write, write_json_output
 

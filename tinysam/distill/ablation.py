@@ -10,11 +10,13 @@ An interval that excludes zero is called an effect; one that straddles it, seed 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 METRICS = {"student_teacher": "student-teacher IoU", "student_gt": "student-GT IoU"}
+TABLE, SUMMARY, PLOT = "ablation.md", "summary.json", "ablation.png"
 KINDS = ("point", "box")
 BASELINE = (False, False)
 CONFIDENCE = 0.95
@@ -136,7 +138,9 @@ def plot_summary(summary: dict, path: str | Path) -> Path:
         raise RuntimeError(
             "the ablation plot needs matplotlib: pip install 'tinysam[eval]'"
         ) from err
-    from ..io import atomic_write
+    import numpy as np
+
+    from ..io import save_png
 
     names = list(summary)
     figure, axes = plt.subplots(1, len(KINDS), figsize=(11, 4.2), sharey=True)
@@ -159,8 +163,47 @@ def plot_summary(summary: dict, path: str | Path) -> Path:
     axes[0].set_ylabel("mean mask IoU (held-out), ± std over seeds")
     axes[0].legend(fontsize=8, loc="lower left")
     figure.tight_layout()
-    path = Path(path)
-    with atomic_write(path, "wb") as f:
-        figure.savefig(f, format="png", dpi=110)
+    figure.set_dpi(110)
+    figure.canvas.draw()
+    pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
     plt.close(figure)
+    path = Path(path)
+    save_png(pixels, path)  # marked as ours, like every PNG we write
     return path
+
+
+def _previous_table(out: Path) -> str | None:
+    try:
+        return json.loads((out / SUMMARY).read_text())["markdown"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_outputs(out: str | Path) -> None:
+    """Refuse (``ForeignFileError``) to start where an ablation output path holds a file this
+    package did not write: the JSON and PNG carry our mark; the table is ours when it is
+    the one our summary recorded."""
+    from ..io import ForeignFileError, check_replaceable
+
+    out = Path(out)
+    check_replaceable([out / SUMMARY, out / PLOT])
+    table = out / TABLE
+    if table.exists() and (
+        not table.is_file() or table.read_text(errors="replace").strip() != _previous_table(out)
+    ):
+        raise ForeignFileError(
+            f"{table} exists and was not written by tinysam; move it away or choose another --out"
+        )
+
+
+def write_outputs(out: str | Path, summary: dict) -> tuple[str, Path]:
+    """The table (``ablation.md``), ``summary.json`` and the plot in ``out``; returns the
+    table and the plot's path. Call ``check_outputs`` first."""
+    from ..io import atomic_write, write_json_output
+
+    out = Path(out)
+    table = summary_table(summary)
+    write_json_output(out / SUMMARY, "demo-ablation", {"markdown": table, "variants": summary})
+    with atomic_write(out / TABLE, "w") as f:
+        f.write(table + "\n")
+    return table, plot_summary(summary, out / PLOT)

@@ -32,7 +32,7 @@ from ..io import (
     DONE,
     FOREIGN,
     ForeignFileError,
-    atomic_write,
+    check_replaceable,
     output_state,
     write_json_output,
 )
@@ -105,6 +105,7 @@ def _config(options: DemoOptions, data: Path, out: Path, steps: int, **fields) -
     )
 
 
+RESULTS = "results.json"  # every run's before/after agreement, seed by seed
 RECORD = "made_with.json"  # in each stage's folder: the settings that made it (and results)
 
 
@@ -206,6 +207,7 @@ def run_demo(
     within a seed every variant starts from the same student and draws the same prompts.
     Returns before/after agreement for each, seed by seed; runs already made with the same
     settings are reused."""
+    check_replaceable([Path(options.out) / RESULTS])  # refused now, not after the work
     train, held_out, teacher_path, cache = prepare(options, progress, say)
     size = options.image_size
     evaluation = SA1BDataset(held_out, size)
@@ -259,8 +261,8 @@ def run_demo(
             )
             _finish_stage(out, settings, result=asdict(result))
             results.append(result)
-    with atomic_write(Path(options.out) / "results.json", "w") as f:
-        json.dump([asdict(r) for r in results], f, indent=1)
+    runs = [asdict(r) for r in results]
+    write_json_output(Path(options.out) / RESULTS, "demo-results", {"runs": runs})
     return results
 
 
