@@ -236,6 +236,18 @@ def test_the_fastest_encoder_wins_and_is_remembered(cache, capsys):
     assert len(stored()) == 2
 
 
+def test_a_tie_in_the_kept_times_names_the_first_of_them(cache, monkeypatch):
+    """The record decides as it reads: times equal to 0.1 ms name the first candidate, even
+    when the unrounded second one was a few microseconds faster."""
+    from tinysam import perf
+
+    monkeypatch.setattr(perf, "interleaved_medians", lambda fns, _: {"a": 0.71484, "b": 0.71476})
+    _, choice = choose(a=Timed, b=Timed)
+    entry = stored()[choice.key]
+    assert entry["encoder_ms"] == {"a": 714.8, "b": 714.8}
+    assert choice.backend == entry["backend"] == "a"
+
+
 def test_candidates_with_different_embeddings_are_refused(cache):
     with pytest.raises(BackendChoiceError, match="a and b backends hold different models"):
         choose(a=lambda: Timed(value=1.0), b=lambda: Timed(value=2.0))
