@@ -638,6 +638,10 @@ def test_quantize_usage_errors(extra, message, capsys, tmp_path, golden, vit_t_c
             {"model_type": "vit_t", "layers": {"a": {"input": {"twin": "odd"}}}},
             "layers.a.input.twin must be one of",
         ),
+        ({"model_type": "small"}, "image_size is missing"),
+        ({"model_type": "small", "image_size": "64"}, "image_size must be an integer"),
+        ({"model_type": "small", "image_size": 72}, "image_size must be a multiple of 16"),
+        ({"model_type": "small", "image_size": 10**9}, "image_size must be a multiple of 16"),
     ],
 )
 def test_malformed_quant_json_names_the_field(tmp_path, config, message):
@@ -649,3 +653,32 @@ def test_malformed_quant_json_names_the_field(tmp_path, config, message):
     with pytest.raises(CheckpointError, match=message) as err:
         read_config(tmp_path)
     assert str(tmp_path / CONFIG_FILE) in str(err.value) and "quantize again" in str(err.value)
+
+
+def test_the_small_demo_student_quantizes_saves_and_reloads(tmp_path, golden):
+    """Q-TinySAM of ``tinysam distill demo``'s student: quant.json records its image size and
+    the folder reloads into the same fake-quantized model."""
+    from tinysam.build import CheckpointError
+    from tinysam.distill.models import small_student, small_teacher
+    from tinysam.quant.pipeline import QuantizeSettings, quantize
+    from tinysam.quant.store import check_architecture, load_quantized
+
+    student = small_student(64, seed=3).eval()
+    image = golden / "images" / "picture1.jpg"
+    # The int8 ONNX export of the small model runs in the demo's slow test (minutes here).
+    search = SearchConfig(candidates=4, rounds=1)
+    settings = QuantizeSettings(prompts=2, rows=8, search=search, test_prompts=2, onnx=False)
+    summary = quantize(student, [image], tmp_path / "q", settings, model_type="small")
+    config = json.loads((tmp_path / "q" / "quant.json").read_text())
+    assert config["model_type"] == "small" and config["image_size"] == 64
+    assert set(summary["agreement"]) == {"W8A8 simulated", "deploy mode (as the int8 ONNX model)"}
+    reloaded = load_quantized(tmp_path / "q")
+    assert reloaded.image_encoder.img_size == 64
+    picture = torch.rand(1, 3, 64, 64)
+    again = load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(reloaded.image_encoder(picture), again.image_encoder(picture))
+        assert not torch.equal(reloaded.image_encoder(picture), student.image_encoder(picture))
+    # A model that is not the small student is refused before any search.
+    with pytest.raises(CheckpointError, match="does not match a small"):
+        check_architecture(small_teacher(64), "small")

@@ -191,6 +191,26 @@ def check_replaceable(paths) -> list[Path]:
     return broken
 
 
+def check_recorded_text(path: str | os.PathLike, record: str | os.PathLike) -> None:
+    """A plain-text output (a Markdown table) cannot carry our mark: it is ours when it holds
+    what ``record`` (our marked JSON written beside it) keeps under ``"markdown"``. Anything
+    else at ``path`` is a ``ForeignFileError``."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        kept = json.loads(Path(record).read_text(encoding="utf-8"))["markdown"]
+    except (OSError, ValueError, KeyError, TypeError):
+        kept = None
+    if output_state(record) != DONE or not path.is_file() or path.is_symlink():
+        kept = None
+    if kept is None or path.read_text(errors="replace").strip() != str(kept).strip():
+        raise ForeignFileError(
+            f"{path} exists and was not written by tinysam; move it away or choose another "
+            "output folder"
+        )
+
+
 def pending_outputs(
     items: list, outputs_of: Callable[[Any], list], force: bool = False
 ) -> tuple[list, list]:

@@ -111,24 +111,7 @@ def register(sub) -> None:
         ),
         epilog="example: tinysam distill demo --out demo/ --ablation",
     )
-    demo.add_argument("--out", type=Path, default=Path("tinysam-distill-demo"), help="folder")
-    demo.add_argument("--steps", type=int, default=300, help="student training steps (300)")
-    demo.add_argument("--teacher-steps", type=int, default=800, help="teacher steps (800)")
-    demo.add_argument("--image-size", type=int, default=128, help="model input size (128)")
-    demo.add_argument("--train-images", type=int, default=48, help="training images (48)")
-    demo.add_argument("--eval-images", type=int, default=12, help="held-out images (12)")
-    demo.add_argument("--prompts", type=int, default=16, help="prompts per image (16)")
-    demo.add_argument("--lr", type=float, default=5e-4, help="learning rate (5e-4)")
-    demo.add_argument("--seed", type=int, default=0, help="data, teacher and first student")
-    demo.add_argument(
-        "--seeds", type=int, default=1, help="students per variant: seeds SEED, SEED+1, ... (1)"
-    )
-    demo.add_argument(
-        "--data",
-        choices=("plain", "rich"),
-        default="plain",
-        help="synthetic images: plain shapes, or rich (thin parts, textures, scales) (plain)",
-    )
+    add_demo_arguments(demo, "tinysam-distill-demo", seeds=1, data="plain")
     demo.add_argument(
         "--no-hard-prompts", action="store_true", help="plain point prompts, no hard sampling"
     )
@@ -138,9 +121,75 @@ def register(sub) -> None:
     demo.add_argument(
         "--ablation", action="store_true", help="all four on/off combinations, one table"
     )
-    demo.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+
+    miniature = steps.add_parser(
+        "miniature",
+        help="the paper's three claims in miniature: distillation ablation over seeds, "
+        "hierarchical everything mode, Q-TinySAM (one folder, about an hour on 2 cores)",
+        description=(
+            "Everything `demo --ablation` does (four variants x --seeds seeds, intervals, plot), "
+            "then dense vs hierarchical everything mode with the teacher and the TinySAM "
+            "student on the held-out images (decoder prompts, time, recall of the objects at "
+            "IoU 0.5, mean best IoU), then Q-TinySAM: the TinySAM student quantized to W8A8 "
+            "(tinysam quantize's search) and compared with the float student and the ground "
+            "truth (simulated and int8 ONNX). Writes OUT/miniature.md and miniature.json with "
+            "a verdict per claim, the time per stage and the CPU. Resumable: a rerun reuses "
+            "every stage made with the same settings."
+        ),
+        epilog="example: tinysam distill miniature --out miniature/",
+    )
+    # The teacher that learned the demo's task best within ~10 minutes on 2 cores: more
+    # images (no overfitting) and three times the demo's steps.
+    add_demo_arguments(
+        miniature, "tinysam-miniature", seeds=3, data="rich", teacher_steps=2400, train_images=400
+    )
+    miniature.add_argument(
+        "--points-per-side", type=int, default=16, help="everything-mode grid (16)"
+    )
+    miniature.add_argument(
+        "--calibration-images", type=int, default=4, help="quantizer calibration images (4)"
+    )
+    miniature.add_argument(
+        "--quant-candidates", type=int, default=100, help="grid points per scale search (100)"
+    )
+    miniature.add_argument(
+        "--quant-rows", type=int, default=512, help="sampled positions per layer (512)"
+    )
 
     distill.set_defaults(run=run_distill)
+
+
+def add_demo_arguments(
+    parser, out: str, seeds: int, data: str, teacher_steps: int = 800, train_images: int = 48
+) -> None:
+    """The options ``demo`` and ``miniature`` share (the data, the teacher, the students)."""
+    parser.add_argument("--out", type=Path, default=Path(out), help=f"folder ({out})")
+    # DemoOptions' defaults (tinysam.distill.demo imports torch, too slow for --help; a test
+    # keeps the two equal).
+    for flag, kind, value, what in (
+        ("--steps", int, 300, "student training steps"),
+        ("--teacher-steps", int, teacher_steps, "teacher training steps"),
+        ("--image-size", int, 128, "model input size"),
+        ("--train-images", int, train_images, "training images"),
+        ("--eval-images", int, 12, "held-out images"),
+        ("--prompts", int, 16, "prompts per image"),
+        ("--lr", float, 5e-4, "learning rate"),
+        ("--seed", int, 0, "data, teacher and first student"),
+    ):
+        parser.add_argument(flag, type=kind, default=value, help=f"{what} ({value})")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=seeds,
+        help=f"students per variant: seeds SEED, SEED+1, ... ({seeds})",
+    )
+    parser.add_argument(
+        "--data",
+        choices=("plain", "rich"),
+        default=data,
+        help=f"synthetic images: plain shapes, or rich (thin parts, textures, scales) ({data})",
+    )
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
 
 
 def run_distill(args: argparse.Namespace) -> dict | None:
@@ -149,6 +198,8 @@ def run_distill(args: argparse.Namespace) -> dict | None:
         return _cache_teacher(args)
     if args.distill_command == "train":
         return _train(args)
+    if args.distill_command == "miniature":
+        return _miniature(args)
     return _demo(args)
 
 
@@ -184,10 +235,11 @@ def _train(args) -> dict | None:
     return train(config, args.device, args.resume, progress=sys.stderr.isatty())
 
 
-def _demo(args) -> None:
+def _demo_options(args):
+    """``DemoOptions`` from the shared arguments, checked (and the thread count set)."""
     import torch
 
-    from ..distill.demo import DemoOptions, results_table, run_demo
+    from ..distill.demo import DemoOptions
     from .common import UsageError
 
     if args.threads is not None:
@@ -197,7 +249,9 @@ def _demo(args) -> None:
     for name in ("steps", "teacher_steps", "train_images", "eval_images", "prompts", "seeds"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    options = DemoOptions(
+    if args.image_size < 32 or args.image_size % 16:
+        raise UsageError("--image-size must be a multiple of 16, at least 32")
+    return DemoOptions(
         out=args.out,
         image_size=args.image_size,
         train_images=args.train_images,
@@ -210,6 +264,12 @@ def _demo(args) -> None:
         seeds=args.seeds,
         style=args.data,
     )
+
+
+def _demo(args) -> None:
+    from ..distill.demo import results_table, run_demo
+
+    options = _demo_options(args)
     if args.ablation:
         variants = [(False, False), (True, False), (False, True), (True, True)]
     else:
@@ -233,15 +293,31 @@ def _demo(args) -> None:
     print(table)
     print(f"\n(per run: {args.out / 'results.json'}; summary.json, ablation.md and {plot.name})")
     return None
-    from ..distill.ablation import plot_summary, summarize, summary_table
-    from ..io import atomic_write, write_json_output
 
-    summary = summarize(results)
-    table = summary_table(summary)
-    with atomic_write(args.out / "ablation.md", "w") as f:
-        f.write(table + "\n")
-    write_json_output(args.out / "summary.json", "demo-ablation", {"variants": summary})
-    plot = plot_summary(summary, args.out / "ablation.png")
-    print(table)
-    print(f"\n(per run: {args.out / 'results.json'}; summary.json, ablation.md and {plot.name})")
+
+def _miniature(args) -> None:
+    from ..distill.miniature import MARKDOWN, SUMMARY, MiniatureOptions, run_miniature
+    from .common import UsageError, check_grid
+
+    demo = _demo_options(args)
+    check_grid(args.points_per_side, "--points-per-side")
+    for name in ("calibration_images", "quant_candidates", "quant_rows"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.calibration_images > args.train_images:
+        raise UsageError("--calibration-images must be at most --train-images")
+    options = MiniatureOptions(
+        demo,
+        points_per_side=args.points_per_side,
+        calibration_images=args.calibration_images,
+        quant_rows=args.quant_rows,
+        quant_candidates=args.quant_candidates,
+    )
+
+    def say(text: str) -> None:
+        print(f"tinysam distill miniature: {text}", file=sys.stderr, flush=True)
+
+    run_miniature(options, progress=sys.stderr.isatty(), say=say)
+    print((args.out / MARKDOWN).read_text(encoding="utf-8"), end="")
+    print(f"\n(all numbers in {args.out / SUMMARY})")
     return None

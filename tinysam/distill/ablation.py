@@ -10,7 +10,6 @@ An interval that excludes zero is called an effect; one that straddles it, seed 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -172,28 +171,15 @@ def plot_summary(summary: dict, path: str | Path) -> Path:
     return path
 
 
-def _previous_table(out: Path) -> str | None:
-    try:
-        return json.loads((out / SUMMARY).read_text())["markdown"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def check_outputs(out: str | Path) -> None:
     """Refuse (``ForeignFileError``) to start where an ablation output path holds a file this
     package did not write: the JSON and PNG carry our mark; the table is ours when it is
     the one our summary recorded."""
-    from ..io import ForeignFileError, check_replaceable
+    from ..io import check_recorded_text, check_replaceable
 
     out = Path(out)
     check_replaceable([out / SUMMARY, out / PLOT])
-    table = out / TABLE
-    if table.exists() and (
-        not table.is_file() or table.read_text(errors="replace").strip() != _previous_table(out)
-    ):
-        raise ForeignFileError(
-            f"{table} exists and was not written by tinysam; move it away or choose another --out"
-        )
+    check_recorded_text(out / TABLE, out / SUMMARY)
 
 
 def write_outputs(out: str | Path, summary: dict) -> tuple[str, Path]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -39,7 +40,7 @@ from ..io import (
 from .data import SA1BDataset
 from .evaluate import Agreement, evaluate_agreement
 from .losses import LossWeights
-from .models import SMALL, build_teacher, small_student, small_teacher
+from .models import SMALL, SMALL_TEACHER_LAYOUT, build_teacher, small_student, small_teacher
 from .synthetic import write_synthetic_sa1b
 from .teacher_cache import cache_teacher
 from .trainer import STUDENT_FILE, Distiller, TrainConfig
@@ -166,6 +167,7 @@ def prepare(options: DemoOptions, progress: bool = True, say: Callable[[str], No
         _finish_stage(out / "data", data_settings)
     teacher_path = out / "teacher" / STUDENT_FILE
     teacher_settings = {
+        "layout": SMALL_TEACHER_LAYOUT,
         "data": data_settings,
         "image_size": size,
         "steps": options.teacher_steps,
@@ -175,6 +177,7 @@ def prepare(options: DemoOptions, progress: bool = True, say: Callable[[str], No
     if _stage_done(out / "teacher", teacher_settings) is None:
         say(f"training the small teacher on the ground truth ({options.teacher_steps} steps)")
         _start_stage(out / "teacher", teacher_settings)
+        start = time.perf_counter()
         # Plain prompts, half of them boxes: measured to learn ~2x faster than the
         # distillation defaults, and this teacher only has to be better than random.
         config = _config(
@@ -186,7 +189,7 @@ def prepare(options: DemoOptions, progress: bool = True, say: Callable[[str], No
             box_rate=0.5,
         )
         Distiller(small_teacher(size), None, config).run(progress=progress)
-        _finish_stage(out / "teacher", teacher_settings)
+        _finish_stage(out / "teacher", teacher_settings, seconds=time.perf_counter() - start)
         shutil.rmtree(out / "teacher_cache", ignore_errors=True)  # a new teacher's cache is stale
     cache = out / "teacher_cache"
     teacher = build_teacher(SMALL, size, teacher_path)
@@ -253,13 +256,15 @@ def run_demo(
             distiller = Distiller(small_student(size, seed=seed + 1), cached_teacher, config)
             if before is None:
                 before = evaluate_agreement(distiller.student, teacher, evaluation, seed=seed)
+            start = time.perf_counter()
             history = distiller.run(progress=progress)
+            seconds = time.perf_counter() - start
             after = evaluate_agreement(distiller.student, teacher, evaluation, seed=seed)
             final_loss = sum(row["total"] for row in history[-10:]) / len(history[-10:])
             result = DemoResult(
                 name, hard_prompts, hard_mask_weighting, before, after, final_loss, seed
             )
-            _finish_stage(out, settings, result=asdict(result))
+            _finish_stage(out, settings, result=asdict(result), seconds=seconds)
             results.append(result)
     runs = [asdict(r) for r in results]
     write_json_output(Path(options.out) / RESULTS, "demo-results", {"runs": runs})

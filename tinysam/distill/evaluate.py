@@ -8,14 +8,17 @@ compared in the decoder's low-res frame, where the losses compare them too.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..masks import PROMPT_KINDS, chosen_masks, mask_candidates
 from ..masks import Agreement as IoUMeans
 from ..modeling import Sam
-from .data import SA1BDataset
+from .data import SA1BDataset, read_annotations
 from .decoding import decode, evaluating, to_low_res
 from .prompts import sample_points
 
@@ -78,3 +81,41 @@ def evaluate_agreement(
         )
         for kind in PROMPT_KINDS
     }
+
+
+@torch.no_grad()
+def ground_truth_iou(
+    predictors: dict[str, object],
+    folder: str | os.PathLike,
+    objects_per_image: int = 16,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """``{name: {"point"|"box": mean IoU with the ground truth}}`` for predictors of any
+    backend (``SamPredictor``, ``OnnxPredictor``) on an SA-1B-format folder, at the image's own
+    resolution: the first ``objects_per_image`` objects of each image, one point (a pixel of
+    the mask drawn with ``seed``, the same for every predictor) and the ground-truth box."""
+    from pycocotools import mask as mask_utils
+
+    from ..io import load_image
+    from ..quant.report import answer
+
+    means = {name: IoUMeans() for name in predictors}
+    generator = torch.Generator().manual_seed(seed)
+    for path in sorted(Path(folder).glob("*.json"), key=lambda p: p.name):
+        annotations = read_annotations(path.read_bytes(), str(path))[:objects_per_image]
+        if not annotations:
+            continue
+        image = load_image(path.with_suffix(".jpg"))
+        rles = [a["segmentation"] for a in annotations]
+        gt = torch.from_numpy(np.moveaxis(mask_utils.decode(rles), -1, 0).astype(bool))
+        points, _ = sample_points(gt, generator)
+        x, y, w, h = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32).T
+        boxes = torch.stack([x, y, x + w, y + h], dim=1)
+        for name, predictor in predictors.items():
+            predictor.set_image(image)
+            size = predictor.original_size
+            frame_points = predictor.transform.apply_coords_torch(points[:, None], size)
+            frame_boxes = predictor.transform.apply_boxes_torch(boxes, size)
+            means[name].add("point", answer(predictor, points=frame_points), gt)
+            means[name].add("box", answer(predictor, boxes=frame_boxes), gt)
+    return {name: {kind: m.mean(kind) for kind in PROMPT_KINDS} for name, m in means.items()}

@@ -19,7 +19,7 @@ from .calibrate import collect
 from .model import prepare, set_deploy
 from .report import agreement_table, layer_table, mask_agreement
 from .search import SearchConfig, search_scales
-from .store import load_quantized, save_quantized
+from .store import check_architecture, load_quantized, save_quantized
 
 
 @dataclass
@@ -80,6 +80,7 @@ def quantize(
     progress = progress or (lambda iterable, what: iterable)
     say = say or (lambda line: None)
     model_type = model_type or detect_model_type(sam.state_dict()) or "vit_t"
+    check_architecture(sam, model_type)  # before minutes of search, not at the reload
     weight_bits, act_bits = settings.weight_bits, settings.act_bits
     qmodel = prepare(sam, weight_bits, act_bits)
 

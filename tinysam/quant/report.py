@@ -30,7 +30,7 @@ class MaskAgreement:
 ANSWER_GROUP = 4
 
 
-def _answer(predictor, points=None, boxes=None) -> torch.Tensor:
+def answer(predictor, points=None, boxes=None) -> torch.Tensor:
     """Each prompt's answer as ``SamPredictor`` gives it (``masks.chosen_masks``): a point,
     the best of three masks; a box, the single-mask output."""
     multimask = boxes is None
@@ -76,16 +76,16 @@ def mask_agreement(
         reference.set_image(image)
         size = reference.input_size
         points = grid_prompts(size, prompts_per_image, generator)
-        ref_points = _answer(reference, points=points)
+        ref_points = answer(reference, points=points)
         box_frame, keep = _boxes_around(ref_points)
         # into the resized frame the predictors take
         boxes = reference.transform.apply_boxes_torch(box_frame, reference.original_size)
-        ref_boxes = _answer(reference, boxes=boxes) if len(boxes) else None
+        ref_boxes = answer(reference, boxes=boxes) if len(boxes) else None
         for name, predictor in candidates.items():
             predictor.set_image(image)
-            means[name].add("point", _answer(predictor, points=points), ref_points)
+            means[name].add("point", answer(predictor, points=points), ref_points)
             if ref_boxes is not None:
-                means[name].add("box", _answer(predictor, boxes=boxes), ref_boxes)
+                means[name].add("box", answer(predictor, boxes=boxes), ref_boxes)
     return {
         name: {
             kind: MaskAgreement(means[name].mean(kind), means[name].counts[kind])

@@ -33,6 +33,10 @@ FORMAT_VERSION = 1
 # Version 2: a converted Q-TinySAM (scheme "published", tinysam.quant.published), which
 # older readers could not rebuild.
 PUBLISHED_FORMAT_VERSION = 2
+# ``tinysam distill demo``'s student (tinysam.distill.models.small_student) at its image size,
+# which quant.json then records: Q-TinySAM of the demo, in minutes.
+SMALL = "small"
+QUANTIZABLE = (*MODEL_TYPES, SMALL)
 
 
 def _weight_shape(scale: torch.Tensor, weight: torch.Tensor, axis: int) -> torch.Tensor:
@@ -84,6 +88,7 @@ def save_quantized(model: Sam, out_dir: str | os.PathLike, model_type: str, **in
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model_type": model_type,
+        "image_size": int(model.image_encoder.img_size),
         "bits": dict(model.quant_bits),
         "layers": describe_layers(model),
         **info,
@@ -139,8 +144,14 @@ def read_config(path: str | os.PathLike) -> tuple[Path, dict]:
 def _check_config(config: dict, where: str) -> None:
     """The fields ``load_quantized`` reads, with their types and ranges."""
     model_type = field(config, "model_type", "a string", where)
-    if model_type not in MODEL_TYPES:
+    if model_type not in QUANTIZABLE:
         raise FormatError(f"{where}: model_type {model_type!r} is not a known model type")
+    if model_type == SMALL:
+        size = field(config, "image_size", "an integer", where)
+        if not (32 <= size <= 1024 and size % 16 == 0):
+            raise FormatError(
+                f"{where}: image_size must be a multiple of 16 from 32 to 1024, got {size}"
+            )
     bits = field(config, "bits", "an object", where, default={})
     for role in ("weight", "activation"):
         value = field(bits, role, "an integer", where, "bits.", default=8)
@@ -184,6 +195,30 @@ def _check_published_config(config: dict, where: str) -> None:
             field(entry, "chunks", "an integer", where, prefix)
 
 
+def _architecture(config: dict) -> Sam:
+    """The untrained float model a checked ``quant.json`` describes."""
+    if config["model_type"] == SMALL:
+        from ..distill.models import small_student
+
+        return small_student(config["image_size"])
+    return build_sam_model(config["model_type"])
+
+
+def check_architecture(sam: Sam, model_type: str) -> None:
+    """``sam`` can be rebuilt as a ``model_type`` when loaded: CheckpointError otherwise. The
+    small demo student is checked tensor by tensor (the registry's models were resolved by
+    their checkpoints, and building a ViT-H to compare would cost seconds and gigabytes)."""
+    if model_type not in QUANTIZABLE:
+        raise CheckpointError(
+            f"unknown model type {model_type!r}; choose one of {', '.join(QUANTIZABLE)}"
+        )
+    if model_type != SMALL:
+        return
+    size = int(getattr(sam.image_encoder, "img_size", 0))
+    architecture = _architecture({"model_type": model_type, "image_size": size})
+    load_strict(architecture, sam.state_dict(), f"a {model_type}", "the model to quantize")
+
+
 def load_quantized(
     path: str | os.PathLike, device: str | torch.device = "cpu", model_type: str | None = None
 ) -> Sam:
@@ -200,7 +235,7 @@ def load_quantized(
 
         return load_converted(directory, config, read_state_dict(directory / WEIGHTS_FILE), device)
     bits = config.get("bits", {})
-    model = prepare(build_sam_model(model_type), bits.get("weight", 8), bits.get("activation", 8))
+    model = prepare(_architecture(config), bits.get("weight", 8), bits.get("activation", 8))
     state = read_state_dict(directory / WEIGHTS_FILE)
     layers = quant_layers(model)
     described = config.get("layers", {})
