@@ -175,3 +175,18 @@ def test_miniature_writes_every_claim_and_resumes(capsys, tmp_path):
     code, _, err = run_cli(capsys, "distill", "miniature", "--out", out, *tiny)
     assert code == 2 and "not written by tinysam" in one_error_line(err, "distill")
     assert (out / "miniature.md").read_text() == "their notes"
+
+
+def test_everything_mode_runs_on_the_demos_small_models():
+    """128-pixel models have 32-pixel low-res masks: the everything mode's mask geometry must
+    follow the model, not SAM's 256/1024 (a size mismatch before)."""
+    from tinysam.distill.models import small_student
+    from tinysam.everything import SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator
+    from tinysam.predictor import SamPredictor
+
+    image = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    predictor = SamPredictor(small_student(128, seed=5).eval())
+    keep_all = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0}
+    for generator in (SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator):
+        records = generator(predictor, points_per_side=4, **keep_all).generate(image)
+        assert records and all(r["segmentation"].shape == (96, 128) for r in records)

@@ -17,16 +17,16 @@ from tinysam.transforms import ResizeLongestSide, upscale_logits
 SIZES = [(1200, 1800), (769, 770), (480, 640), (100, 37), (2000, 1500)]
 
 
-def _input_size(size: tuple[int, int]) -> tuple[int, int]:
-    return ResizeLongestSide(1024).get_preprocess_shape(*size, 1024)
+def _input_size(size: tuple[int, int], padded: int = 1024) -> tuple[int, int]:
+    return ResizeLongestSide(padded).get_preprocess_shape(*size, padded)
 
 
-def _logits(seed: int) -> torch.Tensor:
+def _logits(seed: int, low: int = 256) -> torch.Tensor:
     """Mask-like logits (smooth blobs, as trained decoders make), pixel noise, and constants."""
     g = torch.Generator().manual_seed(seed)
-    smooth = F.interpolate(torch.randn(4, 1, 24, 24, generator=g) * 8, (256, 256), mode="bicubic")
-    noise = torch.randn(1, 1, 256, 256, generator=g) * 2
-    constant = torch.tensor([-5.0, 5.0, 0.0]).view(3, 1, 1, 1).expand(3, 1, 256, 256)
+    smooth = F.interpolate(torch.randn(4, 1, 24, 24, generator=g) * 8, (low, low), mode="bicubic")
+    noise = torch.randn(1, 1, low, low, generator=g) * 2
+    constant = torch.tensor([-5.0, 5.0, 0.0]).view(3, 1, 1, 1).expand(3, 1, low, low)
     return torch.cat([smooth, noise, constant])[:, 0].contiguous()
 
 
@@ -47,15 +47,21 @@ def test_every_pixel_depends_on_a_3x3_window():
             assert axis.starts[0] == 0 and axis.starts[-1] == full
 
 
-@pytest.mark.parametrize("size", SIZES)
-def test_counts_boxes_and_runs_match_the_upscaled_reference(size):
-    low_res = _logits(sum(size))
-    input_size = _input_size(size)
-    full = upscale_logits(low_res[:, None], input_size, size)[:, 0]
+# (low-res side, padded input side): SAM's and TinySAM's, and the demo's 128-pixel models.
+MODELS = [(256, 1024)] * len(SIZES) + [(32, 128)] * 3
+CASES = list(zip(SIZES + [(96, 128), (100, 37), (300, 200)], MODELS))
+
+
+@pytest.mark.parametrize("size, model", CASES)
+def test_counts_boxes_and_runs_match_the_upscaled_reference(size, model):
+    low, padded = model
+    low_res = _logits(sum(size), low)
+    input_size = _input_size(size, padded)
+    full = upscale_logits(low_res[:, None], input_size, size, padded)[:, 0]
     # Only pixels whose reference logit is this close to a threshold may come out otherwise
     # (float rounding: the weights are composed here; the reference rounds after each resize).
     near = 1e-4
-    geometry = UpscaledMasks(input_size, size)
+    geometry = UpscaledMasks(input_size, size, low, padded)
     thresholds = [1.0, -1.0, 0.0]
     counts = geometry.counts(low_res, thresholds)
     for n, t in enumerate(thresholds):

@@ -309,7 +309,12 @@ class SamAutomaticMaskGenerator:
         """Stability filter, boxes and RLEs straight from the low-res logits (``upscaled``):
         the reference's values without its full-size logits."""
         predictor = self.predictor
-        geometry = upscaled_masks(tuple(predictor.input_size), tuple(predictor.original_size))
+        geometry = upscaled_masks(
+            tuple(predictor.input_size),
+            tuple(predictor.original_size),
+            int(low_res.shape[-1]),
+            int(predictor.transform.target_length),
+        )
         offset = self.stability_score_offset
         thresholds = [MASK_THRESHOLD + offset, MASK_THRESHOLD - offset, MASK_THRESHOLD]
         out = _empty_masks()

@@ -175,6 +175,7 @@ class UpscaledMasks:
     ) -> None:
         self.size = tuple(int(s) for s in original_size)
         self.input_size = tuple(int(s) for s in input_size)
+        self.padded = padded
         self.rows = axis_map(low, padded, int(input_size[0]), self.size[0])
         self.cols = axis_map(low, padded, int(input_size[1]), self.size[1])
         self.row_weights, self.row_valid = self.rows.block_weights()
@@ -217,7 +218,7 @@ class UpscaledMasks:
         chunk = max(1, FULL_SIZE_CHUNK // (h * w + 1024 * 1024))
         for first in range(0, len(low_res), chunk):
             part = low_res[first : first + chunk, None]
-            yield first, upscale_logits(part, self.input_size, self.size)[:, 0]
+            yield first, upscale_logits(part, self.input_size, self.size, self.padded)[:, 0]
 
     def _valid(self, cells: torch.Tensor) -> torch.Tensor:
         return self.row_valid[cells[:, 1], :, None] & self.col_valid[cells[:, 2], None, :]
@@ -448,6 +449,12 @@ class CellLogits:
 
 
 @lru_cache(maxsize=8)
-def upscaled_masks(input_size: tuple[int, int], original_size: tuple[int, int]) -> UpscaledMasks:
-    """The (cached) ``UpscaledMasks`` of an image's sizes."""
-    return UpscaledMasks(input_size, original_size)
+def upscaled_masks(
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+    low: int = 256,
+    padded: int = 1024,
+) -> UpscaledMasks:
+    """The (cached) ``UpscaledMasks`` of an image's sizes (and the model's: its low-res mask
+    side and padded input side, 256 and 1024 for SAM's and TinySAM's)."""
+    return UpscaledMasks(input_size, original_size, low, padded)
