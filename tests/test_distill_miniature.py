@@ -190,3 +190,27 @@ def test_everything_mode_runs_on_the_demos_small_models():
     for generator in (SamAutomaticMaskGenerator, SamHierarchicalMaskGenerator):
         records = generator(predictor, points_per_side=4, **keep_all).generate(image)
         assert records and all(r["segmentation"].shape == (96, 128) for r in records)
+
+
+def test_the_hierarchical_first_round_sees_the_masks_the_predictor_gives():
+    """Round 1's masks and covered area come from the model's own upscaling (128 pixels for
+    the demo's models, not SAM's 1024): the masks of one prompt are the predictor's."""
+    from tinysam.distill.models import small_student
+    from tinysam.everything import SamHierarchicalMaskGenerator
+    from tinysam.masks import rle_to_mask
+    from tinysam.predictor import SamPredictor
+
+    image = np.random.default_rng(1).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    predictor = SamPredictor(small_student(128, seed=7).eval())
+    generator = SamHierarchicalMaskGenerator(
+        predictor, points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+        high_score_thresh=0.0,
+    )  # fmt: skip
+    generator.set_image(image)
+    generator.set_point_grids([np.array([[0.5, 0.5]])])
+    data, covered = generator.generate(image, need_high=True)
+    expected, _, _ = predictor.predict(np.array([[64.0, 48.0]]), np.array([1]))
+    found = [rle_to_mask(rle) for rle in data["rles"]]
+    assert found and all(any(np.array_equal(m, e) for e in expected) for m in found)
+    union = np.logical_or.reduce(found)
+    assert np.array_equal(covered.T.numpy(), union)  # covered: logits above 0, kept masks

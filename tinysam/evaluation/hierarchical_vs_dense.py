@@ -66,11 +66,13 @@ def compare_everything(
     match_iou: float = MATCH_IOU,
     progress: bool | None = None,
     ground_truth: dict[str, list[dict]] | None = None,
+    high_score_thresh: float | None = None,
     **filters: float,
 ) -> list[ImageComparison]:
     """One row per image; ``filters``: the generators' thresholds (``pred_iou_thresh``...);
     ``ground_truth``: image path (as given) -> its objects' COCO RLE masks, to score both modes
-    against."""
+    against; ``high_score_thresh``: the hierarchical mode's covered-area logit (default its
+    8.5, made for SAM-scale logits)."""
     from tqdm.auto import tqdm
 
     from ..everything import (
@@ -82,7 +84,8 @@ def compare_everything(
     shared = SharedEmbedding(predictor)
     options = {"points_per_side": points_per_side, "output_mode": "coco_rle", **filters}
     dense_gen = SamAutomaticMaskGenerator(shared, **options)
-    hier_gen = SamHierarchicalMaskGenerator(shared, **options)
+    covered = {} if high_score_thresh is None else {"high_score_thresh": high_score_thresh}
+    hier_gen = SamHierarchicalMaskGenerator(shared, **options, **covered)
     show = sys.stderr.isatty() if progress is None else progress
     rows = []
     for path in tqdm(images, unit="image", desc="everything", disable=not show):

@@ -267,7 +267,10 @@ class SamAutomaticMaskGenerator:
         for first in range(0, low_res.shape[0], chunk):
             rows = slice(first, first + chunk)
             logits = upscale_logits(
-                low_res[rows, None], predictor.input_size, predictor.original_size
+                low_res[rows, None],
+                predictor.input_size,
+                predictor.original_size,
+                predictor.transform.target_length,
             )[:, 0].cpu()
             stability = calculate_stability_score(
                 logits, MASK_THRESHOLD, self.stability_score_offset
