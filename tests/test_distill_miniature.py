@@ -137,7 +137,7 @@ def test_the_cli_defaults_are_the_demos():
         assert getattr(args, name) == getattr(defaults, name), name
     assert args.prompts == defaults.prompts_per_image and args.seed == defaults.seed
     args = build_parser().parse_args(["distill", "miniature"])
-    assert args.seeds == 3 and args.data == "rich"
+    assert args.seeds == 3 and args.data == "plain"
     assert args.teacher_steps == 2400 and args.train_images == 400
 
 

@@ -141,7 +141,7 @@ def register(sub) -> None:
     # The teacher that learned the demo's task best within ~10 minutes on 2 cores: more
     # images (no overfitting) and three times the demo's steps.
     add_demo_arguments(
-        miniature, "tinysam-miniature", seeds=3, data="rich", teacher_steps=2400, train_images=400
+        miniature, "tinysam-miniature", seeds=3, data="plain", teacher_steps=2400, train_images=400
     )
     miniature.add_argument(
         "--points-per-side", type=int, default=16, help="everything-mode grid (16)"
