@@ -171,6 +171,16 @@ def test_miniature_writes_every_claim_and_resumes(capsys, tmp_path):
     again = json.loads((out / "miniature.json").read_text())
     assert again["quantization"] == document["quantization"]
 
+    record = out / "everything" / "made_with.json"
+    tampered = json.loads(record.read_text())
+    tampered["models"]["teacher"]["rows"][0]["dense_prompts"] = None  # not a count
+    record.write_text(json.dumps(tampered))
+    code, _, err = run_cli(capsys, "distill", "miniature", "--out", out, *tiny)
+    assert code == 0 and "everything mode: reusing" not in err, err  # made again, not trusted
+    assert "Q-TinySAM: reusing" in err
+    redone = json.loads((out / "miniature.json").read_text())["everything"]
+    assert len(redone["teacher"]["rows"]) == 2 and redone["teacher"]["rows"][0]["dense_prompts"]
+
     (out / "miniature.md").write_text("their notes")  # not ours: refused before any work
     code, _, err = run_cli(capsys, "distill", "miniature", "--out", out, *tiny)
     assert code == 2 and "not written by tinysam" in one_error_line(err, "distill")

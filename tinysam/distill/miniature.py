@@ -106,6 +106,47 @@ def _demo_settings(options: MiniatureOptions) -> dict:
     return {k: v for k, v in asdict(options.demo).items() if k != "out"}
 
 
+def _stored_stage(folder: Path, settings: dict, key: str, valid: Callable[[object], bool]):
+    """A finished stage's stored results (its record's ``key``) when they were made with
+    ``settings`` and pass ``valid``; otherwise the folder is claimed (cleared if ours) for the
+    stage to be made again, and None."""
+    import shutil
+
+    made = _stage_done(folder, settings)
+    if made is not None:
+        try:
+            if valid(made[key]):
+                return made[key]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            pass
+        shutil.rmtree(folder)  # ours, finished, but not readable: made again
+    _start_stage(folder, settings)
+    return None
+
+
+def _everything_ok(models) -> bool:
+    from ..evaluation.hierarchical_vs_dense import ImageComparison
+
+    for model in models.values():
+        float(model["seconds"])
+        for row in model["rows"]:
+            ImageComparison(**row)  # every field, no other
+            numbers = [v for name, v in row.items() if name != "image"]
+            if not all(isinstance(v, (int, float)) and v >= 0 for v in numbers):
+                return False
+    return bool(models)
+
+
+def _quantization_ok(result) -> bool:
+    numbers = [v for kinds in result["gt_iou"].values() for v in kinds.values()]
+    numbers += [v for kinds in result["agreement_with_float"].values() for v in kinds.values()]
+    return (
+        "float" in result["gt_iou"]
+        and all(isinstance(v, float) and 0 <= v <= 1 for v in numbers)
+        and float(result["seconds"]) >= 0
+    )
+
+
 def _everything_stage(options: MiniatureOptions, progress: bool, say) -> dict:
     """Dense against hierarchical, teacher and student; rows per image, kept in the record."""
     from ..evaluation.hierarchical_vs_dense import compare_everything
@@ -120,11 +161,10 @@ def _everything_stage(options: MiniatureOptions, progress: bool, say) -> dict:
         "filters": options.filters,
         "high_score_thresh": options.high_score_thresh,
     }
-    made = _stage_done(folder, settings)
-    if made is not None:
+    stored = _stored_stage(folder, settings, "models", _everything_ok)
+    if stored is not None:
         say(f"everything mode: reusing {folder}")
-        return made["models"]
-    _start_stage(folder, settings)
+        return stored
     held_out = Path(demo.out) / "data" / "eval"
     images = sorted(held_out.glob("*.jpg"), key=lambda p: p.name)
     truth = {str(p): _objects(p.with_suffix(".json")) for p in images}
@@ -181,11 +221,10 @@ def _quantization_stage(options: MiniatureOptions, progress: bool, say) -> dict:
         "candidates": options.quant_candidates,
         "rounds": options.quant_rounds,
     }
-    made = _stage_done(folder, settings)
-    if made is not None:
+    stored = _stored_stage(folder, settings, "quantization", _quantization_ok)
+    if stored is not None:
         say(f"Q-TinySAM: reusing {folder}")
-        return made["quantization"]
-    _start_stage(folder, settings)
+        return stored
     train = sorted((Path(demo.out) / "data" / "train").glob("*.jpg"), key=lambda p: p.name)
     held_out = Path(demo.out) / "data" / "eval"
     student = build_student(SMALL, demo.image_size, _student_path(options)).eval()
