@@ -164,6 +164,7 @@ def test_miniature_writes_every_claim_and_resumes(capsys, tmp_path):
     assert markdown.count("at this scale**") >= 4  # a verdict per claim, and per model
     for name in ("miniature.json", "summary.json", "ablation.png"):
         assert output_state(out / name) == DONE, name
+    assert not list(out.glob("**/last.pt"))  # finished stages keep their weights, not more
 
     code, _, err = run_cli(capsys, "distill", "miniature", "--out", out, *tiny)
     assert code == 0 and "everything mode: reusing" in err and "Q-TinySAM: reusing" in err

@@ -16,6 +16,7 @@ from .prompts import HardPromptOptions
 TRAINABLE = ("all", "encoder")
 OPTIMIZERS = ("adamw", "adam")
 STUDENT_FILE = "student.pt"  # the trained student's plain state dict, for every tinysam tool
+LAST_FILE = "last.pt"  # the whole training state, to resume from
 
 
 @dataclass

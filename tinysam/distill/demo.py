@@ -43,7 +43,7 @@ from .losses import LossWeights
 from .models import SMALL, SMALL_TEACHER_LAYOUT, build_teacher, small_student, small_teacher
 from .synthetic import write_synthetic_sa1b
 from .teacher_cache import cache_teacher
-from .trainer import STUDENT_FILE, Distiller, TrainConfig
+from .trainer import LAST_FILE, STUDENT_FILE, Distiller, TrainConfig
 
 # (hard prompt sampling, hard mask weighting) -> the row's name; the paper's Table 3 in small.
 VARIANTS = {
@@ -142,6 +142,9 @@ def _start_stage(folder: Path, settings: dict) -> None:
 def _finish_stage(folder: Path, settings: dict, **results) -> None:
     document = {"settings": settings, "finished": True, **results}
     write_json_output(folder / RECORD, "demo-stage", document)
+    # A finished stage is reused or made again, never resumed: its training state (3x the
+    # model: weights and optimizer moments) would only take disk space.
+    (folder / LAST_FILE).unlink(missing_ok=True)
 
 
 def prepare(options: DemoOptions, progress: bool = True, say: Callable[[str], None] = print):

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..devices import torch_device
-from .config import STUDENT_FILE, TrainConfig
+from .config import LAST_FILE, STUDENT_FILE, TrainConfig
 
 
 def cache_teacher_here(
@@ -163,7 +163,7 @@ def train(
         )
         distiller = Distiller(student, teacher, config, rank, world_size, device)
         if resume is not None:
-            checkpoint = Path(resume) if resume else Path(config.out) / "last.pt"
+            checkpoint = Path(resume) if resume else Path(config.out) / LAST_FILE
             if not checkpoint.is_file():
                 raise ValueError(f"nothing to resume: {checkpoint} does not exist")
             distiller.resume(checkpoint)

@@ -27,7 +27,7 @@ from torch import nn
 from ..io import atomic_write
 from ..masks import chosen_masks, mask_candidates
 from ..modeling import Sam
-from .config import STUDENT_FILE, TrainConfig, config_from_dict  # noqa: F401  (re-exported for old imports)
+from .config import LAST_FILE, STUDENT_FILE, TrainConfig, config_from_dict  # noqa: F401  (re-exported for old imports)
 from .data import SA1BDataset, Sample, ShardedSampler
 from .decoding import StudentForward, as_float32, decode, evaluating, to_low_res
 from .losses import (
@@ -334,7 +334,7 @@ class Distiller:
         """Write ``last.pt`` (rank 0 only; others have the same weights) atomically."""
         if self.rank != 0:
             return None
-        path = self.out / "last.pt"
+        path = self.out / LAST_FILE
         with atomic_write(path, "wb") as f:
             torch.save(self.state(), f)
         return path
