@@ -327,9 +327,9 @@ def ablation_section(ablation: dict, table: str, plot: str) -> str:
     lines += [
         "",
         f"A distillation device improves the student beyond seed noise: {_verdict(helps)}. "
-        f"Of {intervals} independent 95% intervals, at least one would exclude zero by chance "
-        f"alone {1 - CONFIDENCE**intervals:.0%} of the time: one such interval is weak "
-        "evidence.",
+        f"Were these {intervals} intervals (95% each) independent, at least one would exclude "
+        f"zero by chance alone {1 - CONFIDENCE**intervals:.0%} of the time: one such interval "
+        "is weak evidence.",
     ]
     return "\n".join(lines)
 
