@@ -225,3 +225,20 @@ def test_the_hierarchical_first_round_sees_the_masks_the_predictor_gives():
     assert found and all(any(np.array_equal(m, e) for e in expected) for m in found)
     union = np.logical_or.reduce(found)
     assert np.array_equal(covered.T.numpy(), union)  # covered: logits above 0, kept masks
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--calibration-images", 0], "--calibration-images must be at least 1"),
+        (["--quant-rows", -1], "--quant-rows must be at least 1"),
+        (["--points-per-side", 2], "points-per-side"),
+        (["--image-size", 72], "--image-size must be a multiple of 16"),
+        (["--train-images", 2, "--calibration-images", 3], "at most --train-images"),
+        (["--seeds", 0], "--seeds must be at least 1"),
+    ],
+)
+def test_miniature_usage_errors_exit_2_before_any_work(capsys, tmp_path, extra, message):
+    code, _, err = run_cli(capsys, "distill", "miniature", "--out", tmp_path / "m", *extra)
+    assert code == 2 and message in one_error_line(err, "distill")
+    assert not (tmp_path / "m").exists()
