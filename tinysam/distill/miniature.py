@@ -88,7 +88,7 @@ def run_miniature(
         "ablation": ablation,
         "everything": everything,
         "quantization": quantized,
-        "seconds": _stage_seconds(out, everything, quantized, time.perf_counter() - started),
+        "seconds": _stage_seconds(options, everything, quantized, time.perf_counter() - started),
     }
     document["markdown"] = miniature_markdown(document, ablation_table, plot.name)
     write_json_output(out / SUMMARY, "demo-miniature", document)
@@ -279,10 +279,18 @@ def _recorded_seconds(folder: Path) -> float | None:
         return None
 
 
-def _stage_seconds(out: Path, everything: dict, quantized: dict, this_run: float) -> dict:
+def _stage_seconds(
+    options: MiniatureOptions, everything: dict, quantized: dict, this_run: float
+) -> dict:
     """Seconds each stage took when it was made; a rerun reuses stages, so ``this_run`` (this
     invocation's wall time) can be much less than their sum."""
-    students = [_recorded_seconds(p) for p in sorted(out.glob("seed_*/student_*"))]
+    demo = options.demo
+    out = Path(demo.out)
+    students = [
+        _recorded_seconds(out / f"seed_{seed}" / _run_name(*variant))
+        for seed in range(demo.seed, demo.seed + demo.seeds)
+        for variant in VARIANTS
+    ]  # this run's students only (the folder may hold more seeds from another run)
     return {
         "teacher training": _recorded_seconds(out / "teacher"),
         "student distillation (all seeds and variants)": sum(s or 0.0 for s in students),
