@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from tinysam.distill.evaluate import ground_truth_iou
-from tinysam.distill.miniature import (
+from tinysam.distill.synthetic import write_synthetic_sa1b
+from tinysam.evaluation.hierarchical_vs_dense import ImageComparison, best_ious, modes_table
+from tinysam.io import DONE, output_state
+from tinysam.miniature import (
     everything_section,
     quantization_section,
     teacher_section,
 )
-from tinysam.distill.synthetic import write_synthetic_sa1b
-from tinysam.evaluation.hierarchical_vs_dense import ImageComparison, best_ious, modes_table
-from tinysam.io import DONE, output_state
 from tinysam.transforms import ResizeLongestSide
 
 from conftest import one_error_line, run_cli

@@ -28,8 +28,9 @@ ENGINES = {"modeling", "runtime"}
 # own re-exports: thin aliases over the rest.
 ALIASES = {"tinysam", "utils", "build_sam", "automatic_mask_generator"}
 ALIASES |= {"hierarchical_mask_generator"}
-# Picks an engine and a model for the entry points (PredictorSpec): above the features.
-COMPOSITION = {"backends"}
+# Picks an engine and a model for the entry points (PredictorSpec), and composes features into
+# one study (the method in miniature): above the features.
+COMPOSITION = {"backends", "miniature"}
 # Features that others may build on: the everything generators are public API, like the predictor.
 SHARED_FEATURES = {"everything"}
 

@@ -82,6 +82,42 @@ def sam_around(image_encoder: nn.Module, image_size: int = IMAGE_SIZE) -> Sam:
     return sam.eval()
 
 
+# What ``small_teacher`` builds, for the records of stages that trained one: a teacher of
+# another layout is trained again, not loaded.
+SMALL_TEACHER_LAYOUT = "vit 96x2, global attention"
+
+
+def small_teacher(image_size: int = 256, seed: int = 0) -> Sam:
+    """A SAM ViT (global attention, relative positions) of 2 blocks. At the demo's sizes the
+    token grid is 8 x 8 to 16 x 16: SAM's 14-token windows would not fit, 4-token ones cut
+    most objects apart, and global attention over 64-256 tokens costs next to nothing."""
+    torch.manual_seed(seed)
+    encoder = ImageEncoderViT(
+        img_size=image_size,
+        embed_dim=96,
+        depth=2,
+        num_heads=4,
+        window_size=0,
+        global_attn_indexes=(),
+        use_rel_pos=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+    )
+    return sam_around(encoder, image_size)
+
+
+def small_student(image_size: int = 256, seed: int = 1) -> Sam:
+    """A TinyViT with TinySAM's layout (4 stages, no last downsampling) at a quarter width."""
+    torch.manual_seed(seed)
+    encoder = TinyViT(
+        img_size=image_size,
+        embed_dims=(16, 32, 40, 80),
+        depths=(1, 1, 2, 1),
+        num_heads=(1, 2, 2, 4),
+        window_sizes=(7, 7, 14, 7),
+    )
+    return sam_around(encoder, image_size)
+
+
 def build_image_encoder(model_type: str) -> nn.Module:
     """The image encoder alone, untrained, for a registry name."""
     if model_type == "vit_t":

@@ -191,3 +191,28 @@ class Agreement:
 
     def mean(self, kind: str) -> float:
         return self.sums[kind] / max(1, self.counts[kind])
+
+
+# Prompts answered at once (their full-size masks are the report's largest tensors).
+ANSWER_GROUP = 4
+
+
+def answer(predictor, points=None, boxes=None) -> torch.Tensor:
+    """Each prompt's answer as ``SamPredictor`` gives it (``masks.chosen_masks``): a point,
+    the best of three masks; a box, the single-mask output."""
+    multimask = boxes is None
+    prompts = points if boxes is None else boxes
+    answers = []
+    for first in range(0, len(prompts), ANSWER_GROUP):
+        group = slice(first, first + ANSWER_GROUP)
+        group_points = None if points is None else points[group]
+        labels = None if points is None else torch.ones(group_points.shape[:2], dtype=torch.int)
+        masks, scores, _ = predictor.predict_torch(
+            group_points,
+            labels,
+            boxes=None if boxes is None else boxes[group],
+            multimask_output=multimask,
+        )
+        masks, scores = torch.as_tensor(masks), torch.as_tensor(scores)
+        answers.append(chosen_masks(masks, scores, slice(None)))  # of the masks asked for
+    return torch.cat(answers)

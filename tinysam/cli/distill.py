@@ -296,7 +296,7 @@ def _demo(args) -> None:
 
 
 def _miniature(args) -> None:
-    from ..distill.miniature import MARKDOWN, SUMMARY, MiniatureOptions, run_miniature
+    from ..miniature import MARKDOWN, SUMMARY, MiniatureOptions, run_miniature
     from .common import UsageError, check_grid
 
     demo = _demo_options(args)

@@ -110,7 +110,7 @@ RESULTS = "results.json"  # every run's before/after agreement, seed by seed
 RECORD = "made_with.json"  # in each stage's folder: the settings that made it (and results)
 
 
-def _stage_done(folder: Path, settings: dict) -> dict | None:
+def stage_done(folder: Path, settings: dict) -> dict | None:
     """The record of ``folder`` when it holds this stage finished with ``settings``, else
     None: a folder of ours made otherwise, interrupted or cut short is cleared to be made
     again. A folder with content but no record of ours is never touched:
@@ -133,13 +133,13 @@ def _stage_done(folder: Path, settings: dict) -> dict | None:
     return None
 
 
-def _start_stage(folder: Path, settings: dict) -> None:
+def start_stage(folder: Path, settings: dict) -> None:
     """Claim ``folder`` before writing in it, so an interrupted stage is known to be ours."""
     folder.mkdir(parents=True, exist_ok=True)
     write_json_output(folder / RECORD, "demo-stage", {"settings": settings, "finished": False})
 
 
-def _finish_stage(folder: Path, settings: dict, **results) -> None:
+def finish_stage(folder: Path, settings: dict, **results) -> None:
     document = {"settings": settings, "finished": True, **results}
     write_json_output(folder / RECORD, "demo-stage", document)
     # A finished stage is reused or made again, never resumed: its training state (3x the
@@ -161,13 +161,13 @@ def prepare(options: DemoOptions, progress: bool = True, say: Callable[[str], No
         "seed": options.seed,
         "style": options.style,
     }
-    if _stage_done(out / "data", data_settings) is None:
+    if stage_done(out / "data", data_settings) is None:
         say(f"writing {options.train_images} + {options.eval_images} synthetic images")
-        _start_stage(out / "data", data_settings)
+        start_stage(out / "data", data_settings)
         write = partial(write_synthetic_sa1b, size=shape, style=options.style)
         write(train, options.train_images, seed=options.seed)
         write(held_out, options.eval_images, seed=options.seed + 1)
-        _finish_stage(out / "data", data_settings)
+        finish_stage(out / "data", data_settings)
     teacher_path = out / "teacher" / STUDENT_FILE
     teacher_settings = {
         "layout": SMALL_TEACHER_LAYOUT,
@@ -177,9 +177,9 @@ def prepare(options: DemoOptions, progress: bool = True, say: Callable[[str], No
         "lr": options.lr,
         "prompts_per_image": options.prompts_per_image,
     }
-    if _stage_done(out / "teacher", teacher_settings) is None:
+    if stage_done(out / "teacher", teacher_settings) is None:
         say(f"training the small teacher on the ground truth ({options.teacher_steps} steps)")
-        _start_stage(out / "teacher", teacher_settings)
+        start_stage(out / "teacher", teacher_settings)
         start = time.perf_counter()
         # Plain prompts, half of them boxes: measured to learn ~2x faster than the
         # distillation defaults, and this teacher only has to be better than random.
@@ -192,7 +192,7 @@ def prepare(options: DemoOptions, progress: bool = True, say: Callable[[str], No
             box_rate=0.5,
         )
         Distiller(small_teacher(size), None, config).run(progress=progress)
-        _finish_stage(out / "teacher", teacher_settings, seconds=time.perf_counter() - start)
+        finish_stage(out / "teacher", teacher_settings, seconds=time.perf_counter() - start)
         shutil.rmtree(out / "teacher_cache", ignore_errors=True)  # a new teacher's cache is stale
     cache = out / "teacher_cache"
     teacher = build_teacher(SMALL, size, teacher_path)
@@ -224,7 +224,7 @@ def run_demo(
         before = None  # every variant of a seed starts from the same student
         for hard_prompts, hard_mask_weighting in variants:
             name = VARIANTS[hard_prompts, hard_mask_weighting]
-            out = Path(options.out) / f"seed_{seed}" / _run_name(hard_prompts, hard_mask_weighting)
+            out = Path(options.out) / f"seed_{seed}" / run_name(hard_prompts, hard_mask_weighting)
             settings = {
                 **shared,
                 "data_seed": options.seed,
@@ -232,7 +232,7 @@ def run_demo(
                 "hard_prompts": hard_prompts,
                 "hard_mask_weighting": hard_mask_weighting,
             }
-            made = _stage_done(out, settings)
+            made = stage_done(out, settings)
             stored = _stored_result(made) if made is not None else None
             if stored is not None:
                 say(f"seed {seed}, {name}: reusing {out}")
@@ -242,7 +242,7 @@ def run_demo(
             if made is not None:  # our record, but no result we can read: made again
                 shutil.rmtree(out)
             say(f"seed {seed}: distilling the student, {name} ({options.steps} steps)")
-            _start_stage(out, settings)
+            start_stage(out, settings)
             config = _config(
                 options,
                 train,
@@ -267,7 +267,7 @@ def run_demo(
             result = DemoResult(
                 name, hard_prompts, hard_mask_weighting, before, after, final_loss, seed
             )
-            _finish_stage(out, settings, result=asdict(result), seconds=seconds)
+            finish_stage(out, settings, result=asdict(result), seconds=seconds)
             results.append(result)
     runs = [asdict(r) for r in results]
     write_json_output(Path(options.out) / RESULTS, "demo-results", {"runs": runs})
@@ -287,7 +287,7 @@ def _stored_result(made: dict) -> DemoResult | None:
     return result
 
 
-def _run_name(hard_prompts: bool, hard_mask_weighting: bool) -> str:
+def run_name(hard_prompts: bool, hard_mask_weighting: bool) -> str:
     return f"student_hps{int(hard_prompts)}_hmw{int(hard_mask_weighting)}"
 
 

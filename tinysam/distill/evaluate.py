@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..masks import PROMPT_KINDS, chosen_masks, mask_candidates
+from ..masks import PROMPT_KINDS, answer, chosen_masks, mask_candidates
 from ..masks import Agreement as IoUMeans
 from ..modeling import Sam
 from .data import SA1BDataset, read_annotations
@@ -97,7 +97,6 @@ def ground_truth_iou(
     from pycocotools import mask as mask_utils
 
     from ..io import load_image
-    from ..quant.report import answer
 
     means = {name: IoUMeans() for name in predictors}
     generator = torch.Generator().manual_seed(seed)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..build import build_sam_model
+from ..build import build_sam_model, small_student
 from ..checkpoint import MODEL_TYPES, CheckpointError, load_strict, read_state_dict
 from ..checkpoint import QUANT_CONFIG_FILE as CONFIG_FILE
 from ..checkpoint import QUANT_WEIGHTS_FILE as WEIGHTS_FILE
@@ -33,7 +33,7 @@ FORMAT_VERSION = 1
 # Version 2: a converted Q-TinySAM (scheme "published", tinysam.quant.published), which
 # older readers could not rebuild.
 PUBLISHED_FORMAT_VERSION = 2
-# ``tinysam distill demo``'s student (tinysam.distill.models.small_student) at its image size,
+# ``tinysam distill demo``'s student (tinysam.build.small_student) at its image size,
 # which quant.json then records: Q-TinySAM of the demo, in minutes.
 SMALL = "small"
 QUANTIZABLE = (*MODEL_TYPES, SMALL)
@@ -198,8 +198,6 @@ def _check_published_config(config: dict, where: str) -> None:
 def _architecture(config: dict) -> Sam:
     """The untrained float model a checked ``quant.json`` describes."""
     if config["model_type"] == SMALL:
-        from ..distill.models import small_student
-
         return small_student(config["image_size"])
     return build_sam_model(config["model_type"])
 

@@ -1,5 +1,6 @@
 """``tinysam distill miniature``: the paper's three claims on the demo's synthetic data, in one
-folder, with the numbers that say whether each is shown at this scale.
+folder, with the numbers that say whether each is shown at this scale. It composes three
+features (distillation, everything-mode evaluation, quantization), so it sits above them.
 
 1. distillation: the demo's four variants (hard prompt sampling, hard mask weighting) over
    several seeds, with paired intervals (``tinysam.distill.ablation``);
@@ -22,16 +23,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..io import atomic_write, check_recorded_text, check_replaceable, write_json_output
-from .demo import (
+from .distill.demo import (
     VARIANTS,
     DemoOptions,
-    _finish_stage,
-    _run_name,
-    _stage_done,
-    _start_stage,
+    finish_stage,
     run_demo,
+    run_name,
+    stage_done,
+    start_stage,
 )
+from .io import atomic_write, check_recorded_text, check_replaceable, write_json_output
 
 MARKDOWN, SUMMARY = "miniature.md", "miniature.json"
 TINYSAM = (True, True)  # the student the hierarchical and quantization stages use
@@ -66,8 +67,8 @@ def run_miniature(
     options: MiniatureOptions, progress: bool = True, say: Callable[[str], None] = print
 ) -> dict:
     """All three stages into ``options.demo.out``; returns what ``miniature.json`` holds."""
-    from ..perf import cpu_kind
-    from .ablation import check_outputs, summarize, write_outputs
+    from .distill.ablation import check_outputs, summarize, write_outputs
+    from .perf import cpu_kind
 
     out = Path(options.demo.out)
     check_replaceable([out / SUMMARY])
@@ -99,7 +100,7 @@ def run_miniature(
 
 def _student_path(options: MiniatureOptions) -> Path:
     demo = options.demo
-    return Path(demo.out) / f"seed_{demo.seed}" / _run_name(*TINYSAM) / "student.pt"
+    return Path(demo.out) / f"seed_{demo.seed}" / run_name(*TINYSAM) / "student.pt"
 
 
 def _demo_settings(options: MiniatureOptions) -> dict:
@@ -112,7 +113,7 @@ def _stored_stage(folder: Path, settings: dict, key: str, valid: Callable[[objec
     stage to be made again, and None."""
     import shutil
 
-    made = _stage_done(folder, settings)
+    made = stage_done(folder, settings)
     if made is not None:
         try:
             if valid(made[key]):
@@ -120,12 +121,12 @@ def _stored_stage(folder: Path, settings: dict, key: str, valid: Callable[[objec
         except (KeyError, TypeError, ValueError, AttributeError):
             pass
         shutil.rmtree(folder)  # ours, finished, but not readable: made again
-    _start_stage(folder, settings)
+    start_stage(folder, settings)
     return None
 
 
 def _everything_ok(models) -> bool:
-    from ..evaluation.hierarchical_vs_dense import ImageComparison
+    from .evaluation.hierarchical_vs_dense import ImageComparison
 
     for model in models.values():
         float(model["seconds"])
@@ -149,9 +150,9 @@ def _quantization_ok(result) -> bool:
 
 def _everything_stage(options: MiniatureOptions, progress: bool, say) -> dict:
     """Dense against hierarchical, teacher and student; rows per image, kept in the record."""
-    from ..evaluation.hierarchical_vs_dense import compare_everything
-    from ..predictor import SamPredictor
-    from .models import SMALL, build_student, build_teacher
+    from .distill.models import SMALL, build_student, build_teacher
+    from .evaluation.hierarchical_vs_dense import compare_everything
+    from .predictor import SamPredictor
 
     demo = options.demo
     folder = Path(demo.out) / "everything"
@@ -189,12 +190,12 @@ def _everything_stage(options: MiniatureOptions, progress: bool, say) -> dict:
             "rows": [asdict(r) for r in rows],
             "seconds": time.perf_counter() - start,
         }
-    _finish_stage(folder, settings, models=results)
+    finish_stage(folder, settings, models=results)
     return results
 
 
 def _objects(path: Path) -> list[dict]:
-    from .data import read_annotations
+    from .distill.data import read_annotations
 
     return [a["segmentation"] for a in read_annotations(path.read_bytes(), str(path))]
 
@@ -206,13 +207,13 @@ def _quantization_stage(options: MiniatureOptions, progress: bool, say) -> dict:
 
     from tqdm.auto import tqdm
 
-    from ..predictor import SamPredictor
-    from ..quant.pipeline import QuantizeSettings, quantize
-    from ..quant.search import SearchConfig
-    from ..quant.store import load_quantized
-    from ..runtime import OnnxPredictor
-    from .evaluate import ground_truth_iou
-    from .models import SMALL, build_student
+    from .distill.evaluate import ground_truth_iou
+    from .distill.models import SMALL, build_student
+    from .predictor import SamPredictor
+    from .quant.pipeline import QuantizeSettings, quantize
+    from .quant.search import SearchConfig
+    from .quant.store import load_quantized
+    from .runtime import OnnxPredictor
 
     demo = options.demo
     folder = Path(demo.out) / "qtinysam"
@@ -263,7 +264,7 @@ def _quantization_stage(options: MiniatureOptions, progress: bool, say) -> dict:
     truth = ground_truth_iou(predictors, held_out, seed=demo.seed)
     agreement = {"float": {"point": 1.0, "box": 1.0}, **summary["agreement"]}
     result = {"agreement_with_float": agreement, "gt_iou": truth, "seconds": seconds}
-    _finish_stage(folder, settings, quantization=result)
+    finish_stage(folder, settings, quantization=result)
     return result
 
 
@@ -271,7 +272,7 @@ def _recorded_seconds(folder: Path) -> float | None:
     """The seconds a finished stage's record gives (None for records without them)."""
     import json
 
-    from .demo import RECORD
+    from .distill.demo import RECORD
 
     try:
         return float(json.loads((folder / RECORD).read_text())["seconds"])
@@ -287,7 +288,7 @@ def _stage_seconds(
     demo = options.demo
     out = Path(demo.out)
     students = [
-        _recorded_seconds(out / f"seed_{seed}" / _run_name(*variant))
+        _recorded_seconds(out / f"seed_{seed}" / run_name(*variant))
         for seed in range(demo.seed, demo.seed + demo.seeds)
         for variant in VARIANTS
     ]  # this run's students only (the folder may hold more seeds from another run)
@@ -316,7 +317,7 @@ def teacher_section(teacher_gt: dict) -> str:
 
 
 def ablation_section(ablation: dict, table: str, plot: str) -> str:
-    from .ablation import CONFIDENCE, KINDS
+    from .distill.ablation import CONFIDENCE, KINDS
 
     lines = ["## Distillation: hard prompt sampling and hard mask weighting (Table 3)", "", table]
     lines += ["", f"![ablation]({plot})", ""]
@@ -343,7 +344,7 @@ def ablation_section(ablation: dict, table: str, plot: str) -> str:
 
 
 def everything_section(everything: dict) -> str:
-    from ..evaluation.hierarchical_vs_dense import ImageComparison, modes_table, total
+    from .evaluation.hierarchical_vs_dense import ImageComparison, modes_table, total
 
     rows = {
         name: [ImageComparison(**r) for r in model["rows"]] for name, model in everything.items()
