@@ -21,10 +21,13 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     """``tinysam ARGV`` in this process: (exit status, stdout, stderr)."""
     from tinysam.cli import main
 
+    threads = torch.get_num_threads()  # --threads sets it for the whole process
     try:
         code = main([str(a) for a in argv])
     except SystemExit as exit_:  # argparse's own errors
         code = exit_.code
+    finally:
+        torch.set_num_threads(threads)  # ... so later tests run as they would alone
     out, err = capsys.readouterr()
     return code, out, err
 
